@@ -1,0 +1,49 @@
+"""Activation normalization (Glow; seed 000 sec. 2.2.3.1, seed 004 sec. 2.1)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from flows.base import Bijection, Condition
+
+
+class ActNorm(Bijection):
+    """Per-channel affine map ``y = (x + bias) * exp(log_scale)``.
+
+    Data-dependent initialization: the first forward pass in training mode sets
+    ``bias`` and ``log_scale`` so that the output of that batch has zero mean and unit
+    variance per channel. The ``initialized`` flag is a buffer, so a model loaded from a
+    checkpoint never re-initializes; an explicit :meth:`initialize_from` lets callers
+    (e.g. a DDP set-up that all-reduces statistics) run the initialization themselves.
+    """
+
+    def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(1, num_channels, 1, 1))
+        self.log_scale = nn.Parameter(torch.zeros(1, num_channels, 1, 1))
+        self.register_buffer("initialized", torch.tensor(False))
+        self.eps = eps
+
+    @torch.no_grad()
+    def initialize_from(self, x: Tensor) -> None:
+        x = x.float()
+        mean = x.mean(dim=(0, 2, 3), keepdim=True)
+        std = x.std(dim=(0, 2, 3), keepdim=True, unbiased=False)
+        self.bias.copy_(-mean)
+        self.log_scale.copy_(-torch.log(std + self.eps))
+        self.initialized.fill_(True)
+
+    def _logdet(self, x: Tensor) -> Tensor:
+        height, width = x.shape[2], x.shape[3]
+        per_sample = self.log_scale.float().sum() * (height * width)
+        return per_sample.expand(x.shape[0])
+
+    def forward(self, x: Tensor, cond: Condition = None) -> tuple[Tensor, Tensor]:
+        if self.training and not bool(self.initialized):
+            self.initialize_from(x)
+        y = (x + self.bias) * torch.exp(self.log_scale)
+        return y, self._logdet(x)
+
+    def inverse(self, z: Tensor, cond: Condition = None) -> tuple[Tensor, Tensor]:
+        x = z * torch.exp(-self.log_scale) - self.bias
+        return x, -self._logdet(z)

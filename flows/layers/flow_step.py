@@ -1,0 +1,32 @@
+"""One step of flow: ActNorm -> invertible 1x1 conv -> [affine injector] -> coupling
+(Glow, seed 004 sec. 2.1; the injector is SRFlow's, seed 000 sec. 2.2.4.3)."""
+from __future__ import annotations
+
+from typing import Literal
+
+from flows.base import FlowSequential
+from flows.layers.actnorm import ActNorm
+from flows.layers.coupling import AffineCoupling, AffineInjector, ScaleFunction
+from flows.layers.invconv import InvertibleConv1x1, InvertibleConv1x1LU
+
+InvConvKind = Literal["lu", "full"]
+CouplingKind = Literal["affine", "additive"]
+
+
+def flow_step(num_channels: int, hidden_channels: int, *, invconv: InvConvKind = "lu",
+              coupling: CouplingKind = "affine", scale_fn: ScaleFunction = "glow",
+              squish_alpha: float = 0.5, cond_channels: int = 0,
+              affine_injector: bool = False) -> FlowSequential:
+    if invconv not in ("lu", "full"):
+        raise ValueError(f"invconv must be 'lu' or 'full', got {invconv!r}")
+    if coupling not in ("affine", "additive"):
+        raise ValueError(f"coupling must be 'affine' or 'additive', got {coupling!r}")
+    layers = [ActNorm(num_channels),
+              InvertibleConv1x1LU(num_channels) if invconv == "lu" else InvertibleConv1x1(num_channels)]
+    if affine_injector:
+        if not cond_channels:
+            raise ValueError("an affine injector needs cond_channels > 0")
+        layers.append(AffineInjector(num_channels, cond_channels, hidden_channels, scale_fn, squish_alpha))
+    layers.append(AffineCoupling(num_channels, hidden_channels, cond_channels, scale_fn,
+                                 squish_alpha, additive=coupling == "additive"))
+    return FlowSequential(*layers)
