@@ -23,7 +23,7 @@ class _InvertibleConv1x1Base(Bijection):
         """(W as float64 [C, C], log|det W| as float64 scalar)."""
         raise NotImplementedError
 
-    def _apply(self, x: Tensor, matrix64: Tensor) -> Tensor:
+    def _conv1x1(self, x: Tensor, matrix64: Tensor) -> Tensor:
         # Under autocast conv2d would drop to low precision anyway; do the 1x1 conv in
         # the input's dtype with a weight cast once.
         weight = matrix64.to(x.dtype)[:, :, None, None]
@@ -33,13 +33,13 @@ class _InvertibleConv1x1Base(Bijection):
         matrix, logabsdet = self.weight_and_logabsdet()
         pixels = x.shape[2] * x.shape[3]
         logdet = (logabsdet * pixels).float().expand(x.shape[0])
-        return self._apply(x, matrix), logdet
+        return self._conv1x1(x, matrix), logdet
 
     def inverse(self, z: Tensor, cond: Condition = None) -> tuple[Tensor, Tensor]:
         matrix, logabsdet = self.weight_and_logabsdet()
         pixels = z.shape[2] * z.shape[3]
         logdet = (-logabsdet * pixels).float().expand(z.shape[0])
-        return self._apply(z, torch.linalg.inv(matrix)), logdet
+        return self._conv1x1(z, torch.linalg.inv(matrix)), logdet
 
 
 class InvertibleConv1x1(_InvertibleConv1x1Base):

@@ -1,0 +1,230 @@
+"""The LightningModule base every model family shares.
+
+A family implements three things: which pyramid resolutions it models
+(:attr:`resolutions`), the per-resolution log-likelihoods and the loss of a batch
+(:meth:`compute_losses`), and sampling (:meth:`sample_images`). The base does the rest:
+dequantization, bits per dim per resolution for train/val/test, Adamax with linear
+warm-up and optional step decay, gradient clipping, skipping (and counting) steps whose
+loss or gradients are not finite, and sample grids at several temperatures, saved as
+PNG and sent to every configured logger.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+from datamodules.pyramid import bits_per_dim, dequantize, quantize
+
+
+@dataclass
+class LossOutput:
+    """``loss``: the scalar to minimize. ``log_prob``: {resolution: log p(x) in nats per
+    sample}. ``dims``: {resolution: C*H*W}. ``extra``: other scalars to log."""
+
+    loss: Tensor
+    log_prob: dict[int, Tensor]
+    dims: dict[int, int]
+    extra: dict[str, Tensor] = field(default_factory=dict)
+
+
+class FlowModule(pl.LightningModule):
+    """Shared training logic (optimization defaults: seed 000 sec. 4.3.2, Glow).
+
+    Args:
+        n_bits: bits per colour channel the data are reduced to before dequantizing.
+        lr: peak learning rate of Adamax.
+        betas: Adamax (beta1, beta2).
+        weight_decay: L2 weight decay.
+        warmup_epochs: linear warm-up length in epochs (used when warmup_steps is None).
+        warmup_steps: linear warm-up length in optimizer steps (overrides warmup_epochs).
+        lr_milestones: optimizer steps at which the learning rate is multiplied by lr_gamma.
+        lr_gamma: the factor applied at each milestone.
+        grad_clip_norm: clip the global gradient norm to this value (None: no clipping).
+        sample_temperatures: temperatures of the sample grids logged after validation.
+        num_samples: images per sample grid.
+        sample_every_n_epochs: how often sample grids are drawn (0: never).
+        sample_seed: seed of the sample noise, so grids of different epochs compare.
+    """
+
+    def __init__(self, n_bits: int = 8, lr: float = 5e-4, betas: tuple[float, float] = (0.9, 0.999),
+                 weight_decay: float = 5e-5, warmup_epochs: float = 5.0,
+                 warmup_steps: int | None = None, lr_milestones: list[int] | None = None,
+                 lr_gamma: float = 0.5, grad_clip_norm: float | None = None,
+                 sample_temperatures: list[float] | None = None, num_samples: int = 64,
+                 sample_every_n_epochs: int = 1, sample_seed: int = 1234) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.n_bits = n_bits
+        self.sample_temperatures = list(sample_temperatures or [0.7, 0.8, 1.0])
+        # A buffer, so the count survives checkpoints and resumes.
+        self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
+
+    # --- what a family implements -------------------------------------------------
+    @property
+    def resolutions(self) -> list[int]:
+        raise NotImplementedError
+
+    @property
+    def in_channels(self) -> int:
+        raise NotImplementedError
+
+    def compute_losses(self, images: dict[int, Tensor], labels: Tensor) -> LossOutput:
+        raise NotImplementedError
+
+    def sample_images(self, n: int, temperature: float) -> dict[int, Tensor]:
+        """Samples in model space ([-0.5, 0.5]) per resolution."""
+        raise NotImplementedError
+
+    # --- data -------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        if datamodule is None:
+            return
+        missing = [r for r in self.resolutions if r not in datamodule.resolutions]
+        if missing:
+            raise ValueError(
+                f"{type(self).__name__} models resolutions {self.resolutions} but the data "
+                f"module yields {datamodule.resolutions}; add {missing} to data.init_args.resolutions")
+        if datamodule.channels != self.in_channels:
+            raise ValueError(f"the data have {datamodule.channels} channels but the model expects "
+                             f"{self.in_channels}; set model.init_args.in_channels: {datamodule.channels}")
+
+    def prepare_batch(self, batch: dict, noise: bool = True) -> tuple[dict[int, Tensor], Tensor]:
+        images = {int(r): dequantize(batch["images"][r], self.n_bits, noise)
+                  for r in self.resolutions}
+        return images, batch["label"]
+
+    # --- optimization -------------------------------------------------------------------
+    def _steps_per_epoch(self) -> int:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None:
+            raise ValueError("warmup_epochs needs a datamodule to count steps; set warmup_steps")
+        batches = len(datamodule.train_dataloader())
+        return max(1, math.ceil(batches / max(1, self.trainer.world_size)))
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = torch.optim.Adamax(self.parameters(), lr=hp.lr, betas=tuple(hp.betas),
+                                       weight_decay=hp.weight_decay)
+        warmup = hp.warmup_steps
+        if warmup is None:
+            warmup = int(round(hp.warmup_epochs * self._steps_per_epoch())) if hp.warmup_epochs else 0
+        milestones = sorted(hp.lr_milestones or [])
+
+        def factor(step: int) -> float:
+            ramp = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+            decays = sum(1 for m in milestones if step >= m)
+            return ramp * hp.lr_gamma ** decays
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        images, labels = self.prepare_batch(batch, noise=True)
+        out = self.compute_losses(images, labels)
+        self._log_metrics("train", out, on_step=True)
+        optimizer = self.optimizers()
+        optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(out.loss):
+            self._skip_step("loss")
+            return out.loss.detach()
+        self.manual_backward(out.loss)
+        params = [p for p in self.parameters() if p.grad is not None]
+        max_norm = self.hparams.grad_clip_norm or float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if not torch.isfinite(grad_norm):
+            optimizer.zero_grad(set_to_none=True)
+            self._skip_step("gradient")
+            return out.loss.detach()
+        self.log("train/grad_norm", grad_norm, on_step=True, on_epoch=False)
+        optimizer.step()
+        self.lr_schedulers().step()
+        self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
+        return out.loss.detach()
+
+    def _skip_step(self, reason: str) -> None:
+        self.skipped_steps += 1
+        self.log("train/skipped_steps", self.skipped_steps.float(), on_step=True, on_epoch=False)
+        self.print(f"step {self.global_step}: non-finite {reason}, optimizer step skipped "
+                   f"({int(self.skipped_steps)} so far)")
+
+    # --- evaluation ---------------------------------------------------------------------
+    def _log_metrics(self, split: str, out: LossOutput, on_step: bool = False) -> None:
+        batch_size = next(iter(out.log_prob.values())).shape[0]
+        kwargs = dict(on_step=on_step, on_epoch=not on_step, batch_size=batch_size,
+                      sync_dist=not on_step)
+        self.log(f"{split}/loss", out.loss.detach(), prog_bar=split == "train", **kwargs)
+        for resolution, log_prob in out.log_prob.items():
+            bpd = bits_per_dim(log_prob.detach(), out.dims[resolution], self.n_bits).mean()
+            self.log(f"{split}/bpd_{resolution}", bpd, prog_bar=split != "train", **kwargs)
+        for name, value in out.extra.items():
+            self.log(f"{split}/{name}", value.detach(), **kwargs)
+
+    def _evaluate(self, batch: dict, split: str) -> None:
+        images, labels = self.prepare_batch(batch, noise=True)
+        self._log_metrics(split, self.compute_losses(images, labels))
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        every = self.hparams.sample_every_n_epochs
+        if self.trainer.sanity_checking or not every or self.current_epoch % every:
+            return
+        if self.trainer.is_global_zero:
+            self.log_sample_grids()
+
+    @torch.no_grad()
+    def log_sample_grids(self) -> list[Path]:
+        """Draw a grid per resolution and temperature, save PNGs, send to the loggers.
+        The noise comes from a forked RNG with a fixed seed: grids of successive epochs
+        are comparable and the training RNG stream is untouched."""
+        from torchvision.utils import make_grid
+
+        saved = []
+        out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "samples"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        devices = [self.device] if self.device.type == "cuda" else []
+        was_training = self.training
+        self.eval()
+        try:
+            for temperature in self.sample_temperatures:
+                with torch.random.fork_rng(devices=devices):
+                    torch.manual_seed(self.hparams.sample_seed)
+                    samples = self.sample_images(self.hparams.num_samples, temperature)
+                for resolution, images in samples.items():
+                    grid = make_grid(quantize(images.cpu(), self.n_bits),
+                                     nrow=int(math.ceil(math.sqrt(images.shape[0]))), padding=1)
+                    key = f"samples/res{resolution}_t{temperature:g}"
+                    path = out_dir / f"step{self.global_step:08d}_res{resolution}_t{temperature:g}.png"
+                    save_uint8_png(grid, path)
+                    saved.append(path)
+                    self._send_image(key, grid)
+        finally:
+            self.train(was_training)
+        return saved
+
+    def _send_image(self, key: str, grid: Tensor) -> None:
+        from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
+
+        for logger in self.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key=key, images=[grid.permute(1, 2, 0).numpy()], step=self.global_step)
+            elif isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image(key, grid, self.global_step)
+
+
+def save_uint8_png(image: Tensor, path: Path) -> None:
+    from PIL import Image
+
+    array = image.permute(1, 2, 0).numpy()
+    Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).save(path)
