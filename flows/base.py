@@ -64,3 +64,9 @@ class FlowSequential(Bijection):
 
     def __iter__(self):
         return iter(self.layers)
+
+
+def at_least_float32(x: Tensor) -> Tensor:
+    """Upcast half precision to float32 and leave float32/float64 alone: the fragile
+    numerics (scales, log-dets, priors) never run in bf16/fp16."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from flows.base import at_least_float32
 from flows.layers.coupling import condition_features
 from flows.nets import ZeroConv2d
 
@@ -25,7 +26,7 @@ LOG_2PI = math.log(2.0 * math.pi)
 
 
 def gaussian_log_prob(z: Tensor, mean: Tensor, log_std: Tensor) -> Tensor:
-    z, mean, log_std = z.float(), mean.float(), log_std.float()
+    z, mean, log_std = at_least_float32(z), at_least_float32(mean), at_least_float32(log_std)
     normalized = (z - mean) * torch.exp(-log_std)
     return (-0.5 * (LOG_2PI + normalized ** 2) - log_std).flatten(1).sum(dim=1)
 
@@ -95,7 +96,7 @@ class SplitPrior(nn.Module):
             if features is None:
                 raise ValueError("this split prior is conditional: pass cond (feature map)")
             net_input = torch.cat([kept, features.to(kept.dtype)], dim=1)
-        out = self.conv(net_input).float()
+        out = at_least_float32(self.conv(net_input))
         return out[:, 0::2], out[:, 1::2]
 
     def log_prob(self, latent: Tensor, kept: Tensor, cond=None) -> Tensor:

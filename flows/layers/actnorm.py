@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from flows.base import Bijection, Condition
+from flows.base import Bijection, Condition, at_least_float32
 
 
 class ActNorm(Bijection):
@@ -35,7 +35,7 @@ class ActNorm(Bijection):
 
     def _logdet(self, x: Tensor) -> Tensor:
         height, width = x.shape[2], x.shape[3]
-        per_sample = self.log_scale.float().sum() * (height * width)
+        per_sample = at_least_float32(self.log_scale).sum() * (height * width)
         return per_sample.expand(x.shape[0])
 
     def forward(self, x: Tensor, cond: Condition = None) -> tuple[Tensor, Tensor]:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flows.base import Bijection, Condition, sum_except_batch, zero_logdet
+from flows.base import Bijection, Condition, at_least_float32, sum_except_batch, zero_logdet
 from flows.nets import CouplingNet, resize_features
 
 ScaleFunction = Literal["glow", "squish"]
@@ -37,7 +37,7 @@ class ScaleMap(nn.Module):
         self.squish_alpha = squish_alpha
 
     def forward(self, raw: Tensor) -> tuple[Tensor, Tensor]:
-        raw = raw.float()
+        raw = at_least_float32(raw)
         if self.kind == "glow":
             log_scale = F.logsigmoid(raw + 2.0)
             return torch.exp(log_scale), log_scale
@@ -91,14 +91,14 @@ class AffineCoupling(Bijection):
             return out, None, None
         raw, shift = out[:, 0::2], out[:, 1::2]
         scale, log_scale = self.scale_map(raw)
-        return shift, scale, log_scale
+        return at_least_float32(shift), scale, log_scale
 
     def forward(self, x: Tensor, cond: Condition = None) -> tuple[Tensor, Tensor]:
         x_passive, x_active = x.split([self.passive_channels, self.active_channels], dim=1)
         shift, scale, log_scale = self._shift_and_log_scale(x_passive, cond)
         if self.additive:
             return torch.cat([x_passive, x_active + shift], dim=1), zero_logdet(x)
-        y_active = (x_active.float() * scale + shift.float()).to(x.dtype)
+        y_active = (at_least_float32(x_active) * scale + shift).to(x.dtype)
         return torch.cat([x_passive, y_active], dim=1), sum_except_batch(log_scale)
 
     def inverse(self, z: Tensor, cond: Condition = None) -> tuple[Tensor, Tensor]:
@@ -106,7 +106,7 @@ class AffineCoupling(Bijection):
         shift, scale, log_scale = self._shift_and_log_scale(z_passive, cond)
         if self.additive:
             return torch.cat([z_passive, z_active - shift], dim=1), zero_logdet(z)
-        x_active = ((z_active.float() - shift.float()) / scale).to(z.dtype)
+        x_active = ((at_least_float32(z_active) - shift) / scale).to(z.dtype)
         return torch.cat([z_passive, x_active], dim=1), -sum_except_batch(log_scale)
 
 
@@ -126,12 +126,12 @@ class AffineInjector(Bijection):
             raise ValueError("AffineInjector is conditional: pass cond (feature map)")
         out = self.net(features.to(like.dtype))
         scale, log_scale = self.scale_map(out[:, 0::2])
-        return out[:, 1::2].float(), scale, log_scale
+        return at_least_float32(out[:, 1::2]), scale, log_scale
 
     def forward(self, x: Tensor, cond: Condition = None) -> tuple[Tensor, Tensor]:
         shift, scale, log_scale = self._shift_and_log_scale(x, cond)
-        return (x.float() * scale + shift).to(x.dtype), sum_except_batch(log_scale)
+        return (at_least_float32(x) * scale + shift).to(x.dtype), sum_except_batch(log_scale)
 
     def inverse(self, z: Tensor, cond: Condition = None) -> tuple[Tensor, Tensor]:
         shift, scale, log_scale = self._shift_and_log_scale(z, cond)
-        return ((z.float() - shift) / scale).to(z.dtype), -sum_except_batch(log_scale)
+        return ((at_least_float32(z) - shift) / scale).to(z.dtype), -sum_except_batch(log_scale)

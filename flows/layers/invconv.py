@@ -32,13 +32,13 @@ class _InvertibleConv1x1Base(Bijection):
     def forward(self, x: Tensor, cond: Condition = None) -> tuple[Tensor, Tensor]:
         matrix, logabsdet = self.weight_and_logabsdet()
         pixels = x.shape[2] * x.shape[3]
-        logdet = (logabsdet * pixels).float().expand(x.shape[0])
+        logdet = (logabsdet * pixels).to(torch.promote_types(x.dtype, torch.float32)).expand(x.shape[0])
         return self._conv1x1(x, matrix), logdet
 
     def inverse(self, z: Tensor, cond: Condition = None) -> tuple[Tensor, Tensor]:
         matrix, logabsdet = self.weight_and_logabsdet()
         pixels = z.shape[2] * z.shape[3]
-        logdet = (-logabsdet * pixels).float().expand(z.shape[0])
+        logdet = (-logabsdet * pixels).to(torch.promote_types(z.dtype, torch.float32)).expand(z.shape[0])
         return self._conv1x1(z, torch.linalg.inv(matrix)), logdet
 
 

@@ -1,0 +1,132 @@
+"""Generic properties every Bijection must satisfy, parametrized over all layers."""
+import pytest
+import torch
+
+from flows.base import FlowSequential
+from flows.layers import (ActNorm, AffineCoupling, AffineInjector, InvertibleConv1x1,
+                          InvertibleConv1x1LU, Squeeze, flow_step)
+from tests.conftest import perturb_parameters
+
+C, H, W, COND_C = 4, 4, 4, 3
+
+
+def make_actnorm():
+    layer = ActNorm(C)
+    layer.train()
+    layer(torch.randn(8, C, H, W) * 3 + 1)  # data-dependent init
+    return layer
+
+
+CASES = {
+    "actnorm": (make_actnorm, False),
+    "invconv_full": (lambda: InvertibleConv1x1(C), False),
+    "invconv_lu": (lambda: InvertibleConv1x1LU(C), False),
+    "affine_coupling_glow": (lambda: AffineCoupling(C, 8, scale_fn="glow"), False),
+    "affine_coupling_squish": (lambda: AffineCoupling(C, 8, scale_fn="squish", squish_alpha=0.5), False),
+    "additive_coupling": (lambda: AffineCoupling(C, 8, additive=True), False),
+    "odd_channels_coupling": (lambda: AffineCoupling(3, 8), False),
+    "conditional_coupling": (lambda: AffineCoupling(C, 8, cond_channels=COND_C, scale_fn="squish"), True),
+    "affine_injector": (lambda: AffineInjector(C, COND_C, 8, scale_fn="squish"), True),
+    "squeeze": (lambda: Squeeze(), False),
+    "flow_step": (lambda: flow_step(C, 8), False),
+    "flow_step_full_additive": (lambda: flow_step(C, 8, invconv="full", coupling="additive"), False),
+    "conditional_flow_step": (lambda: flow_step(C, 8, cond_channels=COND_C, affine_injector=True,
+                                                scale_fn="squish"), True),
+    "sequential": (lambda: FlowSequential(Squeeze(), flow_step(4 * C, 8), flow_step(4 * C, 8)), False),
+}
+
+
+def build(name):
+    factory, conditional = CASES[name]
+    layer = factory()
+    perturb_parameters(layer, 0.05 if name == "sequential" else 0.2)
+    layer.eval()
+    channels = 3 if name == "odd_channels_coupling" else C
+    x = torch.randn(5, channels, H, W)
+    # Conditions come at a lower resolution: layers must resize them themselves.
+    cond = torch.randn(5, COND_C, H // 2, W // 2) if conditional else None
+    return layer, x, cond, conditional
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_round_trip(name):
+    layer, x, cond, _ = build(name)
+    with torch.no_grad():
+        z, _ = layer(x, cond)
+        x_back, _ = layer.inverse(z, cond)
+    assert z.shape[0] == x.shape[0]
+    assert (x_back - x).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_logdets_cancel_and_are_per_sample(name):
+    layer, x, cond, _ = build(name)
+    with torch.no_grad():
+        z, logdet_forward = layer(x, cond)
+        _, logdet_inverse = layer.inverse(z, cond)
+    assert logdet_forward.shape == (x.shape[0],)
+    assert logdet_inverse.shape == (x.shape[0],)
+    assert torch.allclose(logdet_forward + logdet_inverse, torch.zeros_like(logdet_forward), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_logdet_matches_brute_force_jacobian(name):
+    layer, x, cond, _ = build(name)
+    layer = layer.double()
+    x = x[:2].double()
+    cond = cond[:2].double() if cond is not None else None
+    _, logdet = layer(x, cond)
+    for i in range(x.shape[0]):
+        def single(flat, i=i):
+            sample_cond = cond[i:i + 1] if cond is not None else None
+            out, _ = layer(flat.reshape(1, *x.shape[1:]), sample_cond)
+            return out.flatten()
+
+        jacobian = torch.autograd.functional.jacobian(single, x[i].flatten())
+        expected = torch.linalg.slogdet(jacobian).logabsdet
+        assert torch.allclose(logdet[i], expected, atol=1e-6), (name, logdet[i].item(), expected.item())
+
+
+@pytest.mark.parametrize("name", ["conditional_coupling", "affine_injector", "conditional_flow_step"])
+def test_conditional_layers_depend_on_condition_and_require_it(name):
+    layer, x, cond, _ = build(name)
+    with torch.no_grad():
+        z1, _ = layer(x, cond)
+        z2, _ = layer(x, cond + 1.0)
+    assert not torch.allclose(z1, z2)
+    with pytest.raises(ValueError, match="cond"):
+        layer(x, None)
+
+
+def test_squish_bounds_scale_and_glow_scale_matches_code():
+    from flows.layers import ScaleMap
+
+    raw = torch.linspace(-50, 50, 101)
+    squish_scale, squish_log = ScaleMap("squish", 0.5)(raw)
+    assert squish_scale.min() >= 0.5 and squish_scale.max() <= 1.0
+    assert torch.allclose(squish_log, torch.log(0.5 * torch.sigmoid(raw) + 0.5))
+    glow_scale, _ = ScaleMap("glow")(torch.zeros(1))
+    assert torch.allclose(glow_scale, torch.sigmoid(torch.tensor([2.0])))
+
+
+def test_actnorm_initializes_to_unit_statistics_once():
+    layer = ActNorm(3).train()
+    x = torch.randn(64, 3, 8, 8) * torch.tensor([1.0, 5.0, 0.1])[None, :, None, None] + 2
+    y, _ = layer(x)
+    assert torch.allclose(y.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-4)
+    assert torch.allclose(y.std(dim=(0, 2, 3), unbiased=False), torch.ones(3), atol=1e-3)
+    before = [p.clone() for p in layer.parameters()]
+    layer(torch.randn(64, 3, 8, 8) * 100)  # a second batch must not re-initialize
+    assert all(torch.equal(a, b) for a, b in zip(before, layer.parameters()))
+
+
+def test_invconv_logdet_is_float32_under_bf16_input():
+    layer = InvertibleConv1x1(C).eval()
+    x = torch.randn(2, C, H, W).bfloat16()
+    z, logdet = layer(x)
+    assert z.dtype == torch.bfloat16 and logdet.dtype == torch.float32
+
+
+def test_squeeze_rejects_odd_sizes():
+    with pytest.raises(ValueError, match="even"):
+        Squeeze()(torch.zeros(1, 1, 3, 4))
