@@ -17,6 +17,8 @@ def main(args=None) -> None:
                      subclass_mode_data=True,
                      # A requeued job relaunches into the same folder: overwrite the saved config.
                      save_config_kwargs={"overwrite": True},
+                     # Each family configures its own optimizer and schedule (seed settings).
+                     auto_configure_optimizers=False,
                      args=args)
     except DatasetNotFoundError as missing:
         # The message says which layout is expected; a traceback would bury it.
