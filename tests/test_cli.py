@@ -1,0 +1,87 @@
+"""The `lightning` command as users run it."""
+import csv
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+CLI = [sys.executable, "-m", "lightning_modules.cli"]
+
+
+def run_cli(*args, cwd=REPO, timeout=600):
+    return subprocess.run([*CLI, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def test_console_scripts_point_at_one_entry():
+    scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts")
+               if ep.name in ("lightning", "msflows")}
+    assert scripts == {"lightning": "lightning_modules.cli:main", "msflows": "lightning_modules.cli:main"}
+
+
+def test_print_config_resolves_the_seed_settings():
+    result = run_cli("fit", "--config", "experiments/glow_cifar10.yaml", "--print_config")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for line in ("class_path: lightning_modules.GlowModule", "steps_per_level: 32",
+                 "hidden_channels: 512", "lr: 0.0005", "weight_decay: 5.0e-05",
+                 "batch_size: 512", "max_steps: 200000", "warmup_epochs: 5.0"):
+        assert line in out, line
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "experiments").glob("*.yaml")))
+def test_every_experiment_config_parses(config):
+    result = run_cli("fit", "--config", f"experiments/{config}", "--print_config")
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_missing_cifar10_is_a_clear_error_not_a_traceback(tmp_path):
+    result = run_cli("fit", "--config", "experiments/glow_cifar10.yaml",
+                     "--data.init_args.data_dir", str(tmp_path / "cifar"),
+                     "--data.init_args.download", "false", "--trainer.logger", "false",
+                     "--trainer.default_root_dir", str(tmp_path))
+    assert result.returncode == 2
+    assert "cifar-10-batches-py/data_batch_1" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_wrong_config_key_is_caught(tmp_path):
+    result = run_cli("fit", "--config", "experiments/quickstart.yaml", "--model.init_args.levelz", "3")
+    assert result.returncode != 0
+    assert "levelz" in result.stderr
+
+
+def read_val_bpd(metrics: Path, resolution: int) -> list[float]:
+    rows = list(csv.DictReader(metrics.open()))
+    return [float(r[f"val/bpd_{resolution}"]) for r in rows if r.get(f"val/bpd_{resolution}")]
+
+
+def test_small_quickstart_fit_writes_checkpoint_samples_and_bpd(tmp_path):
+    result = run_cli(
+        "fit", "--config", str(REPO / "experiments/quickstart.yaml"),
+        "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
+        "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false",
+        "--model.init_args.resolution", "16", "--model.init_args.levels", "2",
+        "--model.init_args.steps_per_level", "2", "--model.init_args.hidden_channels", "16",
+        "--data.init_args.image_size", "16", "--data.init_args.resolutions", "[16]",
+        "--data.init_args.train_size", "256", "--data.init_args.val_size", "64",
+        "--trainer.callbacks.monitor", "val/bpd_16",
+        "--trainer.callbacks.filename", "epoch{epoch}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "glow32" / "version_0"
+    assert (run_dir / "checkpoints" / "last.ckpt").exists()
+    assert len(list((run_dir / "samples").glob("*_res16_t*.png"))) == 4  # 2 epochs x 2 temperatures
+    bpd = read_val_bpd(run_dir / "metrics.csv", 16)
+    assert len(bpd) == 2 and all(0 < b < 8 for b in bpd)
+
+
+@pytest.mark.slow
+def test_quickstart_as_shipped_improves_val_bpd(tmp_path):
+    result = run_cli("fit", "--config", str(REPO / "experiments/quickstart.yaml"),
+                     "--trainer.enable_progress_bar", "false", cwd=tmp_path, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    bpd = read_val_bpd(tmp_path / "runs/quickstart/glow32/version_0/metrics.csv", 32)
+    assert bpd[-1] < bpd[0] - 0.3, bpd
