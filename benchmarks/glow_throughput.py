@@ -1,0 +1,65 @@
+"""Training throughput of Glow (images per second of forward + backward + Adamax step).
+
+    python benchmarks/glow_throughput.py --resolution 32 --levels 3 --steps 32 --hidden 512 \
+        --batch 64 --device cuda --precision bf16
+
+Prints one JSON line: configuration, images/s, peak memory. Not a test: numbers depend
+on the machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from flows import Glow
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--levels", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--iterations", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    model = Glow(3, args.resolution, args.levels, args.steps, args.hidden).to(device).train()
+    optimizer = torch.optim.Adamax(model.parameters(), lr=1e-4)
+    x = torch.rand(args.batch, 3, args.resolution, args.resolution, device=device) - 0.5
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            loss = -model.log_prob(x).mean()
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(args.warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(args.iterations):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    print(json.dumps({
+        **vars(args),
+        "images_per_second": round(args.batch * args.iterations / elapsed, 2),
+        "peak_memory_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.type == "cuda" else None,
+    }))
+
+
+if __name__ == "__main__":
+    main()
