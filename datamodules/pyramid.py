@@ -80,7 +80,8 @@ def quantize(x: Tensor, n_bits: int = 8) -> Tensor:
     """Float in [-0.5, 0.5] (model space) -> uint8 image for display."""
     bins = 2 ** n_bits
     levels = torch.floor((x.float() + 0.5) * bins).clamp(0, bins - 1)
-    return (levels * (256 // bins) + (256 // bins) // 2 * (n_bits < 8)).to(torch.uint8)
+    step = 256 // bins
+    return (levels * step + step // 2).to(torch.uint8)  # the centre of each 8-bit bin
 
 
 def bits_per_dim(log_prob: Tensor, dims: int, n_bits: int = 8) -> Tensor:
