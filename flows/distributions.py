@@ -3,7 +3,8 @@
 * :class:`TopPrior`: the prior of the last level's latent. Learned per-channel mean and
   log-std (Glow's ``learntop``: a zero-init conv on a zero input, seed 004 sec. 2.3),
   optionally plus a class-dependent term: one-hot -> linear -> (mean, log-std)
-  (Glow's ``ycond``; seed 000 sec. 4.3.1).
+  (Glow's ``ycond``; seed 000 sec. 4.3.1), and plus a zero-init conv on condition
+  features (SRFlow: the top latent's prior also depends on the low-resolution image).
 * :class:`SplitPrior`: the prior of a split-off half, a Gaussian whose mean and log-std
   come from a zero-init 3x3 conv on the kept half (seed 004 sec. 2.3), optionally also
   on condition features (SRFlow).
@@ -39,12 +40,15 @@ def gaussian_sample(mean: Tensor, log_std: Tensor, temperature: float) -> Tensor
 
 class TopPrior(nn.Module):
     def __init__(self, shape: tuple[int, int, int], learned: bool = True,
-                 num_classes: int = 0) -> None:
+                 num_classes: int = 0, cond_channels: int = 0) -> None:
         super().__init__()
         channels = shape[0]
         self.shape = tuple(shape)
         self.num_classes = num_classes
         self.learned = learned
+        self.cond_channels = cond_channels
+        if cond_channels:
+            self.cond_conv = ZeroConv2d(cond_channels, 2 * channels, 3)
         if learned:
             self.mean = nn.Parameter(torch.zeros(1, channels, 1, 1))
             self.log_std = nn.Parameter(torch.zeros(1, channels, 1, 1))
@@ -53,7 +57,8 @@ class TopPrior(nn.Module):
             nn.init.zeros_(self.class_embedding.weight)
             nn.init.zeros_(self.class_embedding.bias)
 
-    def params(self, batch_size: int, y: Tensor | None = None, device=None) -> tuple[Tensor, Tensor]:
+    def params(self, batch_size: int, y: Tensor | None = None, device=None,
+               cond=None) -> tuple[Tensor, Tensor]:
         if device is None:
             device = next(self.parameters(), torch.empty(0)).device
         mean = torch.zeros(batch_size, *self.shape, device=device)
@@ -71,15 +76,22 @@ class TopPrior(nn.Module):
             class_mean, class_log_std = self.class_embedding(onehot).chunk(2, dim=1)
             mean = mean + class_mean[:, :, None, None]
             log_std = log_std + class_log_std[:, :, None, None]
+        if self.cond_channels:
+            features = condition_features(cond, self.shape[1:])
+            if features is None:
+                raise ValueError("this top prior is conditional: pass cond (feature map)")
+            out = at_least_float32(self.cond_conv(features))
+            mean = mean + out[:, 0::2]
+            log_std = log_std + out[:, 1::2]
         return mean, log_std
 
-    def log_prob(self, z: Tensor, y: Tensor | None = None) -> Tensor:
-        mean, log_std = self.params(z.shape[0], y, z.device)
+    def log_prob(self, z: Tensor, y: Tensor | None = None, cond=None) -> Tensor:
+        mean, log_std = self.params(z.shape[0], y, z.device, cond)
         return gaussian_log_prob(z, mean, log_std)
 
     def sample(self, batch_size: int, temperature: float = 1.0, y: Tensor | None = None,
-               device=None) -> Tensor:
-        mean, log_std = self.params(batch_size, y, device)
+               device=None, cond=None) -> Tensor:
+        mean, log_std = self.params(batch_size, y, device, cond)
         return gaussian_sample(mean, log_std, temperature)
 
 

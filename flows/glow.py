@@ -6,8 +6,9 @@ The split keeps the first half of the channels and factors out the second half a
 latent with a learned Gaussian prior conditioned on the kept half (Glow's code). Every
 factored-out latent is kept, so ``decode(encode(x)) == x``.
 
-With ``cond_channels > 0`` every coupling and split prior also sees a condition
-feature map (resized to each level), which is how SRFlow levels are built on it.
+With ``cond_channels > 0`` every coupling, split prior and the top prior also see a
+condition feature map (resized to each level), which is how SRFlow levels are built
+on it (``flows/srflow.py``).
 """
 from __future__ import annotations
 
@@ -78,7 +79,7 @@ class Glow(nn.Module):
                 self.latent_shapes.append((channels - kept, size, size))
                 channels = kept
         self.latent_shapes.append((channels, size, size))
-        self.top_prior = TopPrior((channels, size, size), learn_top_prior, num_classes)
+        self.top_prior = TopPrior((channels, size, size), learn_top_prior, num_classes, cond_channels)
         self.class_head = None
         if num_classes:
             # Glow's class-logits head on the top latent (seed 000 sec. 4.3.1).
@@ -109,7 +110,7 @@ class Glow(nn.Module):
                 h, latent = h[:, :kept_channels], h[:, kept_channels:]
                 log_prior = log_prior + self.split_priors[index].log_prob(latent, h, cond)
                 latents.append(latent)
-        log_prior = log_prior + self.top_prior.log_prob(h, y)
+        log_prior = log_prior + self.top_prior.log_prob(h, y, cond)
         latents.append(h)
         class_logits = self.class_head(h.float().mean(dim=(2, 3))) if self.class_head else None
         return FlowEncoding(latents, logdet, log_prior, class_logits)
@@ -128,7 +129,7 @@ class Glow(nn.Module):
             raise ValueError("pass batch_size when no latent or label fixes it")
         h = latents[-1]
         if h is None:
-            h = self.top_prior.sample(batch_size, temperature, y, device=self._device())
+            h = self.top_prior.sample(batch_size, temperature, y, device=self._device(), cond=cond)
         logdet = zero_logdet(h)
         for index in reversed(range(len(self.levels))):
             if index < len(self.split_priors):

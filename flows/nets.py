@@ -49,7 +49,101 @@ class CouplingNet(nn.Module):
 
 
 def resize_features(features: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bring conditioning features to a layer's spatial size (no-op when equal)."""
-    if tuple(features.shape[-2:]) == tuple(size):
+    """Bring conditioning features to a layer's spatial size (no-op when equal).
+    Shrinking averages over each block (``area``), so no feature is skipped the way
+    bilinear sampling at a factor >= 2 would skip them; growing is bilinear."""
+    size = tuple(int(s) for s in size)
+    if tuple(features.shape[-2:]) == size:
         return features
+    if size[0] <= features.shape[-2] and size[1] <= features.shape[-1]:
+        return F.interpolate(features, size=size, mode="area")
     return F.interpolate(features, size=size, mode="bilinear", align_corners=False)
+
+
+class ResidualDenseBlock(nn.Module):
+    """Five densely connected 3x3 convs with a scaled residual (ESRGAN's RDB)."""
+
+    def __init__(self, num_features: int, growth: int) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(
+            nn.Conv2d(num_features + i * growth, growth if i < 4 else num_features, 3, padding=1)
+            for i in range(5))
+        for conv in self.convs:
+            # ESRGAN's initialization: Kaiming scaled by 0.1 keeps the deep residual
+            # trunk close to identity at the start.
+            nn.init.kaiming_normal_(conv.weight, a=0.0, mode="fan_in")
+            conv.weight.data.mul_(0.1)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        features = [x]
+        for conv in self.convs[:-1]:
+            features.append(F.leaky_relu(conv(torch.cat(features, dim=1)), 0.2))
+        return x + 0.2 * self.convs[-1](torch.cat(features, dim=1))
+
+
+class RRDB(nn.Module):
+    """Residual-in-residual dense block: three RDBs and a scaled outer residual."""
+
+    def __init__(self, num_features: int, growth: int) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*(ResidualDenseBlock(num_features, growth) for _ in range(3)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + 0.2 * self.blocks(x)
+
+
+class RRDBEncoder(nn.Module):
+    """The RRDB network that turns a low-resolution image into SRFlow's conditioning
+    features (seed 000 sec. 2.2.4.1 and 4.3.1: the standard 23-block RRDB).
+
+    ``features(lr)`` concatenates the outputs of the blocks listed in
+    ``feature_blocks`` and the trunk output, at the low resolution (SRFlow's choice of
+    intermediate features). ``forward(lr)`` is the 2x super-resolution head used for the
+    L1 pre-training: ESRGAN's nearest-upsample + convs, added to the bicubic upsample
+    of the input so an untrained encoder starts at bicubic quality.
+    """
+
+    def __init__(self, in_channels: int = 3, num_features: int = 64, num_blocks: int = 23,
+                 growth: int = 32, feature_blocks: list[int] | None = None) -> None:
+        super().__init__()
+        if num_blocks < 1:
+            raise ValueError("the RRDB encoder needs num_blocks >= 1")
+        if feature_blocks is None:
+            # SRFlow taps blocks 1, 8, 15 and 22 of 23: four taps spread evenly from the
+            # second block to the last, for any trunk length.
+            feature_blocks = [min(num_blocks - 1, round(1 + i * (num_blocks - 2) / 3))
+                              for i in range(4)]
+        bad = [b for b in feature_blocks if not 0 <= b < num_blocks]
+        if bad:
+            raise ValueError(f"feature_blocks {bad} are outside the trunk's blocks 0..{num_blocks - 1}")
+        self.in_channels = in_channels
+        self.feature_blocks = sorted(set(feature_blocks))
+        self.out_channels = num_features * (len(self.feature_blocks) + 1)
+        self.conv_first = nn.Conv2d(in_channels, num_features, 3, padding=1)
+        self.trunk = nn.ModuleList(RRDB(num_features, growth) for _ in range(num_blocks))
+        self.trunk_conv = nn.Conv2d(num_features, num_features, 3, padding=1)
+        self.upsample_conv = nn.Conv2d(num_features, num_features, 3, padding=1)
+        self.hr_conv = nn.Conv2d(num_features, num_features, 3, padding=1)
+        self.conv_last = nn.Conv2d(num_features, in_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_last.weight)
+        nn.init.zeros_(self.conv_last.bias)
+
+    def _trunk(self, lr: Tensor) -> tuple[Tensor, list[Tensor]]:
+        first = self.conv_first(lr)
+        h, tapped = first, []
+        for index, block in enumerate(self.trunk):
+            h = block(h)
+            if index in self.feature_blocks:
+                tapped.append(h)
+        return first + self.trunk_conv(h), tapped
+
+    def features(self, lr: Tensor) -> Tensor:
+        trunk, tapped = self._trunk(lr)
+        return torch.cat(tapped + [trunk], dim=1)
+
+    def forward(self, lr: Tensor) -> Tensor:
+        trunk, _ = self._trunk(lr)
+        h = F.leaky_relu(self.upsample_conv(F.interpolate(trunk, scale_factor=2, mode="nearest")), 0.2)
+        residual = self.conv_last(F.leaky_relu(self.hr_conv(h), 0.2))
+        return F.interpolate(lr, scale_factor=2, mode="bicubic", align_corners=False) + residual

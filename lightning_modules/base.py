@@ -22,6 +22,28 @@ from datamodules.pyramid import bits_per_dim, dequantize, quantize
 
 
 @dataclass
+class OptimizerSettings:
+    """Adamax settings of one parameter group, with its linear warm-up (in epochs, or
+    in steps when ``warmup_steps`` is set) and step decay by ``lr_gamma`` at each of
+    ``lr_milestones`` (optimizer steps)."""
+
+    lr: float
+    betas: tuple[float, float]
+    weight_decay: float = 0.0
+    warmup_epochs: float = 0.0
+    warmup_steps: int | None = None
+    lr_milestones: list[int] = field(default_factory=list)
+    lr_gamma: float = 0.5
+
+
+@dataclass
+class OptimizerGroup:
+    name: str
+    params: list
+    settings: OptimizerSettings
+
+
+@dataclass
 class LossOutput:
     """``loss``: the scalar to minimize. ``log_prob``: {resolution: log p(x) in nats per
     sample}. ``dims``: {resolution: C*H*W}. ``extra``: other scalars to log."""
@@ -108,21 +130,38 @@ class FlowModule(pl.LightningModule):
         batches = len(datamodule.train_dataloader())
         return max(1, math.ceil(batches / max(1, self.trainer.world_size)))
 
-    def configure_optimizers(self):
+    def optimizer_groups(self) -> list[OptimizerGroup]:
+        """The parameter groups and their settings. Default: every parameter with the
+        module's own settings. Families whose parts follow different seed schedules
+        (the cascade's Glow and SRFlow levels) return one group per part."""
         hp = self.hparams
-        optimizer = torch.optim.Adamax(self.parameters(), lr=hp.lr, betas=tuple(hp.betas),
-                                       weight_decay=hp.weight_decay)
-        warmup = hp.warmup_steps
+        settings = OptimizerSettings(hp.lr, tuple(hp.betas), hp.weight_decay, hp.warmup_epochs,
+                                     hp.warmup_steps, list(hp.lr_milestones or []), hp.lr_gamma)
+        return [OptimizerGroup("model", list(self.parameters()), settings)]
+
+    def _lr_factor(self, settings: OptimizerSettings):
+        warmup = settings.warmup_steps
         if warmup is None:
-            warmup = int(round(hp.warmup_epochs * self._steps_per_epoch())) if hp.warmup_epochs else 0
-        milestones = sorted(hp.lr_milestones or [])
+            warmup = (int(round(settings.warmup_epochs * self._steps_per_epoch()))
+                      if settings.warmup_epochs else 0)
+        milestones = sorted(settings.lr_milestones or [])
+        gamma = settings.lr_gamma
 
         def factor(step: int) -> float:
             ramp = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
-            decays = sum(1 for m in milestones if step >= m)
-            return ramp * hp.lr_gamma ** decays
+            return ramp * gamma ** sum(1 for m in milestones if step >= m)
 
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return factor
+
+    def configure_optimizers(self):
+        groups = self.optimizer_groups()
+        if not any(group.params for group in groups):
+            raise ValueError(f"{type(self).__name__} has no trainable parameters: every part is frozen")
+        optimizer = torch.optim.Adamax(
+            [{"params": g.params, "lr": g.settings.lr, "betas": tuple(g.settings.betas),
+              "weight_decay": g.settings.weight_decay, "name": g.name} for g in groups])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, [self._lr_factor(g.settings) for g in groups])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
@@ -145,7 +184,10 @@ class FlowModule(pl.LightningModule):
         self.log("train/grad_norm", grad_norm, on_step=True, on_epoch=False)
         optimizer.step()
         self.lr_schedulers().step()
-        self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
+        groups = optimizer.param_groups
+        for group in groups:
+            name = "train/lr" if len(groups) == 1 else f"train/lr_{group['name']}"
+            self.log(name, group["lr"], on_step=True, on_epoch=False)
         return out.loss.detach()
 
     def _skip_step(self, reason: str) -> None:
