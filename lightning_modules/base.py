@@ -19,6 +19,9 @@ import torch
 from torch import Tensor
 
 from datamodules.pyramid import bits_per_dim, dequantize, quantize
+from lightning_modules.metrics import (FIDSettings, ImagesAtResolution, TensorImages, fidelity,
+                                       generate_uint8, plot_temperature_sweep, settings_dict,
+                                       write_metrics_table)
 
 
 @dataclass
@@ -46,12 +49,14 @@ class OptimizerGroup:
 @dataclass
 class LossOutput:
     """``loss``: the scalar to minimize. ``log_prob``: {resolution: log p(x) in nats per
-    sample}. ``dims``: {resolution: C*H*W}. ``extra``: other scalars to log."""
+    sample}, logged as ``bpd_{resolution}``. ``dims``: {resolution: C*H*W}. ``extra``:
+    other scalars to log. ``batch_size``: needed when ``log_prob`` is empty."""
 
     loss: Tensor
     log_prob: dict[int, Tensor]
     dims: dict[int, int]
     extra: dict[str, Tensor] = field(default_factory=dict)
+    batch_size: int | None = None
 
 
 class FlowModule(pl.LightningModule):
@@ -71,6 +76,9 @@ class FlowModule(pl.LightningModule):
         num_samples: images per sample grid.
         sample_every_n_epochs: how often sample grids are drawn (0: never).
         sample_seed: seed of the sample noise, so grids of different epochs compare.
+        evaluation: FID/KID settings for ``lightning test`` (None: bits/dim only).
+    `lightning test` writes ``metrics.json`` (model name, per-resolution bpd, FID, KID)
+    into the log folder and sends the figures to the loggers.
     """
 
     def __init__(self, n_bits: int = 8, lr: float = 5e-4, betas: tuple[float, float] = (0.9, 0.999),
@@ -78,8 +86,10 @@ class FlowModule(pl.LightningModule):
                  warmup_steps: int | None = None, lr_milestones: list[int] | None = None,
                  lr_gamma: float = 0.5, grad_clip_norm: float | None = None,
                  sample_temperatures: list[float] | None = None, num_samples: int = 64,
-                 sample_every_n_epochs: int = 1, sample_seed: int = 1234) -> None:
+                 sample_every_n_epochs: int = 1, sample_seed: int = 1234,
+                 evaluation: FIDSettings | None = None) -> None:
         super().__init__()
+        self.evaluation = evaluation
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.n_bits = n_bits
@@ -99,9 +109,15 @@ class FlowModule(pl.LightningModule):
     def compute_losses(self, images: dict[int, Tensor], labels: Tensor) -> LossOutput:
         raise NotImplementedError
 
-    def sample_images(self, n: int, temperature: float) -> dict[int, Tensor]:
-        """Samples in model space ([-0.5, 0.5]) per resolution."""
+    def sample_images(self, n: int, temperature: float | list[float]) -> dict[int, Tensor]:
+        """Samples in model space ([-0.5, 0.5]) per resolution. A cascade takes one
+        temperature per level as well."""
         raise NotImplementedError
+
+    @property
+    def model_name(self) -> str:
+        """The name the metrics table uses (seed 000 Tables 4.2 / 4.3 style)."""
+        return type(self).__name__
 
     # --- data -------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -198,7 +214,7 @@ class FlowModule(pl.LightningModule):
 
     # --- evaluation ---------------------------------------------------------------------
     def _log_metrics(self, split: str, out: LossOutput, on_step: bool = False) -> None:
-        batch_size = next(iter(out.log_prob.values())).shape[0]
+        batch_size = out.batch_size or next(iter(out.log_prob.values())).shape[0]
         kwargs = dict(on_step=on_step, on_epoch=not on_step, batch_size=batch_size,
                       sync_dist=not on_step)
         self.log(f"{split}/loss", out.loss.detach(), prog_bar=split == "train", **kwargs)
@@ -218,6 +234,71 @@ class FlowModule(pl.LightningModule):
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluate(batch, "test")
 
+    def log_dir(self) -> Path:
+        return Path(self.trainer.log_dir or self.trainer.default_root_dir)
+
+    def on_test_end(self) -> None:
+        """Write the metrics table: bits/dim from the test loop, FID/KID per resolution."""
+        if not self.trainer.is_global_zero:
+            return
+        metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("test/")}
+        table: dict = {"model": self.model_name, "n_bits": self.n_bits,
+                       "bpd": {k[len("test/bpd_"):]: v for k, v in metrics.items() if k.startswith("test/bpd_")},
+                       "test_metrics": metrics}
+        if self.evaluation is not None:
+            settings = self.evaluation
+            table["evaluation"] = settings_dict(settings)
+            table["fid"], table["kid"], table["kid_std"] = {}, {}, {}
+            results = self.sample_quality(settings.temperature)
+            for resolution, row in results.items():
+                table["fid"][str(resolution)] = row["fid"]
+                table["kid"][str(resolution)] = row["kid"]
+                table["kid_std"][str(resolution)] = row["kid_std"]
+            if settings.sweep_temperatures:
+                sweep = {f"{t:g}": {str(r): row["fid"] for r, row in self.sample_quality(t).items()}
+                         for t in settings.sweep_temperatures}
+                table["temperature_sweep"] = sweep
+                write_metrics_table(self.log_dir() / "temperature_sweep.json", sweep)
+                plot_temperature_sweep(self.log_dir() / "temperature_sweep.png", sweep,
+                                       f"{self.model_name}: FID vs temperature")
+            flat = {f"test/{name}_{r}": v for name in ("fid", "kid") for r, v in table[name].items()}
+            for logger in self.loggers:
+                logger.log_metrics(flat, step=self.global_step)
+        write_metrics_table(self.log_dir() / "metrics.json", table)
+        self.print(f"metrics table: {self.log_dir() / 'metrics.json'}")
+
+    @torch.no_grad()
+    def sample_quality(self, temperature: float | list[float]) -> dict[int, dict[str, float]]:
+        """FID and KID of ``evaluation.num_samples`` samples at every resolution against
+        the test split at that resolution (seed 000 sec. 4.2)."""
+        settings = self.evaluation
+        datamodule = self.trainer.datamodule
+        real_split = datamodule.datasets.get("test")
+        if real_split is None:
+            raise RuntimeError("FID compares with the test split; run `lightning test`")
+        devices = [self.device] if self.device.type == "cuda" else []
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(settings.seed)
+                fakes = generate_uint8(lambda n: self.sample_images(n, temperature), settings.num_samples,
+                                       settings.batch_size, lambda x: quantize(x, self.n_bits))
+        finally:
+            self.train(was_training)
+        results = {}
+        for resolution, images in fakes.items():
+            cache_name = "-".join(str(part) for part in (
+                type(datamodule).__name__, Path(str(datamodule.data_dir)).name or "data",
+                datamodule.image_size, getattr(datamodule, "seed", 0), "test", len(real_split),
+                resolution, self.n_bits, settings.feature_extractor))
+            results[resolution] = fidelity(TensorImages(images),
+                                           ImagesAtResolution(real_split, resolution, self.n_bits),
+                                           settings, cache_name, cuda=self.device.type == "cuda")
+            self.print(f"{self.model_name} at {resolution}px, temperature {temperature}: "
+                       f"FID {results[resolution]['fid']:.2f}, KID {results[resolution]['kid']:.4f}")
+        return results
+
     def on_validation_epoch_end(self) -> None:
         every = self.hparams.sample_every_n_epochs
         if self.trainer.sanity_checking or not every or self.current_epoch % every:
@@ -233,7 +314,7 @@ class FlowModule(pl.LightningModule):
         from torchvision.utils import make_grid
 
         saved = []
-        out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "samples"
+        out_dir = self.log_dir() / "samples"
         out_dir.mkdir(parents=True, exist_ok=True)
         devices = [self.device] if self.device.type == "cuda" else []
         was_training = self.training

@@ -4,21 +4,23 @@ from __future__ import annotations
 
 import sys
 
+import pytorch_lightning as pl
 from pytorch_lightning.cli import LightningCLI
 
 from datamodules import PyramidDataModule
 from datamodules.sources import DatasetNotFoundError
-from lightning_modules.base import FlowModule
 
 
 def main(args=None) -> None:
     try:
-        LightningCLI(FlowModule, PyramidDataModule, subclass_mode_model=True,
+        LightningCLI(pl.LightningModule, PyramidDataModule, subclass_mode_model=True,
                      subclass_mode_data=True,
                      # A requeued job relaunches into the same folder: overwrite the saved config.
                      save_config_kwargs={"overwrite": True},
                      # Each family configures its own optimizer and schedule (seed settings).
                      auto_configure_optimizers=False,
+                     # Any LightningModule: the flow families (FlowModule) and the RRDB
+                     # pre-training (RRDBPretrainModule).
                      args=args)
     except DatasetNotFoundError as missing:
         # The message says which layout is expected; a traceback would bury it.

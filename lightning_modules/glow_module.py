@@ -42,6 +42,10 @@ class GlowModule(FlowModule):
                           invconv, coupling, scale_fn, squish_alpha, learn_top_prior, num_classes)
 
     @property
+    def model_name(self) -> str:
+        return f"Glow{'CC' if self.model.num_classes else ''}{self.resolution}"
+
+    @property
     def resolutions(self) -> list[int]:
         return [self.resolution]
 

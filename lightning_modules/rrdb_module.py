@@ -1,0 +1,73 @@
+"""L1 pre-training of an SRFlow level's RRDB encoder (seed 000 sec. 4.3.2: Adam,
+learning rate 2e-4, 200k iterations). Its checkpoint is what
+``SRFlowLevel.encoder_checkpoint`` loads.
+
+This is the one LightningModule that is not a :class:`FlowModule`: it trains a
+regression network, has no likelihood, bits/dim or samples.
+"""
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from datamodules.pyramid import dequantize
+from flows.nets import RRDBEncoder
+
+
+class RRDBPretrainModule(pl.LightningModule):
+    """Args: ``resolution`` the high-resolution side (the encoder reads resolution / 2);
+    the rrdb_* settings must equal those of the SRFlow level that will load it."""
+
+    def __init__(self, resolution: int = 32, in_channels: int = 3, rrdb_features: int = 64,
+                 rrdb_blocks: int = 23, rrdb_growth: int = 32,
+                 rrdb_feature_blocks: list[int] | None = None, n_bits: int = 8, lr: float = 2e-4,
+                 betas: tuple[float, float] = (0.9, 0.999), lr_milestones: list[int] | None = None,
+                 lr_gamma: float = 0.5) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.resolution = resolution
+        self.n_bits = n_bits
+        self.encoder = RRDBEncoder(in_channels, rrdb_features, rrdb_blocks, rrdb_growth, rrdb_feature_blocks)
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        if datamodule is None:
+            return
+        needed = [self.resolution, self.resolution // 2]
+        if any(r not in datamodule.resolutions for r in needed):
+            raise ValueError(f"RRDB pre-training at {self.resolution}px needs data resolutions {needed}; "
+                             f"the data module yields {datamodule.resolutions}")
+
+    def _pair(self, batch: dict) -> tuple[Tensor, Tensor]:
+        images = batch["images"]
+        lr = dequantize(images[self.resolution // 2], self.n_bits, noise=False)
+        hr = dequantize(images[self.resolution], self.n_bits, noise=False)
+        return lr, hr
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        lr, hr = self._pair(batch)
+        loss = F.l1_loss(self.encoder(lr), hr)
+        self.log("train/l1", loss, prog_bar=True)
+        return loss
+
+    def _evaluate(self, batch: dict, split: str) -> None:
+        lr, hr = self._pair(batch)
+        sr = self.encoder(lr)
+        mse = F.mse_loss(sr.clamp(-0.5, 0.5), hr, reduction="none").flatten(1).mean(1)
+        self.log(f"{split}/l1", F.l1_loss(sr, hr), prog_bar=True)
+        # Data span a range of 1, so PSNR = -10 log10(MSE).
+        self.log(f"{split}/psnr_{self.resolution}", (-10 * torch.log10(mse.clamp_min(1e-10))).mean())
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = torch.optim.Adam(self.parameters(), lr=hp.lr, betas=tuple(hp.betas))
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, sorted(hp.lr_milestones or []), hp.lr_gamma)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
