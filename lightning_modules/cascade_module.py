@@ -121,16 +121,18 @@ def load_submodule(module: nn.Module, checkpoint: str, prefixes: list[str], what
         sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if not sub:
             continue
-        result = module.load_state_dict(sub, strict=False)
-        mismatched = [k for k, v in sub.items()
-                      if k in module.state_dict() and module.state_dict()[k].shape != v.shape]
-        if result.missing_keys or result.unexpected_keys or mismatched:
+        own = module.state_dict()
+        missing = [k for k in own if k not in sub]
+        unexpected = [k for k in sub if k not in own]
+        mismatched = [k for k, v in sub.items() if k in own and own[k].shape != v.shape]
+        if missing or unexpected or mismatched:
             raise ValueError(
                 f"{what}: checkpoint {str(path)!r} (prefix {prefix!r}) does not match the configured "
-                f"architecture: {len(result.missing_keys)} missing, {len(result.unexpected_keys)} "
-                f"unexpected, {len(mismatched)} shape-mismatched tensors (e.g. "
-                f"{(result.missing_keys + result.unexpected_keys + mismatched)[:3]}). "
+                f"architecture: {len(missing)} missing, {len(unexpected)} unexpected, "
+                f"{len(mismatched)} shape-mismatched tensors (e.g. "
+                f"{(missing + unexpected + mismatched)[:3]}). "
                 "Use the same level settings as the run that wrote it.")
+        module.load_state_dict(sub)
         return
     raise ValueError(f"{what}: checkpoint {str(path)!r} holds no tensors under {prefixes}; "
                      "is it a checkpoint of this kind of model?")
@@ -233,7 +235,7 @@ class CascadeModule(FlowModule):
                 if not config.checkpoint:
                     warnings.warn(f"the level at {resolution}px is frozen but has no checkpoint: "
                                   "it stays at its random initialization", stacklevel=3)
-                self.model.model(resolution).requires_grad_(False)
+                self.model.model(resolution).requires_grad_(False).eval()
 
     def train(self, mode: bool = True):
         super().train(mode)

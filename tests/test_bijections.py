@@ -33,13 +33,17 @@ CASES = {
     "conditional_flow_step": (lambda: flow_step(C, 8, cond_channels=COND_C, affine_injector=True,
                                                 scale_fn="squish"), True),
     "sequential": (lambda: FlowSequential(Squeeze(), flow_step(4 * C, 8), flow_step(4 * C, 8)), False),
+    # An SRFlow level's step stack: the condition is resized after the squeeze.
+    "conditional_sequential": (lambda: FlowSequential(
+        Squeeze(), *(flow_step(4 * C, 8, cond_channels=COND_C, affine_injector=True,
+                               scale_fn="squish") for _ in range(2))), True),
 }
 
 
 def build(name):
     factory, conditional = CASES[name]
     layer = factory()
-    perturb_parameters(layer, 0.05 if name == "sequential" else 0.2)
+    perturb_parameters(layer, 0.05 if name.endswith("sequential") else 0.2)
     layer.eval()
     channels = 3 if name == "odd_channels_coupling" else C
     x = torch.randn(5, channels, H, W)
