@@ -3,12 +3,16 @@
 The base models p_0(x_0) at the lowest resolution; level i models p_i(x_i | x_{i-1}),
 where x_{i-1} is the deterministic downsample of x_i. Hence (sec. 3.1.1, eq. 3.1-3.5)
 
-    log p(x_k) = log p_0(x_0) + sum_i log p_i(x_i | x_{i-1}),
+    log P(x_k) = log P_0(x_0) + sum_i log P_i(x_i | x_{i-1}),
 
-an exact log-likelihood of the top resolution. (With n_bits < 8 the pyramid is built
-on 8-bit images and then reduced, so the sum is the log-probability of the whole
-reduced pyramid, a lower bound on that of the reduced top image; with n_bits = 8 it
-is exact.)
+an exact log-likelihood of the top resolution. The P are probabilities of the discrete
+images: each level's density over dequantized data times the volume of one bin. That
+matters for bits per dim: every level's bins count, so the cascade's bpd at x_k is
+-log P(x_k) / (D_k log 2), not the sum of the densities pushed through a
+single-resolution bpd formula (which would leave out the lower levels' bins and
+under-report the bits). (With n_bits < 8 the pyramid is built on 8-bit images and then
+reduced, so the sum is the log-probability of the whole reduced pyramid, a lower bound
+on that of the reduced top image; with n_bits = 8 it is exact.)
 
 Conditions. A level never sees a dequantized (noisy) low-resolution image: its
 condition is the low-resolution image at the centres of its quantization bins, a
@@ -24,6 +28,7 @@ are replaced by the clean condition and counted.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -100,15 +105,37 @@ class Cascade(nn.Module):
 
     def log_prob_levels(self, images: dict[int, Tensor], conditions: dict[int, Tensor],
                         y: Tensor | None = None) -> dict[int, Tensor]:
-        """``images``: {resolution: dequantized x}; ``conditions``: {resolution: the
-        clean condition of the level at that resolution}, i.e. x at resolution / 2
-        at its bin centres."""
+        """Each level's own log-density (nats) of its dequantized images: log p_0(x_0)
+        and log p_i(x_i | condition_i). ``images``: {resolution: dequantized x};
+        ``conditions``: {resolution: the clean condition of the level at that
+        resolution}, i.e. x at resolution / 2 at its bin centres."""
         return {r: self.level_log_prob(r, images[r], conditions.get(r), y) for r in self.resolutions}
 
-    def log_prob(self, images: dict[int, Tensor], conditions: dict[int, Tensor],
-                 y: Tensor | None = None) -> Tensor:
-        """Exact log p(x_k) of the top resolution in nats (eq. 3.5 times p_0)."""
-        return torch.stack(list(self.log_prob_levels(images, conditions, y).values())).sum(0)
+    def bin_log_volume(self, resolution: int) -> float:
+        """log of the volume of one quantization bin of an image at ``resolution``:
+        a density over dequantized data times this is the probability of the bin."""
+        return -self.model(resolution).dims * self.n_bits * math.log(2.0)
+
+    def log_likelihoods(self, images: dict[int, Tensor], conditions: dict[int, Tensor],
+                        y: Tensor | None = None) -> dict[int, Tensor]:
+        """{resolution R: log P(x_R)}, the cascade's log-probability of the discrete
+        images at every resolution, in nats:
+
+            log P(x_R) = log P_0(x_0) + sum_{i <= R} log P_i(x_i | x_{i-1}),
+
+        each term the level's density times its bin volume (eq. 3.5 times p_0). The
+        lower levels' bins count too: bits per dim of x_R = -log P(x_R) / (D_R log 2)."""
+        total, out = None, {}
+        for resolution, log_prob in self.log_prob_levels(images, conditions, y).items():
+            term = log_prob + self.bin_log_volume(resolution)
+            total = term if total is None else total + term
+            out[resolution] = total
+        return out
+
+    def log_likelihood(self, images: dict[int, Tensor], conditions: dict[int, Tensor],
+                       y: Tensor | None = None) -> Tensor:
+        """log P(x_k) of the top resolution, nats per sample."""
+        return self.log_likelihoods(images, conditions, y)[self.resolutions[-1]]
 
     # --- sampling -----------------------------------------------------------------------
     def temperatures(self, temperature: float | list[float]) -> dict[int, float]:

@@ -9,8 +9,9 @@ level, as the seed does. The model is named as in Tables 4.2 and 4.3, e.g.
 ``Glow16-SRF32(0.02)-SRF64(0.50)``.
 
 Logged figures (resolution in every name):
-  ``bpd_R``            the cascade's exact bits/dim of the images at R
-                       (log p_0 + sum of the conditional levels up to R);
+  ``bpd_R``            the cascade's exact bits/dim of the images at R,
+                       -log P(x_R) / (D_R log 2) with log P(x_R) the sum of the levels'
+                       log-probabilities up to R (flows/cascade.py);
   ``bpd_R_given_R/2``  a super-resolution level's own conditional bits/dim;
   ``replacement_rate_R``  share of a variational level's noisy conditions replaced
                        by clean ones (sec. 4.4);
@@ -43,8 +44,8 @@ class GlowLevel:
     no squishing) and 4.3.2 (Adamax 5e-4, betas (0.9, 0.999), weight decay 5e-5,
     linear warm-up over 5 epochs).
 
-    ``checkpoint``: a cascade or Glow checkpoint to load this level from.
-    ``train``: false freezes the level (it still evaluates and samples)."""
+    ``checkpoint``: a cascade or Glow checkpoint to load this level from (overrides
+    the module's ``init_checkpoint`` for this level)."""
 
     levels: int = 3
     steps_per_level: int = 32
@@ -62,7 +63,6 @@ class GlowLevel:
     lr_milestones: list[int] = field(default_factory=list)
     lr_gamma: float = 0.5
     checkpoint: str | None = None
-    train: bool = True
 
 
 @dataclass
@@ -75,7 +75,7 @@ class SRFlowLevel:
     ``sigma``: > 0 trains the level variationally against the previous level (sec. 3.2).
     ``encoder_checkpoint``: an RRDB L1 pre-training checkpoint (RRDBPretrainModule).
     ``freeze_encoder_steps``: optimizer steps during which the RRDB is frozen.
-    ``checkpoint`` / ``train``: as for :class:`GlowLevel`."""
+    ``checkpoint``: as for :class:`GlowLevel`."""
 
     sigma: float = 0.0
     levels: int = 4
@@ -101,7 +101,6 @@ class SRFlowLevel:
     lr_milestones: list[int] = field(default_factory=lambda: list(SRFLOW_MILESTONES))
     lr_gamma: float = 0.5
     checkpoint: str | None = None
-    train: bool = True
 
 
 def optimizer_settings(level: GlowLevel | SRFlowLevel) -> OptimizerSettings:
@@ -145,6 +144,12 @@ class CascadeModule(FlowModule):
         base_resolution: r0, the base Glow's resolution.
         base: the base Glow's settings.
         sr_levels: one SRFlow level per doubling, in order of resolution.
+        train_levels: the resolutions to train (default: all). The others are frozen:
+            loaded from ``init_checkpoint`` or their own ``checkpoint``, kept in eval
+            mode, left out of the optimizer. This is how the seed's staged runs go
+            (a variational level trains against a finished previous level) and how
+            levels train as parallel jobs.
+        init_checkpoint: a cascade checkpoint; every level found in it is loaded.
         in_channels: colour channels.
         num_classes: > 0 makes every level class-conditional (GlowCC / SRFCC).
         class_loss_weight: lambda_c of each level's class-logits cross-entropy.
@@ -157,7 +162,9 @@ class CascadeModule(FlowModule):
     """
 
     def __init__(self, base_resolution: int = 16, base: GlowLevel | None = None,
-                 sr_levels: list[SRFlowLevel] | None = None, in_channels: int = 3,
+                 sr_levels: list[SRFlowLevel] | None = None,
+                 train_levels: list[int] | None = None, init_checkpoint: str | None = None,
+                 in_channels: int = 3,
                  num_classes: int = 0, class_loss_weight: float = 0.01,
                  max_reconstruction_abs: float = 1.0,
                  failure_probe_sigmas: list[float] | None = None,
@@ -192,6 +199,14 @@ class CascadeModule(FlowModule):
                                     config.learn_top_prior, num_classes, config.rrdb_features,
                                     config.rrdb_blocks, config.rrdb_growth, config.rrdb_feature_blocks))
         self.model = Cascade(base_model, sr_models, self.n_bits)
+        if train_levels is None:
+            train_levels = self.model.resolutions
+        unknown = [r for r in train_levels if r not in self.model.resolutions]
+        if unknown:
+            raise ValueError(f"train_levels {unknown} are not levels of this cascade "
+                             f"(resolutions {self.model.resolutions})")
+        self.train_levels = sorted(set(train_levels))
+        self.init_checkpoint = init_checkpoint
         self._check_variational_levels()
         self._load_and_freeze()
 
@@ -202,45 +217,63 @@ class CascadeModule(FlowModule):
 
     @property
     def trained_resolutions(self) -> list[int]:
-        return [r for r in self.model.resolutions if self.level_config(r).train]
+        return [r for r in self.model.resolutions if self.is_trained(r)]
+
+    def is_trained(self, resolution: int) -> bool:
+        return resolution in self.train_levels
 
     def _check_variational_levels(self) -> None:
         for resolution in self.model.resolutions[1:]:
             sigma = self.level_config(resolution).sigma
             if sigma < 0:
                 raise ValueError(f"the level at {resolution}px has sigma {sigma}; sigma must be >= 0")
-            if sigma > 0 and self.level_config(resolution // 2).train:
+            if sigma > 0 and self.is_trained(resolution) and self.is_trained(resolution // 2):
                 warnings.warn(
                     f"the level at {resolution}px trains variationally (sigma={sigma}) while the "
                     f"level at {resolution // 2}px trains too. The seed (sec. 3.2) trains against a "
-                    f"finished, frozen previous level: give the {resolution // 2}px level a "
-                    "checkpoint and train: false. (The noisy conditions never pass gradients to it.)",
-                    stacklevel=3)
+                    f"finished, frozen previous level: train the {resolution // 2}px level first, "
+                    f"then set train_levels: [{resolution}] and init_checkpoint. (The noisy "
+                    "conditions never pass gradients to the previous level either way.)", stacklevel=3)
 
     def _load_and_freeze(self) -> None:
-        if self.base_config.checkpoint:
-            load_submodule(self.model.base, self.base_config.checkpoint, ["model.base.", "model."],
-                           f"base Glow{self.model.base.image_size}")
-        for resolution, config in zip(self.model.resolutions[1:], self.sr_configs):
+        base_prefixes = ["model.base.", "model."]  # a cascade's base, or a GlowModule
+        loaded = set()
+        if self.init_checkpoint:
+            loaded = self._load_all_levels(self.init_checkpoint)
+        for resolution in self.model.resolutions:
+            config = self.level_config(resolution)
             level = self.model.model(resolution)
-            if config.encoder_checkpoint:
+            is_base = level is self.model.base
+            if not is_base and config.encoder_checkpoint and resolution not in loaded:
                 load_submodule(level.encoder, config.encoder_checkpoint, ["encoder."],
                                f"RRDB encoder of SRF{resolution}")
             if config.checkpoint:
-                load_submodule(level, config.checkpoint, [f"model.levels.{resolution}."],
-                               f"SRF{resolution}")
-        for resolution in self.model.resolutions:
-            config = self.level_config(resolution)
-            if not config.train:
-                if not config.checkpoint:
-                    warnings.warn(f"the level at {resolution}px is frozen but has no checkpoint: "
+                prefixes = base_prefixes if is_base else [f"model.levels.{resolution}."]
+                load_submodule(level, config.checkpoint, prefixes, self.level_name(resolution))
+                loaded.add(resolution)
+            if not self.is_trained(resolution):
+                if resolution not in loaded:
+                    warnings.warn(f"the level at {resolution}px is frozen but no checkpoint holds it: "
                                   "it stays at its random initialization", stacklevel=3)
-                self.model.model(resolution).requires_grad_(False).eval()
+                level.requires_grad_(False).eval()
+
+    def _load_all_levels(self, checkpoint: str) -> set[int]:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False).get("state_dict", {})
+        loaded = set()
+        for resolution in self.model.resolutions:
+            prefix = "model.base." if resolution == self.model.base.image_size else f"model.levels.{resolution}."
+            if any(k.startswith(prefix) for k in state):
+                load_submodule(self.model.model(resolution), checkpoint, [prefix], self.level_name(resolution))
+                loaded.add(resolution)
+        if not loaded:
+            raise ValueError(f"init_checkpoint {checkpoint!r} holds no level of a cascade; "
+                             "give a checkpoint written by a CascadeModule run")
+        return loaded
 
     def train(self, mode: bool = True):
         super().train(mode)
         for resolution in self.model.resolutions:  # frozen levels never leave eval mode
-            if not self.level_config(resolution).train:
+            if not self.is_trained(resolution):
                 self.model.model(resolution).eval()
         return self
 
@@ -275,7 +308,7 @@ class CascadeModule(FlowModule):
     # --- the encoder freeze schedule -------------------------------------------------
     def encoder_frozen(self, resolution: int) -> bool:
         config = self.level_config(resolution)
-        return not config.train or self.global_step < config.freeze_encoder_steps
+        return not self.is_trained(resolution) or self.global_step < config.freeze_encoder_steps
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         for resolution in self.trained_resolutions:
@@ -323,7 +356,7 @@ class CascadeModule(FlowModule):
                                                          labels, self.max_reconstruction_abs)
                 condition = noisy.images
                 extra[f"replacement_rate_{resolution}"] = noisy.failure_rate
-            grad_context = torch.enable_grad() if config.train else torch.no_grad()
+            grad_context = torch.enable_grad() if self.is_trained(resolution) else torch.no_grad()
             with grad_context:
                 encoding = self._level_log_prob(resolution, images[resolution], condition, labels)
             log_prob = encoding.log_prob
@@ -337,18 +370,22 @@ class CascadeModule(FlowModule):
             if resolution != self.model.base.image_size:
                 extra[f"bpd_{resolution}_given_{resolution // 2}"] = \
                     bits_per_dim(log_prob.detach(), dims, self.n_bits).mean()
-            if config.train:
+            if self.is_trained(resolution):
                 loss = loss + level_loss
         if training and self.failure_probe_every_n_steps and \
                 self.global_step % self.failure_probe_every_n_steps == 0:
             extra.update(self._failure_probe(clean, conditions, labels))
-        # The cascade's exact log-likelihood at each resolution whose levels all ran.
+        # The cascade's exact log-likelihood at each resolution whose levels all ran,
+        # log P(x_R) (flows/cascade.py), handed to the base as the equivalent density of
+        # x_R (log P(x_R) minus x_R's bin volume) so its bpd formula gives
+        # -log P(x_R) / (D_R log 2).
         cumulative, total = {}, None
         for resolution in self.model.resolutions:
             if resolution not in level_log_probs:
                 break
-            total = level_log_probs[resolution] if total is None else total + level_log_probs[resolution]
-            cumulative[resolution] = total
+            term = level_log_probs[resolution] + self.model.bin_log_volume(resolution)
+            total = term if total is None else total + term
+            cumulative[resolution] = total - self.model.bin_log_volume(resolution)
         # (Empty while training with a frozen base: then only the levels' own figures.)
         dims = {r: self.model.model(r).dims for r in cumulative}
         batch_size = images[self.model.resolutions[0]].shape[0]

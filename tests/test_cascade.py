@@ -114,12 +114,18 @@ def test_cascade_log_likelihood_is_the_sum_of_its_levels():
     cascade = tiny_cascade()
     images, conditions, _ = pyramid_batch()
     with torch.no_grad():
-        total = cascade.log_prob(images, conditions)
-        by_hand = (cascade.base.log_prob(images[8])
-                   + cascade.levels["16"].log_prob(images[16], conditions[16])
-                   + cascade.levels["32"].log_prob(images[32], conditions[32]))
+        total = cascade.log_likelihood(images, conditions)
+        levels = [cascade.base.log_prob(images[8]),
+                  cascade.levels["16"].log_prob(images[16], conditions[16]),
+                  cascade.levels["32"].log_prob(images[32], conditions[32])]
+    # Each level's density times its bin volume (5 bits per dim) is its probability.
+    bins = [-3 * r * r * 5 * math.log(2.0) for r in (8, 16, 32)]
+    by_hand = sum(lp + b for lp, b in zip(levels, bins))
     assert torch.allclose(total, by_hand, rtol=1e-6)
-    bpd = bits_per_dim(total, 3 * 32 * 32, n_bits=5)
+    # In bits: the cascade's bits equal the sum of the levels' own bits.
+    level_bits = sum(bits_per_dim(lp, 3 * r * r, 5) * 3 * r * r for lp, r in zip(levels, (8, 16, 32)))
+    assert torch.allclose(-total / math.log(2.0), level_bits, rtol=1e-5)
+    bpd = -total / (3 * 32 * 32 * math.log(2.0))
     assert torch.isfinite(bpd).all() and (bpd > 0).all()
 
 
@@ -143,7 +149,12 @@ def test_module_logs_exact_cascade_bpd_and_level_bpds(tmp_path):
         out = module.compute_losses(images, labels)
         conditions = {r: dequantize(batch["images"][r // 2], 5, noise=False) for r in (16, 32)}
         levels = module.model.log_prob_levels(images, conditions)
-    assert torch.allclose(out.log_prob[32], levels[8] + levels[16] + levels[32])
+        bits = {r: bits_per_dim(levels[r], 3 * r * r, 5) * 3 * r * r for r in (8, 16, 32)}
+    # The logged cascade bpd at R is the levels' bits up to R over R's dims.
+    cascade_bpd_32 = bits_per_dim(out.log_prob[32], 3 * 32 * 32, 5)
+    assert torch.allclose(cascade_bpd_32, (bits[8] + bits[16] + bits[32]) / (3 * 32 * 32), rtol=1e-5)
+    cascade_bpd_16 = bits_per_dim(out.log_prob[16], 3 * 16 * 16, 5)
+    assert torch.allclose(cascade_bpd_16, (bits[8] + bits[16]) / (3 * 16 * 16), rtol=1e-5)
     assert torch.allclose(out.log_prob[8], levels[8])
     given = bits_per_dim(levels[32], 3 * 32 * 32, 5).mean()
     assert torch.allclose(out.extra["bpd_32_given_16"], given)
@@ -181,8 +192,7 @@ def test_variational_condition_with_zero_sigma_is_the_clean_condition():
 
 
 def test_huge_sigma_replaces_and_counts_failed_reconstructions(tmp_path):
-    module = tiny_module(sr_levels=[SRFlowLevel(**{**TINY_SR, "sigma": 1e6})],
-                         base=GlowLevel(**{**TINY_GLOW, "train": False}))
+    module = tiny_module(sr_levels=[SRFlowLevel(**{**TINY_SR, "sigma": 1e6})], train_levels=[16])
     data = tiny_data(top=16)
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
@@ -198,8 +208,7 @@ def test_huge_sigma_replaces_and_counts_failed_reconstructions(tmp_path):
 
 
 def test_variational_level_trains_against_a_frozen_previous_level(tmp_path):
-    module = tiny_module(base=GlowLevel(**{**TINY_GLOW, "train": False}),
-                         sr_levels=[SRFlowLevel(**{**TINY_SR, "sigma": 0.3})],
+    module = tiny_module(train_levels=[16], sr_levels=[SRFlowLevel(**{**TINY_SR, "sigma": 0.3})],
                          failure_probe_every_n_steps=1)
     before_base = {k: v.clone() for k, v in module.model.base.state_dict().items()}
     before_sr = {k: v.clone() for k, v in module.model.levels["16"].state_dict().items()}
@@ -266,11 +275,17 @@ def test_levels_load_from_checkpoints_and_mismatches_are_explained(tmp_path):
     perturb_parameters(source, 0.05)
     path = tmp_path / "cascade.ckpt"
     torch.save({"state_dict": source.state_dict()}, path)
-    loaded = tiny_module(base=GlowLevel(**{**TINY_GLOW, "checkpoint": str(path), "train": False}),
+    loaded = tiny_module(base=GlowLevel(**{**TINY_GLOW, "checkpoint": str(path)}), train_levels=[16],
                          sr_levels=[SRFlowLevel(**{**TINY_SR, "checkpoint": str(path)})])
     for key, value in source.model.state_dict().items():
         assert torch.equal(value, loaded.model.state_dict()[key]), key
     assert not any(p.requires_grad for p in loaded.model.base.parameters())
+    # A staged run: every level comes from the previous stage's checkpoint.
+    staged = tiny_module(init_checkpoint=str(path), train_levels=[16])
+    for key, value in source.model.state_dict().items():
+        assert torch.equal(value, staged.model.state_dict()[key]), key
+    with pytest.raises(ValueError, match="not levels of this cascade"):
+        tiny_module(train_levels=[64])
     with pytest.raises(ValueError, match="does not match the configured architecture"):
         tiny_module(base=GlowLevel(**{**TINY_GLOW, "hidden_channels": 16, "checkpoint": str(path)}))
     with pytest.raises(FileNotFoundError, match="does not exist"):
