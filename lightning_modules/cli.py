@@ -11,9 +11,9 @@ from datamodules import PyramidDataModule
 from datamodules.sources import DatasetNotFoundError
 
 
-def main(args=None) -> None:
+def main(args=None, run: bool = True) -> LightningCLI:
     try:
-        LightningCLI(pl.LightningModule, PyramidDataModule, subclass_mode_model=True,
+        return LightningCLI(pl.LightningModule, PyramidDataModule, subclass_mode_model=True,
                      subclass_mode_data=True,
                      # A requeued job relaunches into the same folder: overwrite the saved config.
                      save_config_kwargs={"overwrite": True},
@@ -21,7 +21,7 @@ def main(args=None) -> None:
                      auto_configure_optimizers=False,
                      # Any LightningModule: the flow families (FlowModule) and the RRDB
                      # pre-training (RRDBPretrainModule).
-                     args=args)
+                     args=args, run=run)
     except DatasetNotFoundError as missing:
         # The message says which layout is expected; a traceback would bury it.
         print(f"error: {missing}", file=sys.stderr)

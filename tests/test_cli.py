@@ -85,3 +85,79 @@ def test_quickstart_as_shipped_improves_val_bpd(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     bpd = read_val_bpd(tmp_path / "runs/quickstart/glow32/version_0/metrics.csv", 32)
     assert bpd[-1] < bpd[0] - 0.3, bpd
+
+
+def test_cascade_config_shows_each_levels_sigma():
+    result = run_cli("fit", "--config", "experiments/celeba_cascade.yaml", "--print_config")
+    assert result.returncode == 0, result.stderr[-2000:]
+    sigmas = [line.strip() for line in result.stdout.splitlines() if line.strip().startswith("- sigma:")]
+    assert sigmas == ["- sigma: 0.02", "- sigma: 0.5"]
+
+
+@pytest.mark.parametrize("config, name, resolutions", [
+    ("celeba_cascade.yaml", "Glow16-SRF32(0.02)-SRF64(0.50)", [16, 32, 64]),
+    ("cifar10_cascade.yaml", "GlowCC16-SRFCC32", [16, 32]),
+])
+def test_seed_cascade_configs_build_the_seed_models(config, name, resolutions):
+    from lightning_modules.cli import main
+
+    cli = main(["--config", str(REPO / "experiments" / config), "--trainer.logger", "false"], run=False)
+    model = cli.model
+    assert model.model_name == name
+    assert model.resolutions == resolutions
+    groups = {g.name: g.settings for g in model.optimizer_groups()}
+    top = model.model.model(resolutions[-1])
+    assert len(top.flow.levels) == 4 and len(top.flow.levels[0]) == 1 + 16  # squeeze + K=16
+    assert len(top.encoder.trunk) == 23
+    assert groups[name.split("-")[-1]].lr_milestones == [100_000, 150_000, 180_000, 190_000]
+    assert model.evaluation.num_samples == 50_000
+
+
+def test_small_cascade_fit_then_test_writes_samples_and_the_metrics_table(tmp_path):
+    common = ["--trainer.default_root_dir", str(tmp_path),
+              "--trainer.logger.init_args.save_dir", str(tmp_path),
+              "--trainer.enable_progress_bar", "false",
+              "--trainer.log_every_n_steps", "1",
+              "--data.init_args.train_size", "128", "--data.init_args.val_size", "32",
+              "--data.init_args.batch_size", "32",
+              "--model.init_args.evaluation.num_samples", "64",
+              "--model.init_args.evaluation.sweep_temperatures", "[0.7]",
+              "--model.init_args.evaluation.cache_dir", str(tmp_path / "fid_cache"),
+              "--model.init_args.num_samples", "4", "--model.init_args.failure_probe_every_n_steps", "1"]
+    config = str(REPO / "experiments/quick_cascade.yaml")
+    fit = run_cli("fit", "--config", config, "--trainer.max_epochs", "1", *common, cwd=tmp_path)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    run_dir = tmp_path / "cascade" / "version_0"
+    for resolution in (8, 16, 32):
+        assert len(list((run_dir / "samples").glob(f"*_res{resolution}_t*.png"))) == 2
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    assert any(r.get("train/failure_rate_32_sigma1") for r in rows)
+    test = run_cli("test", "--config", config, *common,
+                   "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt"), cwd=tmp_path)
+    assert test.returncode == 0, test.stderr[-3000:]
+    import json
+    table = json.loads((tmp_path / "cascade" / "version_1" / "metrics.json").read_text())
+    assert table["model"] == "Glow8-SRF16-SRF32"
+    assert set(table["fid"]) == {"8", "16", "32"}
+    assert {"8", "16", "32", "16_given_8", "32_given_16"} <= set(table["bpd"])
+    assert (tmp_path / "cascade" / "version_1" / "temperature_sweep.png").exists()
+
+
+@pytest.mark.slow
+def test_quick_cascade_as_shipped_trains_samples_and_reports_fid(tmp_path):
+    import json
+
+    config = str(REPO / "experiments/quick_cascade.yaml")
+    fit = run_cli("fit", "--config", config, "--trainer.enable_progress_bar", "false",
+                  cwd=tmp_path, timeout=1500)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    run_dir = tmp_path / "runs/quick_cascade/cascade"
+    bpd = read_val_bpd(run_dir / "version_0/metrics.csv", 32)
+    assert bpd[-1] < bpd[0] - 0.3, bpd
+    test = run_cli("test", "--config", config, "--trainer.enable_progress_bar", "false",
+                   "--ckpt_path", str(run_dir / "version_0/checkpoints/last.ckpt"), cwd=tmp_path, timeout=900)
+    assert test.returncode == 0, test.stderr[-3000:]
+    table = json.loads((run_dir / "version_1/metrics.json").read_text())
+    print(json.dumps(table, indent=1))
+    assert set(table["fid"]) == {"8", "16", "32"}
+    assert set(table["temperature_sweep"]) == {"0.5", "0.7", "0.9", "1"}
