@@ -161,3 +161,16 @@ def test_quick_cascade_as_shipped_trains_samples_and_reports_fid(tmp_path):
     print(json.dumps(table, indent=1))
     assert set(table["fid"]) == {"8", "16", "32"}
     assert set(table["temperature_sweep"]) == {"0.5", "0.7", "0.9", "1"}
+
+
+OVERRIDE_BASES = {"celeba_": "celeba_cascade.yaml", "cifar10_": "cifar10_cascade.yaml",
+                  "quick_": "quick_cascade.yaml"}
+
+
+@pytest.mark.parametrize("override", sorted(p.name for p in (REPO / "experiments/overrides").glob("*.yaml")))
+def test_every_override_parses_on_top_of_its_config(override):
+    base = next(config for prefix, config in OVERRIDE_BASES.items() if override.startswith(prefix))
+    result = run_cli("fit", "--config", f"experiments/{base}", "--config",
+                     f"experiments/overrides/{override}", "--print_config")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "- sigma:" in result.stdout
