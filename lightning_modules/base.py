@@ -19,9 +19,9 @@ import torch
 from torch import Tensor
 
 from datamodules.pyramid import bits_per_dim, dequantize, quantize
-from lightning_modules.metrics import (FIDSettings, ImagesAtResolution, TensorImages, fidelity,
-                                       generate_uint8, plot_temperature_sweep, settings_dict,
-                                       write_metrics_table)
+from lightning_modules.metrics import (FIDSettings, ImagesAtResolution, TensorImages, as_rgb,
+                                       fidelity, generate_uint8, in_loop_fid, plot_temperature_sweep,
+                                       reduce_bits, settings_dict, write_metrics_table)
 
 
 @dataclass
@@ -227,6 +227,44 @@ class FlowModule(pl.LightningModule):
     def _evaluate(self, batch: dict, split: str) -> None:
         images, labels = self.prepare_batch(batch, noise=True)
         self._log_metrics(split, self.compute_losses(images, labels))
+        if split == "val" and self._collecting_real_fid_features():
+            for resolution, metric in self._val_fid_metrics().items():
+                real = batch["images"][resolution]
+                metric.update(torch.stack([as_rgb(reduce_bits(x, self.n_bits)) for x in real]), real=True)
+
+    # --- in-loop FID (torchmetrics), for curves ----------------------------------------
+    def _val_fid_enabled(self) -> bool:
+        return bool(self.evaluation is not None and self.evaluation.val_fid_every_n_validations)
+
+    def _val_fid_metrics(self) -> dict:
+        # A plain dict, not a ModuleDict: the Inception weights stay out of the model's
+        # state_dict, checkpoints and optimizer.
+        if getattr(self, "_val_fid", None) is None:
+            self._val_fid = {r: in_loop_fid(self.evaluation).to(self.device) for r in self.resolutions}
+            self._val_fid_has_real = False
+        return self._val_fid
+
+    def _collecting_real_fid_features(self) -> bool:
+        if not self._val_fid_enabled() or self.trainer.sanity_checking:
+            return False
+        self._val_fid_metrics()
+        return not self._val_fid_has_real
+
+    @torch.no_grad()
+    def _log_val_fid(self) -> None:
+        metrics = self._val_fid_metrics()
+        settings = self.evaluation
+        per_process = max(1, settings.val_num_samples // max(1, self.trainer.world_size))
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(settings.seed + self.global_rank)
+            fakes = generate_uint8(lambda n: self.sample_images(n, settings.temperature), per_process,
+                                   settings.batch_size, lambda x: quantize(x, self.n_bits))
+        for resolution, metric in metrics.items():
+            images = fakes[resolution]
+            metric.update(torch.stack([as_rgb(x) for x in images]).to(self.device), real=False)
+            self.log(f"val/fid_{resolution}", metric.compute().float(), sync_dist=False)
+            metric.reset()  # fake features only: reset_real_features=False
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluate(batch, "val")
@@ -300,6 +338,13 @@ class FlowModule(pl.LightningModule):
         return results
 
     def on_validation_epoch_end(self) -> None:
+        if self._val_fid_enabled() and not self.trainer.sanity_checking:
+            # Counted in validation runs, which also works for step-based validation.
+            runs = getattr(self, "_validation_runs", 0)
+            if runs % self.evaluation.val_fid_every_n_validations == 0:
+                self._log_val_fid()
+            self._validation_runs = runs + 1
+            self._val_fid_has_real = True  # one full validation run of real images
         every = self.hparams.sample_every_n_epochs
         if self.trainer.sanity_checking or not every or self.current_epoch % every:
             return

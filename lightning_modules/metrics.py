@@ -45,6 +45,10 @@ class FIDSettings:
     cache_dir: torch-fidelity's cache of real statistics (default: its own).
     sweep_temperatures: temperatures of the FID sweep of Fig. 4.4 (empty: no sweep).
     seed: seed of the sample noise, so evaluations are repeatable.
+    val_fid_every_n_validations: also log ``val/fid_R`` every this many validation runs
+        (torchmetrics, same feature extractor; 0: never). The real statistics come from
+        the first validation run's images and are kept; ``val_num_samples`` samples
+        (split over the processes) are drawn each time. For curves, not for tables.
     """
 
     num_samples: int = 50_000
@@ -56,6 +60,8 @@ class FIDSettings:
     cache_dir: str | None = None
     sweep_temperatures: list[float] = field(default_factory=list)
     seed: int = 2024
+    val_fid_every_n_validations: int = 0
+    val_num_samples: int = 5000
 
 
 class RandomConvFeatures(nn.Module):
@@ -194,6 +200,25 @@ def fidelity(fake: Dataset, real: Dataset, settings: FIDSettings, real_cache_nam
     return {"fid": float(metrics["frechet_inception_distance"]),
             "kid": float(metrics["kernel_inception_distance_mean"]),
             "kid_std": float(metrics["kernel_inception_distance_std"])}
+
+
+def in_loop_fid(settings: FIDSettings):
+    """A torchmetrics FID for validation curves, on the extractor ``settings`` names.
+    Real features are kept across resets (they are fixed for a run)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    if settings.feature_extractor == "random-conv":
+        return FrechetInceptionDistance(feature=RandomConvFeatures(), reset_real_features=False)
+    if not settings.feature_extractor.startswith("inception"):
+        raise ValueError(f"in-loop FID supports inception-v3-compat and random-conv, not "
+                         f"{settings.feature_extractor!r}")
+    try:
+        return FrechetInceptionDistance(feature=2048, reset_real_features=False,
+                                        feature_extractor_weights_path=settings.inception_weights)
+    except (OSError, RuntimeError) as error:
+        raise RuntimeError(
+            f"in-loop FID needs the Inception weights ({error}). Fetch {INCEPTION_URL} and set "
+            f"evaluation.inception_weights: /path/to/{INCEPTION_FILE}") from error
 
 
 def generate_uint8(sample: Callable[[int], dict[int, Tensor]], num_samples: int, batch_size: int,

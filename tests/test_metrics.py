@@ -89,3 +89,33 @@ def test_glow_module_table_uses_the_seed_name(tmp_path):
     run.test(module, tiny_data(top=8))
     table = json.loads((tmp_path / "metrics.json").read_text())
     assert table["model"] == "Glow8" and set(table["fid"]) == {"8"}
+
+
+def test_in_loop_torchmetrics_fid_equals_torch_fidelity_on_the_same_features(tmp_path):
+    from lightning_modules.metrics import in_loop_fid
+
+    settings = FIDSettings(**SMOKE, cache_dir=str(tmp_path))
+    real, fake = real_images(64, seed=0), real_images(64, seed=5)
+    fake = (fake.float() * 0.8).to(torch.uint8)
+    reference = fidelity(TensorImages(fake), TensorImages(real), settings, None, cuda=False)["fid"]
+    metric = in_loop_fid(settings)
+    metric.update(real, real=True)
+    metric.update(fake, real=False)
+    assert float(metric.compute()) == pytest.approx(reference, rel=1e-3)
+    # Real statistics survive a reset (they are gathered once per run).
+    metric.reset()
+    metric.update(fake, real=False)
+    assert float(metric.compute()) == pytest.approx(reference, rel=1e-3)
+
+
+def test_validation_logs_fid_curves_per_resolution(tmp_path):
+    evaluation = FIDSettings(**SMOKE, val_fid_every_n_validations=1, val_num_samples=16, temperature=1.0)
+    module = tiny_module(evaluation=evaluation)
+    run = trainer(tmp_path, max_epochs=2, limit_val_batches=2, num_sanity_val_steps=1)
+    data = tiny_data(top=16)
+    run.fit(module, data)
+    assert {"val/fid_8", "val/fid_16"} <= set(run.callback_metrics)
+    assert all(torch.isfinite(run.callback_metrics[k]) for k in ("val/fid_8", "val/fid_16"))
+    # The validation images, gathered once (not again in epoch 2, nor in the sanity check).
+    assert int(module._val_fid[16].real_features_num_samples) == len(data.datasets["val"])
+    assert "_val_fid" not in "".join(module.state_dict())
