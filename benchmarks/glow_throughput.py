@@ -1,6 +1,6 @@
 """Training throughput of Glow (images per second of forward + backward + Adamax step).
 
-    python benchmarks/glow_throughput.py --resolution 32 --levels 3 --steps 32 --hidden 512 \
+    python -m benchmarks.glow_throughput --resolution 32 --levels 3 --steps 32 --hidden 512 \
         --batch 64 --device cuda --precision bf16
 
 Prints one JSON line: configuration, images/s, peak memory. Not a test: numbers depend
@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
+from benchmarks.timing import time_steps
 from flows import Glow
 
 
@@ -43,21 +43,11 @@ def main() -> None:
         loss.backward()
         optimizer.step()
 
-    for _ in range(args.warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(args.iterations):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
+    elapsed, peak = time_steps(step, device, args.warmup, args.iterations)
     print(json.dumps({
         **vars(args),
         "images_per_second": round(args.batch * args.iterations / elapsed, 2),
-        "peak_memory_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.type == "cuda" else None,
+        "peak_memory_mib": peak,
     }))
 
 
