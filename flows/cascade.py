@@ -125,9 +125,16 @@ class Cascade(nn.Module):
 
         each term the level's density times its bin volume (eq. 3.5 times p_0). The
         lower levels' bins count too: bits per dim of x_R = -log P(x_R) / (D_R log 2)."""
+        return self.accumulate(self.log_prob_levels(images, conditions, y))
+
+    def accumulate(self, level_log_probs: dict[int, Tensor]) -> dict[int, Tensor]:
+        """Level densities -> {R: log P(x_R)} for every R whose levels up to R are
+        all given (from the base up)."""
         total, out = None, {}
-        for resolution, log_prob in self.log_prob_levels(images, conditions, y).items():
-            term = log_prob + self.bin_log_volume(resolution)
+        for resolution in self.resolutions:
+            if resolution not in level_log_probs:
+                break
+            term = level_log_probs[resolution] + self.bin_log_volume(resolution)
             total = term if total is None else total + term
             out[resolution] = total
         return out

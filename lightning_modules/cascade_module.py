@@ -378,15 +378,10 @@ class CascadeModule(FlowModule):
         # The cascade's exact log-likelihood at each resolution whose levels all ran,
         # log P(x_R) (flows/cascade.py), handed to the base as the equivalent density of
         # x_R (log P(x_R) minus x_R's bin volume) so its bpd formula gives
-        # -log P(x_R) / (D_R log 2).
-        cumulative, total = {}, None
-        for resolution in self.model.resolutions:
-            if resolution not in level_log_probs:
-                break
-            term = level_log_probs[resolution] + self.model.bin_log_volume(resolution)
-            total = term if total is None else total + term
-            cumulative[resolution] = total - self.model.bin_log_volume(resolution)
-        # (Empty while training with a frozen base: then only the levels' own figures.)
+        # -log P(x_R) / (D_R log 2). Empty while training with a frozen base: then
+        # only the levels' own figures are logged.
+        cumulative = {r: log_p - self.model.bin_log_volume(r)
+                      for r, log_p in self.model.accumulate(level_log_probs).items()}
         dims = {r: self.model.model(r).dims for r in cumulative}
         batch_size = images[self.model.resolutions[0]].shape[0]
         return LossOutput(loss, cumulative, dims, extra, batch_size)
