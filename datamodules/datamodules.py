@@ -8,12 +8,35 @@ from typing import Literal
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from datamodules.pyramid import ImagePyramid, resize_uint8
 from datamodules.sources import (DatasetNotFoundError, EmbeddedImages, ImageFolderSource,
                                  MNISTIdx, TransformedSource, center_square_crop,
                                  load_torchvision, mnist_split_files)
+
+
+class ResumableSampler(DistributedSampler):
+    """The training order: a permutation drawn from (seed, epoch) alone, split over the
+    processes when torch.distributed is running. ``skip_next(n)`` makes the next
+    epoch's iterator start after its first ``n`` indices, which is how a run resumed
+    mid-epoch sees exactly the batches an uninterrupted run would have seen next.
+    Being a DistributedSampler, Lightning keeps it under DDP instead of replacing it."""
+
+    def __init__(self, dataset: Dataset, seed: int = 0) -> None:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        replicas = torch.distributed.get_world_size() if distributed else 1
+        rank = torch.distributed.get_rank() if distributed else 0
+        super().__init__(dataset, num_replicas=replicas, rank=rank, shuffle=True, seed=seed)
+        self._skip = 0
+
+    def skip_next(self, num_indices: int) -> None:
+        self._skip = num_indices
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        start, self._skip = self._skip, 0
+        return iter(indices[start:])
 
 
 class PyramidDataset(Dataset):
@@ -103,9 +126,13 @@ class PyramidDataModule(pl.LightningDataModule):
         if shuffle and len(dataset) < batch_size:
             raise ValueError(f"the {split} split has {len(dataset)} images, fewer than one batch "
                              f"of {batch_size}; lower data.init_args.batch_size")
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=shuffle,
+        # The loader's own generator seeds its workers, so creating an iterator never
+        # draws from the global RNG (exact resume depends on that stream).
+        generator = torch.Generator().manual_seed(self.seed)
+        sampler = ResumableSampler(dataset, self.seed) if shuffle else None
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=shuffle,
                           num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
-                          persistent_workers=self.num_workers > 0)
+                          persistent_workers=self.num_workers > 0, generator=generator)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -18,10 +18,15 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
+from datamodules.datamodules import ResumableSampler
 from datamodules.pyramid import bits_per_dim, dequantize, quantize
+from lightning_modules.checkpointing import RNG_KEY, gather_rng_states, restore_rng_states
 from lightning_modules.metrics import (FIDSettings, ImagesAtResolution, TensorImages, as_rgb,
                                        fidelity, generate_uint8, in_loop_fid, plot_temperature_sweep,
                                        reduce_bits, settings_dict, write_metrics_table)
+
+
+MODEL_KEY = "msflows_model"
 
 
 @dataclass
@@ -186,25 +191,42 @@ class FlowModule(pl.LightningModule):
         self._log_metrics("train", out, on_step=True)
         optimizer = self.optimizers()
         optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(out.loss):
+        # Every process must take the same decision, or DDP's all-reduce would wait forever.
+        finite = self.trainer.strategy.reduce(torch.isfinite(out.loss.detach()).float(), reduce_op="min")
+        if not bool(finite):
             self._skip_step("loss")
             return out.loss.detach()
         self.manual_backward(out.loss)
+        self._step_applied = True
+        # With a GradScaler (16-mixed) Lightning unscales here, then calls
+        # on_before_optimizer_step (clipping and the finiteness check) and steps.
+        optimizer.step()
+        if self._step_applied:
+            self.lr_schedulers().step()
+            groups = optimizer.param_groups
+            for group in groups:
+                name = "train/lr" if len(groups) == 1 else f"train/lr_{group['name']}"
+                self.log(name, group["lr"], on_step=True, on_epoch=False)
+        return out.loss.detach()
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Gradients are unscaled here: clip them, and drop a step whose gradient norm is
+        not finite (DDP has already averaged the gradients, so all processes agree)."""
         params = [p for p in self.parameters() if p.grad is not None]
         max_norm = self.hparams.grad_clip_norm or float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        if not torch.isfinite(grad_norm):
-            optimizer.zero_grad(set_to_none=True)
-            self._skip_step("gradient")
-            return out.loss.detach()
-        self.log("train/grad_norm", grad_norm, on_step=True, on_epoch=False)
-        optimizer.step()
-        self.lr_schedulers().step()
-        groups = optimizer.param_groups
-        for group in groups:
-            name = "train/lr" if len(groups) == 1 else f"train/lr_{group['name']}"
-            self.log(name, group["lr"], on_step=True, on_epoch=False)
-        return out.loss.detach()
+        if torch.isfinite(grad_norm):
+            self.log("train/grad_norm", grad_norm, on_step=True, on_epoch=False)
+            return
+        self._step_applied = False
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            # fp16: the GradScaler skips this step itself and lowers its scale, which is
+            # routine early in training, so it is not counted as a skipped step.
+            self.log("train/fp16_overflow", 1.0, on_step=True, on_epoch=False)
+            return
+        for p in params:  # an optimizer leaves parameters without gradients untouched
+            p.grad = None
+        self._skip_step("gradient")
 
     def _skip_step(self, reason: str) -> None:
         self.skipped_steps += 1
@@ -224,9 +246,15 @@ class FlowModule(pl.LightningModule):
         for name, value in out.extra.items():
             self.log(f"{split}/{name}", value.detach(), **kwargs)
 
-    def _evaluate(self, batch: dict, split: str) -> None:
-        images, labels = self.prepare_batch(batch, noise=True)
-        self._log_metrics(split, self.compute_losses(images, labels))
+    def _evaluate(self, batch: dict, split: str, batch_idx: int) -> None:
+        # Evaluation noise comes from a forked RNG seeded by the batch index: val bpd of
+        # different epochs compare, and validation never moves the training RNG stream
+        # (exact resume relies on it).
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.hparams.sample_seed + 7919 * batch_idx)
+            images, labels = self.prepare_batch(batch, noise=True)
+            self._log_metrics(split, self.compute_losses(images, labels))
         if split == "val" and self._collecting_real_fid_features():
             for resolution, metric in self._val_fid_metrics().items():
                 real = batch["images"][resolution]
@@ -267,10 +295,55 @@ class FlowModule(pl.LightningModule):
             metric.reset()  # fake features only: reset_real_features=False
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, "val")
+        self._evaluate(batch, "val", batch_idx)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, "test")
+        self._evaluate(batch, "test", batch_idx)
+
+    # --- checkpoints and resume -----------------------------------------------------------
+    def on_train_start(self) -> None:
+        """A run resumed mid-epoch continues with the batches an uninterrupted run would
+        have drawn next (the sampler's order depends on seed and epoch only). Lightning
+        does not call on_train_epoch_start for the resumed epoch; on_train_start runs
+        after the restore and before that epoch's iterator exists."""
+        loop = self.trainer.fit_loop.epoch_loop
+        if not loop.restarting:
+            return
+        done = loop.batch_progress.current.processed
+        loader = self.trainer.train_dataloader
+        sampler = getattr(loader, "sampler", None)
+        if done and isinstance(sampler, ResumableSampler):
+            sampler.skip_next(done * loader.batch_size)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[RNG_KEY] = gather_rng_states()
+        checkpoint[MODEL_KEY] = {"class": type(self).__name__, "name": self.model_name}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._check_checkpoint_matches(checkpoint)
+        if RNG_KEY in checkpoint:
+            restore_rng_states(checkpoint[RNG_KEY], self.global_rank)
+
+    def _check_checkpoint_matches(self, checkpoint: dict) -> None:
+        """A checkpoint of another model or configuration fails here with a message,
+        not deep inside load_state_dict."""
+        written_by = checkpoint.get(MODEL_KEY, {})
+        ours = f"{type(self).__name__} {self.model_name!r}"
+        theirs = f"{written_by.get('class', 'an unknown model')} {written_by.get('name', '')!r}"
+        if written_by and written_by.get("class") != type(self).__name__:
+            raise ValueError(f"this checkpoint was written by {theirs}, but this run builds {ours}; "
+                             "pass a checkpoint of this model, or the config that wrote it")
+        state = checkpoint.get("state_dict", {})
+        own = self.state_dict()
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        mismatched = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
+        if missing or unexpected or mismatched:
+            raise ValueError(
+                f"this checkpoint ({theirs}) does not fit this run's {ours}: {len(missing)} tensors "
+                f"missing, {len(unexpected)} unexpected, {len(mismatched)} of another shape (e.g. "
+                f"{(mismatched + missing + unexpected)[:3]}). The architecture settings differ from "
+                "the run that wrote it; use its config (saved as config.yaml in its log folder).")
 
     def log_dir(self) -> Path:
         return Path(self.trainer.log_dir or self.trainer.default_root_dir)

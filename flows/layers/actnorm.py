@@ -26,9 +26,15 @@ class ActNorm(Bijection):
 
     @torch.no_grad()
     def initialize_from(self, x: Tensor) -> None:
+        """Under torch.distributed the first and second moments are averaged over all
+        processes (equal batch sizes), so every rank gets the same parameters."""
         x = x.float()
-        mean = x.mean(dim=(0, 2, 3), keepdim=True)
-        std = x.std(dim=(0, 2, 3), keepdim=True, unbiased=False)
+        moments = torch.stack([x.mean(dim=(0, 2, 3)), (x * x).mean(dim=(0, 2, 3))])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(moments)
+            moments /= torch.distributed.get_world_size()
+        mean = moments[0].view(1, -1, 1, 1)
+        std = (moments[1].view(1, -1, 1, 1) - mean * mean).clamp_min(0).sqrt()
         self.bias.copy_(-mean)
         self.log_scale.copy_(-torch.log(std + self.eps))
         self.initialized.fill_(True)

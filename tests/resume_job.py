@@ -1,0 +1,74 @@
+"""A small training job the resume tests run in a subprocess, so it can be killed with
+SIGKILL like a preempted cluster job:
+
+    python -m tests.resume_job FAMILY ROOT MAX_STEPS [--kill-at STEP] [--resume]
+"""
+import argparse
+import os
+import signal
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from datamodules import EmbeddedDataModule
+from lightning_modules import CascadeModule, GlowLevel, GlowModule, SRFlowLevel
+from lightning_modules.checkpointing import AtomicCheckpointIO, newest_checkpoint
+
+
+def build(family: str):
+    common = dict(n_bits=5, num_samples=4, sample_every_n_epochs=0)
+    if family == "glow":
+        module = GlowModule(resolution=8, levels=2, steps_per_level=2, hidden_channels=16, lr=2e-3,
+                            warmup_steps=3, **common)
+        resolutions = [8]
+    else:
+        module = CascadeModule(
+            base_resolution=8, base=GlowLevel(levels=2, steps_per_level=1, hidden_channels=8, lr=2e-3,
+                                              warmup_steps=3),
+            sr_levels=[SRFlowLevel(sigma=0.2, levels=2, steps_per_level=1, hidden_channels=8,
+                                   rrdb_features=8, rrdb_blocks=2, rrdb_growth=4,
+                                   freeze_encoder_steps=5, lr=2e-3, lr_milestones=[12])],
+            failure_probe_every_n_steps=4, **common)
+        resolutions = [16, 8]
+    data = EmbeddedDataModule(image_size=resolutions[0], resolutions=resolutions, train_size=128,
+                              val_size=16, batch_size=8)
+    return module, data
+
+
+class KillAt(pl.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("family", choices=["glow", "cascade"])
+    parser.add_argument("root")
+    parser.add_argument("max_steps", type=int)
+    parser.add_argument("--kill-at", type=int)
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args()
+    root = Path(args.root)
+    pl.seed_everything(0)
+    module, data = build(args.family)
+    callbacks = [ModelCheckpoint(dirpath=root / "checkpoints", every_n_train_steps=3, save_last=True,
+                                 save_top_k=-1)]
+    if args.kill_at:
+        callbacks.append(KillAt(args.kill_at))
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=args.max_steps, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1,
+                         default_root_dir=str(root), callbacks=callbacks, plugins=[AtomicCheckpointIO()])
+    ckpt_path = newest_checkpoint(root) if args.resume else None
+    trainer.fit(module, data, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    torch.save({"state_dict": module.state_dict(), "global_step": trainer.global_step,
+                "resumed_from": str(ckpt_path)}, root / "final.pt")
+
+
+if __name__ == "__main__":
+    main()
