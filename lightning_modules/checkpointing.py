@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import random
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -100,9 +101,7 @@ def persistent_wandb_id(root: str | Path) -> str:
     path = Path(root) / WANDB_ID_FILE
     if path.is_file():
         return path.read_text().strip()
-    import wandb
-
-    run_id = wandb.util.generate_id()
+    run_id = secrets.token_hex(4)  # W&B ids: letters, digits, - and _
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(run_id + "\n")
     return run_id

@@ -99,9 +99,9 @@ def test_cascade_config_shows_each_levels_sigma():
     ("cifar10_cascade.yaml", "GlowCC16-SRFCC32", [16, 32]),
 ])
 def test_seed_cascade_configs_build_the_seed_models(config, name, resolutions):
-    from lightning_modules.cli import main
+    from lightning_modules.cli import build_cli
 
-    cli = main(["--config", str(REPO / "experiments" / config), "--trainer.logger", "false"], run=False)
+    cli = build_cli(["--config", str(REPO / "experiments" / config), "--trainer.logger", "false"], run=False)
     model = cli.model
     assert model.model_name == name
     assert model.resolutions == resolutions
@@ -174,3 +174,38 @@ def test_every_override_parses_on_top_of_its_config(override):
                      f"experiments/overrides/{override}", "--print_config")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "- sigma:" in result.stdout
+
+
+TINY_QUICKSTART = ["--model.init_args.resolution", "16", "--model.init_args.levels", "2",
+                   "--model.init_args.steps_per_level", "1", "--model.init_args.hidden_channels", "8",
+                   "--data.init_args.image_size", "16", "--data.init_args.resolutions", "[16]",
+                   "--data.init_args.train_size", "128", "--data.init_args.val_size", "32",
+                   "--trainer.callbacks.monitor", "val/bpd_16", "--trainer.callbacks.filename", "best",
+                   "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1"]
+
+
+def test_wandb_offline_run_holds_config_metrics_images_and_a_relaunch_reuses_its_id(tmp_path):
+    import os
+
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    wandb_args = ["--config", str(REPO / "experiments/quickstart.yaml"), "--trainer.default_root_dir", "run",
+                  "--trainer.logger", "pytorch_lightning.loggers.WandbLogger",
+                  "--trainer.logger.init_args.project", "msflows-test",
+                  "--trainer.logger.init_args.offline", "true", "--trainer.logger.init_args.save_dir", "run",
+                  "--ckpt_path", "auto", *TINY_QUICKSTART]
+    first = subprocess.run([*CLI, "fit", *wandb_args, "--trainer.max_epochs", "1"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_id = (tmp_path / "run" / "wandb_run_id.txt").read_text().strip()
+    runs = list((tmp_path / "run" / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(runs) == 1
+    record = next(runs[0].glob("run-*.wandb")).read_bytes()
+    for key in (b"resolved_config", b"steps_per_level", b"val/bpd_16", b"train/loss", b"samples/res16_t1"):
+        assert key in record, key
+    assert list((runs[0] / "files" / "media" / "images").rglob("*.png"))
+    second = subprocess.run([*CLI, "fit", *wandb_args, "--trainer.max_epochs", "2"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming from" in second.stderr and "last.ckpt" in second.stderr
+    assert len(list((tmp_path / "run" / "wandb").glob(f"offline-run-*-{run_id}"))) == 2
+    assert (tmp_path / "run" / "wandb_run_id.txt").read_text().strip() == run_id
