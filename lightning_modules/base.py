@@ -82,6 +82,10 @@ class FlowModule(pl.LightningModule):
         sample_every_n_epochs: how often sample grids are drawn (0: never).
         sample_seed: seed of the sample noise, so grids of different epochs compare.
         evaluation: FID/KID settings for ``lightning test`` (None: bits/dim only).
+        channels_last: keep parameters and inputs in channels-last memory format
+            (faster convolutions on recent GPUs, same numbers).
+        compile: wrap the loss computation in torch.compile (experimental; the first
+            steps pay the compilation time).
     `lightning test` writes ``metrics.json`` (model name, per-resolution bpd, FID, KID)
     into the log folder and sends the figures to the loggers.
     """
@@ -92,9 +96,13 @@ class FlowModule(pl.LightningModule):
                  lr_gamma: float = 0.5, grad_clip_norm: float | None = None,
                  sample_temperatures: list[float] | None = None, num_samples: int = 64,
                  sample_every_n_epochs: int = 1, sample_seed: int = 1234,
-                 evaluation: FIDSettings | None = None) -> None:
+                 evaluation: FIDSettings | None = None, channels_last: bool = False,
+                 compile: bool = False) -> None:
         super().__init__()
         self.evaluation = evaluation
+        self.channels_last = channels_last
+        self.compile_losses = compile
+        self._compiled = False
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.n_bits = n_bits
@@ -138,9 +146,20 @@ class FlowModule(pl.LightningModule):
             raise ValueError(f"the data have {datamodule.channels} channels but the model expects "
                              f"{self.in_channels}; set model.init_args.in_channels: {datamodule.channels}")
 
+    def configure_model(self) -> None:
+        if self.channels_last:
+            self.to(memory_format=torch.channels_last)
+        if self.compile_losses and not self._compiled:
+            # The compiled function is an attribute of this instance: the state_dict and
+            # checkpoints keep their plain keys.
+            self.compute_losses = torch.compile(self.compute_losses)
+            self._compiled = True
+
     def prepare_batch(self, batch: dict, noise: bool = True) -> tuple[dict[int, Tensor], Tensor]:
         images = {int(r): dequantize(batch["images"][r], self.n_bits, noise)
                   for r in self.resolutions}
+        if self.channels_last:
+            images = {r: x.contiguous(memory_format=torch.channels_last) for r, x in images.items()}
         return images, batch["label"]
 
     # --- optimization -------------------------------------------------------------------

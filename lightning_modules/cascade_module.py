@@ -172,13 +172,14 @@ class CascadeModule(FlowModule):
                  grad_clip_norm: float | None = None,
                  sample_temperatures: list[float] | None = None, num_samples: int = 64,
                  sample_every_n_epochs: int = 1, sample_seed: int = 1234,
-                 evaluation: FIDSettings | None = None) -> None:
+                 evaluation: FIDSettings | None = None, channels_last: bool = False,
+                 compile: bool = False) -> None:
         # The optimizer settings are per level (GlowLevel / SRFlowLevel), so the base's
         # single-group ones are not exposed here.
         super().__init__(n_bits=n_bits, grad_clip_norm=grad_clip_norm,
                          sample_temperatures=sample_temperatures, num_samples=num_samples,
                          sample_every_n_epochs=sample_every_n_epochs, sample_seed=sample_seed,
-                         evaluation=evaluation)
+                         evaluation=evaluation, channels_last=channels_last, compile=compile)
         self.base_config = base or GlowLevel()
         self.sr_configs = list(sr_levels if sr_levels is not None else [SRFlowLevel()])
         self.num_classes = num_classes
