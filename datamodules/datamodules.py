@@ -49,7 +49,7 @@ class PyramidDataset(Dataset):
 
     def __getitem__(self, index: int):
         image, label = self.source[index]
-        return {"images": self.pyramid(image), "label": label}
+        return {"images": self.pyramid(image), "label": label, "index": index}
 
 
 def stratified_split(labels: list[int], per_class: int, seed: int) -> tuple[list[int], list[int]]:

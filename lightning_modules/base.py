@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from datamodules.datamodules import ResumableSampler
-from datamodules.pyramid import bits_per_dim, dequantize, quantize
+from datamodules.pyramid import bits_per_dim, dequantize, per_sample_uniform, quantize
 from lightning_modules.checkpointing import RNG_KEY, gather_rng_states, restore_rng_states
 from lightning_modules.metrics import (FIDSettings, ImagesAtResolution, TensorImages, as_rgb,
                                        fidelity, generate_uint8, in_loop_fid, plot_temperature_sweep,
@@ -156,7 +156,17 @@ class FlowModule(pl.LightningModule):
             self._compiled = True
 
     def prepare_batch(self, batch: dict, noise: bool = True) -> tuple[dict[int, Tensor], Tensor]:
-        images = {int(r): dequantize(batch["images"][r], self.n_bits, noise)
+        """Dequantize every resolution. Training noise comes from the RNG stream; in
+        evaluation (``self.training`` False) each image's noise is a function of its
+        dataset index, so val/test bpd do not depend on batching or the process count."""
+        def noise_for(resolution: int):
+            image = batch["images"][resolution]
+            if not noise or self.training or "index" not in batch:
+                return noise
+            seed = self.hparams.sample_seed + resolution
+            return per_sample_uniform(tuple(image.shape), batch["index"].cpu(), seed).to(image.device)
+
+        images = {int(r): dequantize(batch["images"][r], self.n_bits, noise_for(r))
                   for r in self.resolutions}
         if self.channels_last:
             images = {r: x.contiguous(memory_format=torch.channels_last) for r, x in images.items()}
@@ -365,32 +375,43 @@ class FlowModule(pl.LightningModule):
                 "the run that wrote it; use its config (saved as config.yaml in its log folder).")
 
     def log_dir(self) -> Path:
-        return Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        """Where tables, sweeps and sample grids go: Trainer.log_dir's rule without its
+        broadcast, which would deadlock when only process 0 asks."""
+        from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+        loggers = self.trainer.loggers
+        if not loggers:
+            return Path(self.trainer.default_root_dir)
+        first = loggers[0]
+        directory = first.log_dir if isinstance(first, (TensorBoardLogger, CSVLogger)) else first.save_dir
+        return Path(directory or self.trainer.default_root_dir)
 
     def on_test_end(self) -> None:
-        """Write the metrics table: bits/dim from the test loop, FID/KID per resolution."""
+        """Write the metrics table: bits/dim from the test loop, FID/KID per resolution.
+        Every process draws its share of the samples; process 0 scores them."""
+        table: dict = {}
+        if self.evaluation is not None:
+            settings = self.evaluation
+            results = self.sample_quality(settings.temperature)
+            sweep = {f"{t:g}": {str(r): row["fid"] for r, row in self.sample_quality(t).items()}
+                     for t in settings.sweep_temperatures}
+            table = {"evaluation": settings_dict(settings),
+                     "fid": {str(r): row["fid"] for r, row in results.items()},
+                     "kid": {str(r): row["kid"] for r, row in results.items()},
+                     "kid_std": {str(r): row["kid_std"] for r, row in results.items()}}
+            if sweep:
+                table["temperature_sweep"] = sweep
         if not self.trainer.is_global_zero:
             return
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("test/")}
-        table: dict = {"model": self.model_name, "n_bits": self.n_bits,
-                       "bpd": {k[len("test/bpd_"):]: v for k, v in metrics.items() if k.startswith("test/bpd_")},
-                       "test_metrics": metrics}
-        if self.evaluation is not None:
-            settings = self.evaluation
-            table["evaluation"] = settings_dict(settings)
-            table["fid"], table["kid"], table["kid_std"] = {}, {}, {}
-            results = self.sample_quality(settings.temperature)
-            for resolution, row in results.items():
-                table["fid"][str(resolution)] = row["fid"]
-                table["kid"][str(resolution)] = row["kid"]
-                table["kid_std"][str(resolution)] = row["kid_std"]
-            if settings.sweep_temperatures:
-                sweep = {f"{t:g}": {str(r): row["fid"] for r, row in self.sample_quality(t).items()}
-                         for t in settings.sweep_temperatures}
-                table["temperature_sweep"] = sweep
-                write_metrics_table(self.log_dir() / "temperature_sweep.json", sweep)
-                plot_temperature_sweep(self.log_dir() / "temperature_sweep.png", sweep,
-                                       f"{self.model_name}: FID vs temperature")
+        table = {"model": self.model_name, "n_bits": self.n_bits,
+                 "bpd": {k[len("test/bpd_"):]: v for k, v in metrics.items() if k.startswith("test/bpd_")},
+                 "test_metrics": metrics, **table}
+        if "temperature_sweep" in table:
+            write_metrics_table(self.log_dir() / "temperature_sweep.json", table["temperature_sweep"])
+            plot_temperature_sweep(self.log_dir() / "temperature_sweep.png", table["temperature_sweep"],
+                                   f"{self.model_name}: FID vs temperature")
+        if "fid" in table:
             flat = {f"test/{name}_{r}": v for name in ("fid", "kid") for r, v in table[name].items()}
             for logger in self.loggers:
                 logger.log_metrics(flat, step=self.global_step)
@@ -398,24 +419,40 @@ class FlowModule(pl.LightningModule):
         self.print(f"metrics table: {self.log_dir() / 'metrics.json'}")
 
     @torch.no_grad()
-    def sample_quality(self, temperature: float | list[float]) -> dict[int, dict[str, float]]:
-        """FID and KID of ``evaluation.num_samples`` samples at every resolution against
-        the test split at that resolution (seed 000 sec. 4.2)."""
+    def generate_for_evaluation(self, temperature: float | list[float]) -> dict[int, Tensor]:
+        """``evaluation.num_samples`` uint8 samples per resolution, split over the
+        processes (each with its own seed) and gathered: the full set on every process."""
         settings = self.evaluation
-        datamodule = self.trainer.datamodule
-        real_split = datamodule.datasets.get("test")
-        if real_split is None:
-            raise RuntimeError("FID compares with the test split; run `lightning test`")
+        world, rank = self.trainer.world_size, self.global_rank
+        share = math.ceil(settings.num_samples / world)
         devices = [self.device] if self.device.type == "cuda" else []
         was_training = self.training
         self.eval()
         try:
             with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(settings.seed)
-                fakes = generate_uint8(lambda n: self.sample_images(n, temperature), settings.num_samples,
+                torch.manual_seed(settings.seed + rank)
+                fakes = generate_uint8(lambda n: self.sample_images(n, temperature), share,
                                        settings.batch_size, lambda x: quantize(x, self.n_bits))
         finally:
             self.train(was_training)
+        if world > 1:
+            fakes = {r: self.all_gather(x.to(self.device)).flatten(0, 1)[:settings.num_samples].cpu()
+                     for r, x in fakes.items()}
+        return fakes
+
+    @torch.no_grad()
+    def sample_quality(self, temperature: float | list[float]) -> dict[int, dict[str, float]]:
+        """FID and KID of ``evaluation.num_samples`` samples at every resolution against
+        the test split at that resolution (seed 000 sec. 4.2). Collective: every process
+        calls it; process 0 returns the scores, the others an empty dict."""
+        settings = self.evaluation
+        datamodule = self.trainer.datamodule
+        real_split = datamodule.datasets.get("test")
+        if real_split is None:
+            raise RuntimeError("FID compares with the test split; run `lightning test`")
+        fakes = self.generate_for_evaluation(temperature)
+        if not self.trainer.is_global_zero:
+            return {}
         results = {}
         for resolution, images in fakes.items():
             cache_name = "-".join(str(part) for part in (
