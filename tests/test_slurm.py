@@ -5,7 +5,6 @@ import csv
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import torch
