@@ -20,7 +20,8 @@ from torch import Tensor
 
 from datamodules.datamodules import ResumableSampler
 from datamodules.pyramid import bits_per_dim, dequantize, per_sample_uniform, quantize
-from lightning_modules.checkpointing import RNG_KEY, gather_rng_states, restore_rng_states
+from lightning_modules.checkpointing import (RNG_KEY, gather_rng_states, restore_rng_states,
+                                             state_dict_mismatch)
 from lightning_modules.metrics import (FIDSettings, ImagesAtResolution, TensorImages, as_rgb,
                                        fidelity, generate_uint8, in_loop_fid, plot_temperature_sweep,
                                        reduce_bits, settings_dict, write_metrics_table)
@@ -362,11 +363,7 @@ class FlowModule(pl.LightningModule):
         if written_by and written_by.get("class") != type(self).__name__:
             raise ValueError(f"this checkpoint was written by {theirs}, but this run builds {ours}; "
                              "pass a checkpoint of this model, or the config that wrote it")
-        state = checkpoint.get("state_dict", {})
-        own = self.state_dict()
-        missing = [k for k in own if k not in state]
-        unexpected = [k for k in state if k not in own]
-        mismatched = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
+        missing, unexpected, mismatched = state_dict_mismatch(self.state_dict(), checkpoint.get("state_dict", {}))
         if missing or unexpected or mismatched:
             raise ValueError(
                 f"this checkpoint ({theirs}) does not fit this run's {ours}: {len(missing)} tensors "

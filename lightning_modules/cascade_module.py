@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +32,7 @@ from flows.cascade import Cascade
 from flows.glow import Glow
 from flows.srflow import SRFlow
 from lightning_modules.base import FlowModule, LossOutput, OptimizerGroup, OptimizerSettings
+from lightning_modules.checkpointing import read_state_dict, state_dict_mismatch
 from lightning_modules.metrics import FIDSettings
 
 SRFLOW_MILESTONES = [100_000, 150_000, 180_000, 190_000]
@@ -108,32 +108,24 @@ def optimizer_settings(level: GlowLevel | SRFlowLevel) -> OptimizerSettings:
                              level.warmup_steps, list(level.lr_milestones), level.lr_gamma)
 
 
-def load_submodule(module: nn.Module, checkpoint: str, prefixes: list[str], what: str) -> None:
-    """Load ``module`` from the first of ``prefixes`` found in a Lightning checkpoint's
-    state dict, with a message that says what did not match."""
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what}: checkpoint {str(path)!r} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    state = state.get("state_dict", state)
+def load_submodule(module: nn.Module, state: dict, prefixes: list[str], what: str, source: str) -> None:
+    """Load ``module`` from the first of ``prefixes`` found in ``state`` (a checkpoint's
+    state dict read from ``source``), with a message that says what did not match."""
     for prefix in prefixes:
         sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if not sub:
             continue
-        own = module.state_dict()
-        missing = [k for k in own if k not in sub]
-        unexpected = [k for k in sub if k not in own]
-        mismatched = [k for k, v in sub.items() if k in own and own[k].shape != v.shape]
+        missing, unexpected, mismatched = state_dict_mismatch(module.state_dict(), sub)
         if missing or unexpected or mismatched:
             raise ValueError(
-                f"{what}: checkpoint {str(path)!r} (prefix {prefix!r}) does not match the configured "
+                f"{what}: checkpoint {source!r} (prefix {prefix!r}) does not match the configured "
                 f"architecture: {len(missing)} missing, {len(unexpected)} unexpected, "
                 f"{len(mismatched)} shape-mismatched tensors (e.g. "
                 f"{(missing + unexpected + mismatched)[:3]}). "
                 "Use the same level settings as the run that wrote it.")
         module.load_state_dict(sub)
         return
-    raise ValueError(f"{what}: checkpoint {str(path)!r} holds no tensors under {prefixes}; "
+    raise ValueError(f"{what}: checkpoint {source!r} holds no tensors under {prefixes}; "
                      "is it a checkpoint of this kind of model?")
 
 
@@ -238,19 +230,28 @@ class CascadeModule(FlowModule):
 
     def _load_and_freeze(self) -> None:
         base_prefixes = ["model.base.", "model."]  # a cascade's base, or a GlowModule
+        states: dict[str, dict] = {}  # each file is read once, however many levels it feeds
+
+        def state_of(path: str, what: str) -> dict:
+            if path not in states:
+                states[path] = read_state_dict(path, what)
+            return states[path]
+
         loaded = set()
         if self.init_checkpoint:
-            loaded = self._load_all_levels(self.init_checkpoint)
+            loaded = self._load_all_levels(state_of(self.init_checkpoint, "init_checkpoint"))
         for resolution in self.model.resolutions:
             config = self.level_config(resolution)
             level = self.model.model(resolution)
             is_base = level is self.model.base
             if not is_base and config.encoder_checkpoint and resolution not in loaded:
-                load_submodule(level.encoder, config.encoder_checkpoint, ["encoder."],
-                               f"RRDB encoder of SRF{resolution}")
+                what = f"RRDB encoder of SRF{resolution}"
+                load_submodule(level.encoder, state_of(config.encoder_checkpoint, what), ["encoder."],
+                               what, config.encoder_checkpoint)
             if config.checkpoint:
                 prefixes = base_prefixes if is_base else [f"model.levels.{resolution}."]
-                load_submodule(level, config.checkpoint, prefixes, self.level_name(resolution))
+                what = self.level_name(resolution)
+                load_submodule(level, state_of(config.checkpoint, what), prefixes, what, config.checkpoint)
                 loaded.add(resolution)
             if not self.is_trained(resolution):
                 if resolution not in loaded:
@@ -258,16 +259,16 @@ class CascadeModule(FlowModule):
                                   "it stays at its random initialization", stacklevel=3)
                 level.requires_grad_(False).eval()
 
-    def _load_all_levels(self, checkpoint: str) -> set[int]:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False).get("state_dict", {})
+    def _load_all_levels(self, state: dict) -> set[int]:
         loaded = set()
         for resolution in self.model.resolutions:
             prefix = "model.base." if resolution == self.model.base.image_size else f"model.levels.{resolution}."
             if any(k.startswith(prefix) for k in state):
-                load_submodule(self.model.model(resolution), checkpoint, [prefix], self.level_name(resolution))
+                load_submodule(self.model.model(resolution), state, [prefix], self.level_name(resolution),
+                               self.init_checkpoint)
                 loaded.add(resolution)
         if not loaded:
-            raise ValueError(f"init_checkpoint {checkpoint!r} holds no level of a cascade; "
+            raise ValueError(f"init_checkpoint {self.init_checkpoint!r} holds no level of a cascade; "
                              "give a checkpoint written by a CascadeModule run")
         return loaded
 

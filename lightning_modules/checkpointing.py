@@ -105,3 +105,20 @@ def persistent_wandb_id(root: str | Path) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(run_id + "\n")
     return run_id
+
+
+def read_state_dict(path: str | Path, what: str) -> dict[str, Any]:
+    """The state dict of a Lightning checkpoint (or a bare state dict) on the CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: checkpoint {str(path)!r} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    return state.get("state_dict", state)
+
+
+def state_dict_mismatch(own: dict[str, Any], theirs: dict[str, Any]) -> tuple[list[str], list[str], list[str]]:
+    """(missing, unexpected, other-shape) tensor names of ``theirs`` against ``own``."""
+    missing = [k for k in own if k not in theirs]
+    unexpected = [k for k in theirs if k not in own]
+    mismatched = [k for k, v in theirs.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
+    return missing, unexpected, mismatched
