@@ -1,9 +1,9 @@
 """LightningDataModules yielding image pyramids, and the transforms they use."""
 from datamodules.datamodules import (CelebADataModule, CIFAR10DataModule, EmbeddedDataModule,
                                      ImageFolderDataModule, MNISTDataModule, PyramidDataModule)
-from datamodules.pyramid import ImagePyramid, bits_per_dim, dequantize, quantize
+from datamodules.pyramid import ImagePyramid
 from datamodules.sources import DatasetNotFoundError
 
 __all__ = ["CelebADataModule", "CIFAR10DataModule", "EmbeddedDataModule",
            "ImageFolderDataModule", "MNISTDataModule", "PyramidDataModule", "ImagePyramid",
-           "bits_per_dim", "dequantize", "quantize", "DatasetNotFoundError"]
+           "DatasetNotFoundError"]

@@ -1,5 +1,10 @@
 """Invertible layers and flow models in pure PyTorch (no Lightning imports)."""
-from flows.base import Bijection, FlowSequential
-from flows.glow import FlowEncoding, Glow
+from flows.base import FEATURES, LABELS, LOWRES, Bijection, FlowSequential
+from flows.cascade import Cascade
+from flows.distributions import GaussianPrior, GaussianSplitPrior, LatentPrior
+from flows.glow import Glow
+from flows.model import Encoding, FlowModel
+from flows.srflow import SRFlow
 
-__all__ = ["Bijection", "FlowSequential", "FlowEncoding", "Glow"]
+__all__ = ["FEATURES", "LABELS", "LOWRES", "Bijection", "FlowSequential", "Cascade", "GaussianPrior",
+           "GaussianSplitPrior", "LatentPrior", "Glow", "Encoding", "FlowModel", "SRFlow"]

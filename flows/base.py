@@ -1,20 +1,32 @@
-"""The invertible-layer contract shared by every model family.
+"""The invertible-layer contract shared by every model family, and conditions.
 
 ``forward`` is the normalizing direction (data -> latent), ``inverse`` the generative
 one. Both return ``(output, logdet)`` with ``logdet`` of shape ``[batch]``:
 log|det d out / d in| of the direction that was run, so that the forward and inverse
-log-dets of the same point sum to zero. ``cond`` (a tensor, a dict of tensors, or
-None) is handed through containers untouched so conditional layers need no special
-path.
+log-dets of the same point sum to zero.
+
+Conditions. ``cond`` is None or a mapping of named conditions, handed through
+containers untouched so conditional layers need no special path. The names:
+
+* ``"labels"``: class labels ``[B]`` (class-conditional priors, Glow's ``ycond``);
+* ``"lowres"``: the low-resolution image a super-resolution flow conditions on;
+* ``"features"``: a feature map that conditional layers resize to their own size
+  (SRFlow's RRDB features, the hierarchical flow's decoder outputs).
+
+A layer that needs features also accepts the feature map itself as ``cond``.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
 
-Condition = Any  # Tensor | dict[str, Tensor] | None
+Condition = Any  # Mapping[str, Any] | Tensor (the feature map) | None
+
+LABELS = "labels"
+LOWRES = "lowres"
+FEATURES = "features"
 
 
 def zero_logdet(x: Tensor) -> Tensor:
@@ -26,6 +38,53 @@ def zero_logdet(x: Tensor) -> Tensor:
 
 def sum_except_batch(x: Tensor) -> Tensor:
     return x.flatten(1).sum(dim=1)
+
+
+def at_least_float32(x: Tensor) -> Tensor:
+    """Upcast half precision to float32 and leave float32/float64 alone: the fragile
+    numerics (scales, log-dets, priors) never run in bf16/fp16."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def condition_value(cond: Condition, name: str) -> Any:
+    """``cond[name]``, or None when ``cond`` does not carry it. A bare tensor is the
+    feature map."""
+    if cond is None:
+        return None
+    if isinstance(cond, Tensor):
+        return cond if name == FEATURES else None
+    return cond.get(name)
+
+
+def with_condition(cond: Condition, **named: Any) -> dict[str, Any]:
+    """A copy of ``cond`` (None, a mapping, or a feature map) with ``named`` entries
+    added or replaced; entries given as None are left out."""
+    if cond is None:
+        merged: dict[str, Any] = {}
+    elif isinstance(cond, Tensor):
+        merged = {FEATURES: cond}
+    else:
+        merged = dict(cond)
+    merged.update({k: v for k, v in named.items() if v is not None})
+    return merged
+
+
+def condition_features(cond: Condition, size: tuple[int, int], who: str) -> Tensor:
+    """The feature map of ``cond`` resized to ``size``; a clear error when missing."""
+    from flows.nets import resize_features
+
+    features = condition_value(cond, FEATURES)
+    if features is None:
+        raise ValueError(f"{who} is conditional: pass cond with a feature map "
+                         f"(cond={{'{FEATURES}': tensor}} or the tensor itself)")
+    return resize_features(features, size)
+
+
+def concat_features(x: Tensor, cond: Condition, who: str) -> Tensor:
+    """``x`` with the condition's feature map (resized to x) appended as channels: the
+    input of a conditional network (seed 000 eq. 2.18)."""
+    features = condition_features(cond, x.shape[-2:], who)
+    return torch.cat([x, features.to(x.dtype)], dim=1)
 
 
 class Bijection(nn.Module):
@@ -64,9 +123,3 @@ class FlowSequential(Bijection):
 
     def __iter__(self):
         return iter(self.layers)
-
-
-def at_least_float32(x: Tensor) -> Tensor:
-    """Upcast half precision to float32 and leave float32/float64 alone: the fragile
-    numerics (scales, log-dets, priors) never run in bf16/fp16."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))

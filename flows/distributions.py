@@ -1,29 +1,36 @@
-"""Gaussian priors of the multi-scale flows.
+"""Latent priors: the prior protocol and the Gaussian priors of the multi-scale flows.
 
-* :class:`TopPrior`: the prior of the last level's latent. Learned per-channel mean and
+A prior is any :class:`LatentPrior`: ``log_prob(z, cond) -> [B]`` (nats, summed over
+every non-batch dimension) and ``sample(n, cond, temperature) -> z``, with ``exact``
+saying whether ``log_prob`` is the exact log-density or a lower bound on it (a DDPM
+prior's variational bound). Glow takes its priors as arguments, so a diffusion model
+or a flow over the latent plugs in without touching Glow.
+
+* :class:`GaussianPrior`: the prior of the top latent. Learned per-channel mean and
   log-std (Glow's ``learntop``: a zero-init conv on a zero input, seed 004 sec. 2.3),
   optionally plus a class-dependent term: one-hot -> linear -> (mean, log-std)
   (Glow's ``ycond``; seed 000 sec. 4.3.1), and plus a zero-init conv on condition
   features (SRFlow: the top latent's prior also depends on the low-resolution image).
-* :class:`SplitPrior`: the prior of a split-off half, a Gaussian whose mean and log-std
-  come from a zero-init 3x3 conv on the kept half (seed 004 sec. 2.3), optionally also
-  on condition features (SRFlow).
+* :class:`GaussianSplitPrior`: the prior of a split-off half, a Gaussian whose mean and
+  log-std come from a zero-init 3x3 conv on the kept half (``cond["kept"]``, seed 004
+  sec. 2.3), optionally also on condition features (SRFlow).
 
-Log-probabilities are summed over every non-batch dimension and computed in float32.
+Log-probabilities are computed in float32 or wider.
 """
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flows.base import at_least_float32
-from flows.layers.coupling import condition_features
+from flows.base import LABELS, Condition, at_least_float32, concat_features, condition_features, condition_value
 from flows.nets import ZeroConv2d
 
 LOG_2PI = math.log(2.0 * math.pi)
+KEPT = "kept"  # the condition a split prior gets: the half of the activations that stays
 
 
 def gaussian_log_prob(z: Tensor, mean: Tensor, log_std: Tensor) -> Tensor:
@@ -38,7 +45,28 @@ def gaussian_sample(mean: Tensor, log_std: Tensor, temperature: float) -> Tensor
     return mean + temperature * torch.exp(log_std) * torch.randn_like(mean)
 
 
-class TopPrior(nn.Module):
+class LatentPrior(nn.Module):
+    """p(z | cond). Subclasses implement :meth:`log_prob` and :meth:`sample`; set
+    ``exact = False`` when ``log_prob`` is a lower bound."""
+
+    exact: bool = True
+
+    def log_prob(self, z: Tensor, cond: Condition = None) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement log_prob")
+
+    def sample(self, n: int, cond: Condition = None, temperature: float = 1.0) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement sample")
+
+    def _device(self) -> torch.device:
+        return next(self.parameters(), torch.empty(0)).device
+
+
+# Glow builds its priors from these (a class, or class_path + init_args in YAML).
+TopPriorFactory = Callable[[tuple[int, int, int]], LatentPrior]  # (latent shape) -> prior
+SplitPriorFactory = Callable[[int, tuple[int, int, int]], LatentPrior]  # (kept channels, latent shape)
+
+
+class GaussianPrior(LatentPrior):
     def __init__(self, shape: tuple[int, int, int], learned: bool = True,
                  num_classes: int = 0, cond_channels: int = 0) -> None:
         super().__init__()
@@ -57,64 +85,59 @@ class TopPrior(nn.Module):
             nn.init.zeros_(self.class_embedding.weight)
             nn.init.zeros_(self.class_embedding.bias)
 
-    def params(self, batch_size: int, y: Tensor | None = None, device=None,
-               cond=None) -> tuple[Tensor, Tensor]:
-        if device is None:
-            device = next(self.parameters(), torch.empty(0)).device
-        mean = torch.zeros(batch_size, *self.shape, device=device)
+    def params(self, n: int, cond: Condition = None, device=None) -> tuple[Tensor, Tensor]:
+        device = self._device() if device is None else device
+        dtype = torch.promote_types(next(self.parameters(), torch.empty(0)).dtype, torch.float32)
+        mean = torch.zeros(n, *self.shape, device=device, dtype=dtype)
         log_std = torch.zeros_like(mean)
         if self.learned:
             mean = mean + self.mean
             log_std = log_std + self.log_std
         if self.num_classes:
+            y = condition_value(cond, LABELS)
             if y is None:
-                raise ValueError("this prior is class-conditional: pass labels y")
+                raise ValueError(f"this prior is class-conditional: pass labels as cond['{LABELS}']")
             if y.min() < 0 or y.max() >= self.num_classes:
                 raise ValueError(f"labels must lie in [0, {self.num_classes}), got "
                                  f"[{int(y.min())}, {int(y.max())}]")
-            onehot = F.one_hot(y.long(), self.num_classes).float()
+            onehot = F.one_hot(y.long(), self.num_classes).to(self.class_embedding.weight.dtype)
             class_mean, class_log_std = self.class_embedding(onehot).chunk(2, dim=1)
             mean = mean + class_mean[:, :, None, None]
             log_std = log_std + class_log_std[:, :, None, None]
         if self.cond_channels:
-            features = condition_features(cond, self.shape[1:])
-            if features is None:
-                raise ValueError("this top prior is conditional: pass cond (feature map)")
+            features = condition_features(cond, self.shape[1:], "this top prior")
             out = at_least_float32(self.cond_conv(features))
             mean = mean + out[:, 0::2]
             log_std = log_std + out[:, 1::2]
         return mean, log_std
 
-    def log_prob(self, z: Tensor, y: Tensor | None = None, cond=None) -> Tensor:
-        mean, log_std = self.params(z.shape[0], y, z.device, cond)
+    def log_prob(self, z: Tensor, cond: Condition = None) -> Tensor:
+        mean, log_std = self.params(z.shape[0], cond, z.device)
         return gaussian_log_prob(z, mean, log_std)
 
-    def sample(self, batch_size: int, temperature: float = 1.0, y: Tensor | None = None,
-               device=None, cond=None) -> Tensor:
-        mean, log_std = self.params(batch_size, y, device, cond)
+    def sample(self, n: int, cond: Condition = None, temperature: float = 1.0) -> Tensor:
+        mean, log_std = self.params(n, cond)
         return gaussian_sample(mean, log_std, temperature)
 
 
-class SplitPrior(nn.Module):
+class GaussianSplitPrior(LatentPrior):
     def __init__(self, kept_channels: int, latent_channels: int, cond_channels: int = 0) -> None:
         super().__init__()
         self.cond_channels = cond_channels
         self.conv = ZeroConv2d(kept_channels + cond_channels, 2 * latent_channels, 3)
 
-    def params(self, kept: Tensor, cond=None) -> tuple[Tensor, Tensor]:
-        net_input = kept
-        if self.cond_channels:
-            features = condition_features(cond, kept.shape[-2:])
-            if features is None:
-                raise ValueError("this split prior is conditional: pass cond (feature map)")
-            net_input = torch.cat([kept, features.to(kept.dtype)], dim=1)
+    def params(self, cond: Condition) -> tuple[Tensor, Tensor]:
+        kept = condition_value(cond, KEPT)
+        if kept is None:
+            raise ValueError(f"a split prior conditions on the kept half: pass cond['{KEPT}']")
+        net_input = concat_features(kept, cond, "this split prior") if self.cond_channels else kept
         out = at_least_float32(self.conv(net_input))
         return out[:, 0::2], out[:, 1::2]
 
-    def log_prob(self, latent: Tensor, kept: Tensor, cond=None) -> Tensor:
-        mean, log_std = self.params(kept, cond)
-        return gaussian_log_prob(latent, mean, log_std)
+    def log_prob(self, z: Tensor, cond: Condition = None) -> Tensor:
+        mean, log_std = self.params(cond)
+        return gaussian_log_prob(z, mean, log_std)
 
-    def sample(self, kept: Tensor, temperature: float = 1.0, cond=None) -> Tensor:
-        mean, log_std = self.params(kept, cond)
-        return gaussian_sample(mean, log_std, temperature).to(kept.dtype)
+    def sample(self, n: int, cond: Condition = None, temperature: float = 1.0) -> Tensor:
+        mean, log_std = self.params(cond)
+        return gaussian_sample(mean, log_std, temperature).to(condition_value(cond, KEPT).dtype)

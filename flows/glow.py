@@ -1,85 +1,97 @@
-"""Glow: a multi-scale flow of L levels with K steps each (seed 004; seed 000 sec.
-2.2.3 and 4.3.1).
+"""Glow: a multi-scale flow of L scales with K steps each (seed 004; seed 000 sec.
+2.2.3 and 4.3.1; the seeds call a scale a "level").
 
-Level i: squeeze -> K x (actnorm, 1x1 conv, coupling) -> split (all but the last).
+Scale i: squeeze -> K x (actnorm, 1x1 conv, coupling) -> split (all but the last).
 The split keeps the first half of the channels and factors out the second half as a
-latent with a learned Gaussian prior conditioned on the kept half (Glow's code). Every
-factored-out latent is kept, so ``decode(encode(x)) == x``.
+latent whose prior is conditioned on the kept half (Glow's code). Every factored-out
+latent is kept, so ``decode(encode(x)) == x``.
 
-With ``cond_channels > 0`` every coupling, split prior and the top prior also see a
-condition feature map (resized to each level), which is how SRFlow levels are built
-on it (``flows/srflow.py``).
+Priors are arguments: ``top_prior`` and ``split_prior`` are factories (a class, or
+``class_path``/``init_args`` in YAML) called with the latent's shape; by default the
+Gaussian priors of ``flows/distributions.py``. A DDPM or a flow over the top latent
+plugs in there; its ``exact`` flag carries through to :class:`~flows.model.Encoding`.
+
+Conditions (``cond``): ``"labels"`` for a class-conditional prior (``num_classes > 0``),
+``"features"`` for the conditional couplings, injectors and priors
+(``cond_channels > 0``), which is how SRFlow is built on Glow (``flows/srflow.py``).
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flows.base import Condition, FlowSequential, zero_logdet
-from flows.distributions import SplitPrior, TopPrior
+from flows.base import LABELS, Condition, FlowSequential, condition_value, with_condition, zero_logdet
+from flows.distributions import (KEPT, GaussianPrior, GaussianSplitPrior, LatentPrior,
+                                 SplitPriorFactory, TopPriorFactory)
 from flows.layers import Squeeze, flow_step
-from flows.layers.coupling import ScaleFunction
+from flows.layers.coupling import NetFactory, ScaleFunction
 from flows.layers.flow_step import CouplingKind, InvConvKind
+from flows.model import Encoding, FlowModel
+from flows.nets import CouplingNet
 
 
-@dataclass
-class FlowEncoding:
-    """Result of encoding a batch.
-
-    ``latents``: factored-out latents from the finest level to the coarsest, then the
-    top latent. ``logdet``: log|det dz/dx| per sample. ``log_prior``: sum of the
-    latents' log-densities under their priors. ``class_logits``: the classifier head on
-    the top latent, for class-conditional models.
+class Glow(FlowModel):
+    """Args (seed 000 sec. 4.3.1 defaults for CIFAR-10 / CelebA: L=3, K=32, 512 hidden):
+        in_channels, image_size: the images modelled.
+        scales, steps_per_scale: L and K.
+        hidden_channels: width of the coupling networks.
+        invconv: "lu" or "full" 1x1 convolutions. coupling: "affine" or "additive".
+        scale_fn: "glow" (sigmoid(h + 2)) or "squish" (seed 000 eq. 3.15); squish_alpha: its a.
+        learn_top_prior: learn the default top prior's mean and log-std.
+        num_classes: > 0 makes the default top prior class-conditional and adds Glow's
+            class head on the top latent (GlowCC).
+        cond_channels: > 0 conditions couplings and priors on ``cond["features"]``.
+        affine_injector: an affine injector before each coupling (SRFlow).
+        top_prior: factory (latent shape) -> LatentPrior; default GaussianPrior.
+        split_prior: factory (kept channels, latent shape) -> LatentPrior; default
+            GaussianSplitPrior.
+        coupling_net: factory (in, out, hidden) -> nn.Module of the couplings.
     """
 
-    latents: list[Tensor]
-    logdet: Tensor
-    log_prior: Tensor
-    class_logits: Tensor | None = None
-
-    @property
-    def log_prob(self) -> Tensor:
-        return self.log_prior + self.logdet
-
-
-class Glow(nn.Module):
-    def __init__(self, in_channels: int = 3, image_size: int = 32, levels: int = 3,
-                 steps_per_level: int = 32, hidden_channels: int = 512,
+    def __init__(self, *, in_channels: int = 3, image_size: int = 32, scales: int = 3,
+                 steps_per_scale: int = 32, hidden_channels: int = 512,
                  invconv: InvConvKind = "lu", coupling: CouplingKind = "affine",
                  scale_fn: ScaleFunction = "glow", squish_alpha: float = 0.5,
                  learn_top_prior: bool = True, num_classes: int = 0,
-                 cond_channels: int = 0, affine_injector: bool = False) -> None:
+                 cond_channels: int = 0, affine_injector: bool = False,
+                 top_prior: TopPriorFactory | None = None,
+                 split_prior: SplitPriorFactory | None = None,
+                 coupling_net: NetFactory = CouplingNet) -> None:
         super().__init__()
-        if levels < 1 or steps_per_level < 1:
-            raise ValueError("Glow needs levels >= 1 and steps_per_level >= 1")
-        if image_size % (2 ** levels):
+        if scales < 1 or steps_per_scale < 1:
+            raise ValueError("Glow needs scales >= 1 and steps_per_scale >= 1")
+        if image_size % (2 ** scales):
             raise ValueError(
-                f"image_size {image_size} is not divisible by 2**levels = {2 ** levels}; "
-                "lower `levels` or change the resolution")
+                f"image_size {image_size} is not divisible by 2**scales = {2 ** scales}; "
+                "lower `scales` or change the resolution")
         self.in_channels = in_channels
         self.image_size = image_size
         self.num_classes = num_classes
-        self.levels = nn.ModuleList()
+        self.scales = nn.ModuleList()
         self.split_priors = nn.ModuleList()
         self.latent_shapes: list[tuple[int, int, int]] = []
         channels, size = in_channels, image_size
-        for level in range(levels):
+        for scale in range(scales):
             channels, size = channels * 4, size // 2
             steps = [flow_step(channels, hidden_channels, invconv=invconv, coupling=coupling,
                                scale_fn=scale_fn, squish_alpha=squish_alpha,
-                               cond_channels=cond_channels, affine_injector=affine_injector)
-                     for _ in range(steps_per_level)]
-            self.levels.append(FlowSequential(Squeeze(), *steps))
-            if level < levels - 1:
+                               cond_channels=cond_channels, affine_injector=affine_injector,
+                               net=coupling_net)
+                     for _ in range(steps_per_scale)]
+            self.scales.append(FlowSequential(Squeeze(), *steps))
+            if scale < scales - 1:
                 kept = channels // 2
-                self.split_priors.append(SplitPrior(kept, channels - kept, cond_channels))
-                self.latent_shapes.append((channels - kept, size, size))
+                latent_shape = (channels - kept, size, size)
+                self.split_priors.append(
+                    split_prior(kept, latent_shape) if split_prior is not None
+                    else GaussianSplitPrior(kept, channels - kept, cond_channels))
+                self.latent_shapes.append(latent_shape)
                 channels = kept
-        self.latent_shapes.append((channels, size, size))
-        self.top_prior = TopPrior((channels, size, size), learn_top_prior, num_classes, cond_channels)
+        top_shape = (channels, size, size)
+        self.latent_shapes.append(top_shape)
+        self.top_prior: LatentPrior = (top_prior(top_shape) if top_prior is not None else
+                                       GaussianPrior(top_shape, learn_top_prior, num_classes, cond_channels))
         self.class_head = None
         if num_classes:
             # Glow's class-logits head on the top latent (seed 000 sec. 4.3.1).
@@ -88,8 +100,8 @@ class Glow(nn.Module):
             nn.init.zeros_(self.class_head.bias)
 
     @property
-    def dims(self) -> int:
-        return self.in_channels * self.image_size ** 2
+    def exact(self) -> bool:
+        return self.top_prior.exact and all(prior.exact for prior in self.split_priors)
 
     def _check_input(self, x: Tensor) -> None:
         expected = (self.in_channels, self.image_size, self.image_size)
@@ -97,69 +109,70 @@ class Glow(nn.Module):
             raise ValueError(f"Glow expects images of shape [B, {expected[0]}, {expected[1]}, "
                              f"{expected[2]}], got {list(x.shape)}")
 
-    def encode(self, x: Tensor, y: Tensor | None = None, cond: Condition = None) -> FlowEncoding:
+    def encode(self, x: Tensor, cond: Condition = None) -> Encoding:
         self._check_input(x)
         logdet, log_prior = zero_logdet(x), zero_logdet(x)
         latents = []
         h = x
-        for index, level in enumerate(self.levels):
-            h, level_logdet = level(h, cond)
-            logdet = logdet + level_logdet
+        for index, scale in enumerate(self.scales):
+            h, scale_logdet = scale(h, cond)
+            logdet = logdet + scale_logdet
             if index < len(self.split_priors):
                 kept_channels = h.shape[1] // 2
                 h, latent = h[:, :kept_channels], h[:, kept_channels:]
-                log_prior = log_prior + self.split_priors[index].log_prob(latent, h, cond)
+                log_prior = log_prior + self.split_priors[index].log_prob(latent, with_condition(cond, **{KEPT: h}))
                 latents.append(latent)
-        log_prior = log_prior + self.top_prior.log_prob(h, y, cond)
+        log_prior = log_prior + self.top_prior.log_prob(h, cond)
         latents.append(h)
-        class_logits = self.class_head(h.float().mean(dim=(2, 3))) if self.class_head else None
-        return FlowEncoding(latents, logdet, log_prior, class_logits)
+        class_logits = None
+        if self.class_head is not None:
+            class_logits = self.class_head(h.to(self.class_head.weight.dtype).mean(dim=(2, 3)))
+        return Encoding(latents, logdet, log_prior, self.exact, class_logits)
 
-    def decode(self, latents: list[Tensor | None], y: Tensor | None = None,
-               cond: Condition = None, temperature: float = 1.0,
-               batch_size: int | None = None) -> tuple[Tensor, Tensor]:
+    def decode(self, latents: list[Tensor | None], cond: Condition = None,
+               temperature: float = 1.0) -> Tensor:
         """Inverse of :meth:`encode`. A latent given as None is drawn from its prior at
-        ``temperature``. Returns (x, log|det dx/dz|)."""
-        if len(latents) != len(self.levels):
-            raise ValueError(f"expected {len(self.levels)} latents, got {len(latents)}")
-        if batch_size is None:
+        ``temperature`` (the batch size then comes from another latent or the labels)."""
+        return self.decode_with_logdet(latents, cond, temperature)[0]
+
+    def decode_with_logdet(self, latents: list[Tensor | None], cond: Condition = None,
+                           temperature: float = 1.0, n: int | None = None) -> tuple[Tensor, Tensor]:
+        """(x, log|det dx/dz|); ``n`` fixes the batch size when every latent is None."""
+        if len(latents) != len(self.scales):
+            raise ValueError(f"expected {len(self.scales)} latents, got {len(latents)}")
+        if n is None:
             known = [z for z in latents if z is not None]
-            batch_size = known[0].shape[0] if known else (y.shape[0] if y is not None else None)
-        if batch_size is None:
-            raise ValueError("pass batch_size when no latent or label fixes it")
+            labels = condition_value(cond, LABELS)
+            n = known[0].shape[0] if known else (labels.shape[0] if labels is not None else None)
+        if n is None:
+            raise ValueError("pass n (or a latent or labels) to fix the batch size")
         h = latents[-1]
         if h is None:
-            h = self.top_prior.sample(batch_size, temperature, y, device=self._device(), cond=cond)
+            h = self.top_prior.sample(n, cond, temperature)
         logdet = zero_logdet(h)
-        for index in reversed(range(len(self.levels))):
+        for index in reversed(range(len(self.scales))):
             if index < len(self.split_priors):
                 latent = latents[index]
                 if latent is None:
-                    latent = self.split_priors[index].sample(h, temperature, cond)
+                    latent = self.split_priors[index].sample(n, with_condition(cond, **{KEPT: h}), temperature)
                 h = torch.cat([h, latent], dim=1)
-            h, level_logdet = self.levels[index].inverse(h, cond)
-            logdet = logdet + level_logdet
+            h, scale_logdet = self.scales[index].inverse(h, cond)
+            logdet = logdet + scale_logdet
         return h, logdet
 
-    def log_prob(self, x: Tensor, y: Tensor | None = None, cond: Condition = None) -> Tensor:
-        """Exact log-density of ``x`` in nats, per sample."""
-        return self.encode(x, y, cond).log_prob
-
     @torch.no_grad()
-    def sample(self, n: int, temperature: float = 1.0, y: Tensor | None = None,
-               cond: Condition = None) -> Tensor:
-        if self.num_classes and y is None:
-            y = torch.randint(0, self.num_classes, (n,), device=self._device())
-        x, _ = self.decode([None] * len(self.levels), y, cond, temperature, batch_size=n)
+    def sample(self, n: int, cond: Condition = None, temperature: float = 1.0) -> Tensor:
+        """n samples; a class-conditional Glow without labels draws them uniformly."""
+        if self.num_classes and condition_value(cond, LABELS) is None:
+            labels = torch.randint(0, self.num_classes, (n,), device=self._device())
+            cond = with_condition(cond, **{LABELS: labels})
+        x, _ = self.decode_with_logdet([None] * len(self.scales), cond, temperature, n)
         return x
 
-    def class_loss(self, encoding: FlowEncoding, y: Tensor) -> Tensor:
+    def class_loss(self, encoding: Encoding, labels: Tensor) -> Tensor:
         """Per-sample cross-entropy of the class head (seed 000 sec. 4.3.1 weights it by
         lambda_c = 0.01; the seed says "binary" cross-entropy, which fits multi-label
         attributes; CIFAR-10 classes are exclusive, so we use the softmax form)."""
         if encoding.class_logits is None:
             raise ValueError("this Glow has no class head (num_classes = 0)")
-        return F.cross_entropy(encoding.class_logits, y.long(), reduction="none")
-
-    def _device(self) -> torch.device:
-        return next(self.parameters()).device
+        return F.cross_entropy(encoding.class_logits, labels.long(), reduction="none")

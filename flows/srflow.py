@@ -1,29 +1,38 @@
 """SRFlow: a conditional Glow for 2x super-resolution (seed 000 sec. 2.2.4 and 4.3.1).
 
 An RRDB encoder turns the low-resolution image into a feature map; the same features
-condition every level of a Glow-shaped flow (L = 4, K = 16, 64 hidden channels): the
+condition every scale of a Glow-shaped flow (L = 4, K = 16, 64 hidden channels): the
 couplings see them as extra input (eq. 2.18), an affine injector precedes each
 coupling (eq. 2.19-2.20), and the split and top priors are zero-init convs on the
 kept half and the features. Sigmoid squishing with a = 0.5 bounds every affine scale
 to [0.5, 1] (sec. 3.2.1), which keeps the inverse stable under the latent noise of
 variational training.
 
-The model's density is p(x_hr | x_lr): ``log_prob(x, lr)`` and ``sample(lr)``.
+The model's density is p(x_hr | x_lr), exact: ``cond["lowres"]`` is the
+low-resolution image (``cond["labels"]`` too when class-conditional). Features already
+computed may be passed as ``cond["features"]``.
 """
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from flows.glow import FlowEncoding, Glow
+from flows.base import FEATURES, LABELS, LOWRES, Condition, condition_value, with_condition
+from flows.glow import Glow
 from flows.layers.coupling import ScaleFunction
 from flows.layers.flow_step import CouplingKind, InvConvKind
+from flows.model import Encoding, FlowModel
 from flows.nets import RRDBEncoder
 
 
-class SRFlow(nn.Module):
-    def __init__(self, in_channels: int = 3, image_size: int = 32, levels: int = 4,
-                 steps_per_level: int = 16, hidden_channels: int = 64,
+class SRFlow(FlowModel):
+    """Args: as :class:`~flows.glow.Glow` (seed 000 sec. 4.3.1 defaults: L=4, K=16, 64
+    hidden, affine injectors, squishing a = 0.5), plus the RRDB encoder's
+    ``rrdb_features``, ``rrdb_blocks`` (23), ``rrdb_growth`` and ``rrdb_feature_blocks``
+    (the tapped blocks; SRFlow's 1, 8, 15, 22 by default)."""
+
+    def __init__(self, *, in_channels: int = 3, image_size: int = 32, scales: int = 4,
+                 steps_per_scale: int = 16, hidden_channels: int = 64,
                  invconv: InvConvKind = "lu", coupling: CouplingKind = "affine",
                  scale_fn: ScaleFunction = "squish", squish_alpha: float = 0.5,
                  affine_injector: bool = True, learn_top_prior: bool = True,
@@ -38,45 +47,52 @@ class SRFlow(nn.Module):
         self.num_classes = num_classes
         self.encoder = RRDBEncoder(in_channels, rrdb_features, rrdb_blocks, rrdb_growth,
                                    rrdb_feature_blocks)
-        self.flow = Glow(in_channels, image_size, levels, steps_per_level, hidden_channels,
-                         invconv, coupling, scale_fn, squish_alpha, learn_top_prior, num_classes,
-                         cond_channels=self.encoder.out_channels, affine_injector=affine_injector)
+        self.flow = Glow(in_channels=in_channels, image_size=image_size, scales=scales,
+                         steps_per_scale=steps_per_scale, hidden_channels=hidden_channels,
+                         invconv=invconv, coupling=coupling, scale_fn=scale_fn,
+                         squish_alpha=squish_alpha, learn_top_prior=learn_top_prior,
+                         num_classes=num_classes, cond_channels=self.encoder.out_channels,
+                         affine_injector=affine_injector)
 
     @property
-    def dims(self) -> int:
-        return self.flow.dims
+    def exact(self) -> bool:
+        return self.flow.exact
 
-    @property
-    def num_latents(self) -> int:
-        return len(self.flow.levels)
-
-    def features(self, lr: Tensor) -> Tensor:
+    def features(self, lowres: Tensor) -> Tensor:
         expected = (self.in_channels, self.lr_size, self.lr_size)
-        if tuple(lr.shape[1:]) != expected:
+        if tuple(lowres.shape[1:]) != expected:
             raise ValueError(f"SRFlow at {self.image_size}px conditions on [B, {expected[0]}, "
-                             f"{expected[1]}, {expected[2]}] images, got {list(lr.shape)}")
-        return self.encoder.features(lr)
+                             f"{expected[1]}, {expected[2]}] images, got {list(lowres.shape)}")
+        return self.encoder.features(lowres)
 
-    def encode(self, x: Tensor, lr: Tensor, y: Tensor | None = None,
-               features: Tensor | None = None) -> FlowEncoding:
-        """``features`` may be passed when already computed (e.g. under no_grad while
-        the encoder is frozen)."""
-        return self.flow.encode(x, y, self.features(lr) if features is None else features)
+    def flow_condition(self, cond: Condition) -> dict:
+        """``cond`` with the RRDB features of ``cond["lowres"]`` (unless given)."""
+        if condition_value(cond, FEATURES) is not None:
+            return with_condition(cond)
+        lowres = condition_value(cond, LOWRES)
+        if lowres is None:
+            raise ValueError(f"SRFlow conditions on a low-resolution image: pass cond['{LOWRES}'] "
+                             f"of shape [B, {self.in_channels}, {self.lr_size}, {self.lr_size}]")
+        return with_condition(cond, **{FEATURES: self.features(lowres)})
 
-    def decode(self, latents: list[Tensor | None], lr: Tensor, y: Tensor | None = None,
-               temperature: float = 1.0) -> tuple[Tensor, Tensor]:
-        return self.flow.decode(latents, y, self.features(lr), temperature, batch_size=lr.shape[0])
+    def encode(self, x: Tensor, cond: Condition = None) -> Encoding:
+        return self.flow.encode(x, self.flow_condition(cond))
 
-    def log_prob(self, x: Tensor, lr: Tensor, y: Tensor | None = None) -> Tensor:
-        """Exact log p(x | lr) in nats, per sample."""
-        return self.encode(x, lr, y).log_prob
+    def decode(self, latents: list[Tensor | None], cond: Condition = None,
+               temperature: float = 1.0) -> Tensor:
+        flow_cond = self.flow_condition(cond)
+        n = flow_cond[FEATURES].shape[0]
+        return self.flow.decode_with_logdet(latents, flow_cond, temperature, n)[0]
 
     @torch.no_grad()
-    def sample(self, lr: Tensor, temperature: float = 1.0, y: Tensor | None = None) -> Tensor:
-        if self.num_classes and y is None:
-            raise ValueError("this SRFlow is class-conditional: pass the labels y of the low-resolution images")
-        x, _ = self.decode([None] * self.num_latents, lr, y, temperature)
+    def sample(self, n: int, cond: Condition = None, temperature: float = 1.0) -> Tensor:
+        if self.num_classes and condition_value(cond, LABELS) is None:
+            raise ValueError("this SRFlow is class-conditional: pass the labels of the "
+                             f"low-resolution images as cond['{LABELS}']")
+        x = self.decode([None] * len(self.flow.scales), cond, temperature)
+        if x.shape[0] != n:
+            raise ValueError(f"asked for {n} samples of {x.shape[0]} low-resolution images")
         return x
 
-    def class_loss(self, encoding: FlowEncoding, y: Tensor) -> Tensor:
-        return self.flow.class_loss(encoding, y)
+    def class_loss(self, encoding: Encoding, labels: Tensor) -> Tensor:
+        return self.flow.class_loss(encoding, labels)

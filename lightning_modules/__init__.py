@@ -1,9 +1,13 @@
-"""LightningModules of the model families, sharing one base (FlowModule)."""
-from lightning_modules.base import FlowModule, LossOutput
-from lightning_modules.cascade_module import CascadeModule, GlowLevel, SRFlowLevel
+"""LightningModules of the model families, sharing one base (FlowModule), and the
+callbacks any of them can use."""
+from lightning_modules.base import Batch, FlowModule, LossOutput
+from lightning_modules.callbacks import ExactResume, SampleGrids, TestMetrics, ValidationFID
+from lightning_modules.cascade_module import CascadeModule, GlowStage, SRFlowStage
 from lightning_modules.glow_module import GlowModule
 from lightning_modules.metrics import FIDSettings
+from lightning_modules.parts import Freeze, OptimizerSettings, Part
 from lightning_modules.rrdb_module import RRDBPretrainModule
 
-__all__ = ["FlowModule", "LossOutput", "GlowModule", "CascadeModule", "GlowLevel", "SRFlowLevel",
-           "FIDSettings", "RRDBPretrainModule"]
+__all__ = ["Batch", "FlowModule", "LossOutput", "ExactResume", "SampleGrids", "TestMetrics", "ValidationFID",
+           "CascadeModule", "GlowStage", "SRFlowStage", "GlowModule", "FIDSettings", "Freeze",
+           "OptimizerSettings", "Part", "RRDBPretrainModule"]

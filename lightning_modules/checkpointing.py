@@ -10,12 +10,18 @@
   of ModelCheckpoint (Lightning's ``ckpt_path: last`` ignores the hpc ones).
 * :func:`persistent_wandb_id`: the W&B run id kept beside the checkpoints, so a
   requeued job continues the same W&B run.
+* :func:`load_checkpoint_file`: every checkpoint is read through it, so checkpoints of
+  earlier versions still load: classes that no longer exist are read as plain
+  objects, and renamed state-dict keys are mapped (:func:`upgrade_state_dict`).
 """
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import re
 import secrets
+import types
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +50,67 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
     def load_checkpoint(self, path, map_location=None, weights_only: bool | None = None) -> dict[str, Any]:
-        # The run's own checkpoints hold dataclass hyper-parameters (cascade levels), which
-        # weights-only unpickling refuses; they are trusted files of this project.
-        return super().load_checkpoint(path, map_location, weights_only=bool(weights_only))
+        # The run's own checkpoints hold dataclass hyper-parameters (cascade stages),
+        # which weights-only unpickling refuses; they are trusted files of this project.
+        return load_checkpoint_file(path, map_location)
+
+
+class LegacyObject:
+    """Stands in for a class a checkpoint names that this version no longer has (the
+    hyper-parameter dataclasses of earlier versions): its fields stay readable."""
+
+    def __setstate__(self, state):
+        self.__dict__.update(state if isinstance(state, dict) else {"state": state})
+
+
+class _TolerantUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        try:
+            return super().find_class(module, name)
+        except (AttributeError, ModuleNotFoundError, ImportError):
+            return type(name, (LegacyObject,), {"__module__": f"legacy.{module}"})
+
+
+_tolerant_pickle = types.SimpleNamespace(Unpickler=_TolerantUnpickler, load=pickle.load,
+                                         __name__="tolerant_pickle")
+
+
+def load_checkpoint_file(path: str | Path, map_location=None) -> dict[str, Any]:
+    """torch.load of a trusted checkpoint of this project, earlier versions included;
+    the state dict's keys are upgraded to the current names."""
+    checkpoint = torch.load(path, map_location=map_location or "cpu", weights_only=False,
+                            pickle_module=_tolerant_pickle)
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
+        checkpoint["state_dict"] = upgrade_state_dict(checkpoint["state_dict"],
+                                                      checkpoint.get("hyper_parameters") or {})
+    return checkpoint
+
+
+# Glow's "levels" became "scales"; the cascade's "base" and "levels" became "stages",
+# keyed by resolution (the model contract).
+_OLD_GLOW_SCALE = re.compile(r"(^|\.)levels\.(\d+)\.layers\.")
+_OLD_CASCADE_STAGE = re.compile(r"^model\.levels\.(\d+)\.")
+
+
+def upgrade_state_dict(state: dict[str, Any], hparams: dict | None = None) -> dict[str, Any]:
+    """Map the keys of checkpoints written before the model contract to today's names;
+    today's keys pass unchanged."""
+    base = None
+    if any(k.startswith("model.base.") for k in state):  # a cascade of an earlier version
+        old_stages = sorted({int(m.group(1)) for k in state for m in [_OLD_CASCADE_STAGE.match(k)] if m})
+        base = (hparams or {}).get("base_resolution") or (old_stages[0] // 2 if old_stages else None)
+        if base is None:
+            raise ValueError("a cascade checkpoint of an earlier version without its base resolution; "
+                             "load it with the version that wrote it")
+    upgraded = {}
+    for key, value in state.items():
+        if base is not None:
+            if key.startswith("model.base."):
+                key = f"model.stages.{base}." + key[len("model.base."):]
+            else:
+                key = _OLD_CASCADE_STAGE.sub(r"model.stages.\1.", key)
+        upgraded[_OLD_GLOW_SCALE.sub(r"\1scales.\2.layers.", key)] = value
+    return upgraded
 
 
 def rng_state() -> dict[str, Any]:
@@ -112,8 +176,10 @@ def read_state_dict(path: str | Path, what: str) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what}: checkpoint {str(path)!r} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    return state.get("state_dict", state)
+    checkpoint = load_checkpoint_file(path)
+    if "state_dict" in checkpoint:
+        return checkpoint["state_dict"]
+    return upgrade_state_dict(checkpoint)
 
 
 def state_dict_mismatch(own: dict[str, Any], theirs: dict[str, Any]) -> tuple[list[str], list[str], list[str]]:

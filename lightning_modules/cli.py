@@ -5,6 +5,8 @@ Cluster behaviour (README "Running on a cluster"):
 * ``ckpt_path: auto`` resumes from the newest of ``hpc_ckpt_*.ckpt`` (SLURM requeue) and
   every ``last*.ckpt`` under ``trainer.default_root_dir``, or starts fresh when none exists.
 * Checkpoints are written atomically (:class:`AtomicCheckpointIO`).
+* Every run gets the :class:`~lightning_modules.callbacks.ExactResume` callback (RNG
+  states in checkpoints, mid-epoch resume), whether or not the config lists it.
 * A WandbLogger without an ``id`` gets the one stored in
   ``default_root_dir/wandb_run_id.txt`` (created on the first launch), so a requeued job
   continues the same W&B run; the resolved config is logged to W&B.
@@ -20,6 +22,7 @@ from pytorch_lightning.loggers import WandbLogger
 
 from datamodules import PyramidDataModule
 from datamodules.sources import DatasetNotFoundError
+from lightning_modules.callbacks import ExactResume
 from lightning_modules.checkpointing import AtomicCheckpointIO, newest_checkpoint, persistent_wandb_id
 
 
@@ -54,6 +57,8 @@ class MsflowsCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs) -> pl.Trainer:
         trainer = super().instantiate_trainer(**kwargs)
+        if not any(isinstance(c, ExactResume) for c in trainer.callbacks):
+            trainer.callbacks.append(ExactResume())
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer

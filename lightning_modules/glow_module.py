@@ -6,40 +6,37 @@ import math
 import torch
 from torch import Tensor
 
+from flows.base import LABELS
 from flows.glow import Glow
-from flows.layers.coupling import ScaleFunction
-from flows.layers.flow_step import CouplingKind, InvConvKind
-from lightning_modules.base import FlowModule, LossOutput
+from lightning_modules.base import Batch, FlowModule, LossOutput
+from lightning_modules.parts import OptimizerSettings
 
 
 class GlowModule(FlowModule):
     """Unconditional or class-conditional Glow at one resolution.
 
-    Model args (seed 000 sec. 4.3.1 defaults: L=3, K=32, 512 hidden channels):
-        resolution: image size the model generates (a pyramid level of the data).
-        in_channels: colour channels (3, or 1 for MNIST).
-        levels, steps_per_level, hidden_channels: L, K and the coupling width.
-        invconv: "lu" or "full" 1x1 convolutions.
-        coupling: "affine" or "additive".
-        scale_fn: "glow" (sigmoid(h + 2)) or "squish" (seed 000 eq. 3.15).
-        squish_alpha: the lower bound a of the squished scale.
-        learn_top_prior: learn the top prior's mean and log-std.
-        num_classes: > 0 makes the model class-conditional (GlowCC).
+    Args:
+        flow: the Glow (``class_path: flows.Glow`` with its ``init_args``; seed 000
+            sec. 4.3.1: L=3, K=32, 512 hidden channels). Its ``image_size`` is the
+            pyramid resolution it models, ``num_classes > 0`` makes it GlowCC.
+        optimizer: Adamax settings (seed 000 sec. 4.3.2 defaults).
         class_loss_weight: lambda_c of the class-logits cross-entropy (seed 000 sec. 4.3.1).
-    The remaining args are the optimization and sampling ones of :class:`FlowModule`.
+    The remaining args are :class:`FlowModule`'s.
     """
 
-    def __init__(self, resolution: int = 32, in_channels: int = 3, levels: int = 3,
-                 steps_per_level: int = 32, hidden_channels: int = 512,
-                 invconv: InvConvKind = "lu", coupling: CouplingKind = "affine",
-                 scale_fn: ScaleFunction = "glow", squish_alpha: float = 0.5,
-                 learn_top_prior: bool = True, num_classes: int = 0,
-                 class_loss_weight: float = 0.01, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.resolution = resolution
+    def __init__(self, *, flow: Glow, optimizer: OptimizerSettings | None = None,
+                 class_loss_weight: float = 0.01, n_bits: int = 8, grad_clip_norm: float | None = None,
+                 evaluation_seed: int = 1234, channels_last: bool = False, compile: bool = False) -> None:
+        super().__init__(n_bits=n_bits, grad_clip_norm=grad_clip_norm, evaluation_seed=evaluation_seed,
+                         channels_last=channels_last, compile=compile)
+        self.save_config()
+        self.model = flow
+        self.optimizer_settings = optimizer or OptimizerSettings()
         self.class_loss_weight = class_loss_weight
-        self.model = Glow(in_channels, resolution, levels, steps_per_level, hidden_channels,
-                          invconv, coupling, scale_fn, squish_alpha, learn_top_prior, num_classes)
+
+    @property
+    def resolution(self) -> int:
+        return self.model.image_size
 
     @property
     def model_name(self) -> str:
@@ -49,14 +46,8 @@ class GlowModule(FlowModule):
     def resolutions(self) -> list[int]:
         return [self.resolution]
 
-    @property
-    def in_channels(self) -> int:
-        return self.model.in_channels
-
-    def compute_losses(self, images: dict[int, Tensor], labels: Tensor) -> LossOutput:
-        x = images[self.resolution]
-        y = labels if self.model.num_classes else None
-        encoding = self.model.encode(x, y)
+    def compute_losses(self, batch: Batch) -> LossOutput:
+        encoding = self.model.encode(batch.images[self.resolution], {LABELS: batch.labels})
         log_prob = encoding.log_prob
         dims = self.model.dims
         # Minimize bits per dim (Glow's objective; the n_bits offset does not move
@@ -64,14 +55,15 @@ class GlowModule(FlowModule):
         loss = (-log_prob.mean() / (dims * math.log(2.0))) + self.n_bits
         extra = {}
         if self.model.num_classes:
-            class_bits = self.model.class_loss(encoding, labels) / math.log(2.0)
+            class_bits = self.model.class_loss(encoding, batch.labels) / math.log(2.0)
             loss = loss + self.class_loss_weight * class_bits.mean()
-            accuracy = (encoding.class_logits.argmax(1) == labels).float().mean()
+            accuracy = (encoding.class_logits.argmax(1) == batch.labels).float().mean()
             extra = {"class_bits": class_bits.mean(), "class_accuracy": accuracy}
-        return LossOutput(loss, {self.resolution: log_prob}, {self.resolution: dims}, extra)
+        return LossOutput(loss, {self.resolution: log_prob}, {self.resolution: dims},
+                          {self.resolution: encoding.exact}, extra)
 
     def sample_images(self, n: int, temperature: float) -> dict[int, Tensor]:
-        y = None
+        cond = None
         if self.model.num_classes:  # a row-major grid: classes cycle along each row
-            y = torch.arange(n, device=self.device) % self.model.num_classes
-        return {self.resolution: self.model.sample(n, temperature, y)}
+            cond = {LABELS: torch.arange(n, device=self.device) % self.model.num_classes}
+        return {self.resolution: self.model.sample(n, cond, temperature)}

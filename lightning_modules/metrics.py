@@ -26,13 +26,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from flows.quantization import reduce_bits
+
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_FILE)
 
 
 @dataclass
 class FIDSettings:
-    """How ``lightning test`` measures sample quality.
+    """How sample quality is measured (the ``TestMetrics`` and ``ValidationFID`` callbacks).
 
     num_samples: generated images per resolution (seed 000 sec. 4.2: 50,000).
     temperature: one sampling temperature, or one per cascade level (seed 000 sec. 4.4:
@@ -45,10 +47,6 @@ class FIDSettings:
     cache_dir: torch-fidelity's cache of real statistics (default: its own).
     sweep_temperatures: temperatures of the FID sweep of Fig. 4.4 (empty: no sweep).
     seed: seed of the sample noise, so evaluations are repeatable.
-    val_fid_every_n_validations: also log ``val/fid_R`` every this many validation runs
-        (torchmetrics, same feature extractor; 0: never). The real statistics come from
-        the first validation run's images and are kept; ``val_num_samples`` samples
-        (split over the processes) are drawn each time. For curves, not for tables.
     """
 
     num_samples: int = 50_000
@@ -60,8 +58,6 @@ class FIDSettings:
     cache_dir: str | None = None
     sweep_temperatures: list[float] = field(default_factory=list)
     seed: int = 2024
-    val_fid_every_n_validations: int = 0
-    val_num_samples: int = 5000
 
 
 class RandomConvFeatures(nn.Module):
@@ -138,15 +134,6 @@ class ImagesAtResolution(Dataset):
 
     def __getitem__(self, index: int) -> Tensor:
         return as_rgb(reduce_bits(self.dataset[index]["images"][self.resolution], self.n_bits))
-
-
-def reduce_bits(image: Tensor, n_bits: int) -> Tensor:
-    """uint8 -> the centre of its n_bits bin, as the model's samples are shown, so a
-    model of n_bits data is compared with the data it models."""
-    if n_bits == 8:
-        return image
-    step = 2 ** (8 - n_bits)
-    return (torch.div(image, step, rounding_mode="floor") * step + step // 2).to(torch.uint8)
 
 
 class TensorImages(Dataset):

@@ -1,6 +1,6 @@
 """L1 pre-training of an SRFlow level's RRDB encoder (seed 000 sec. 4.3.2: Adam,
 learning rate 2e-4, 200k iterations). Its checkpoint is what
-``SRFlowLevel.encoder_checkpoint`` loads.
+``SRFlowStage.encoder_checkpoint`` loads.
 
 This is the one LightningModule that is not a :class:`FlowModule`: it trains a
 regression network, has no likelihood, bits/dim or samples.
@@ -12,23 +12,31 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from datamodules.pyramid import dequantize
 from flows.nets import RRDBEncoder
+from flows.quantization import dequantize
+from lightning_modules.parts import OptimizerGroup, OptimizerSettings, build_optimizer, steps_per_epoch
+
+
+def rrdb_optimizer() -> OptimizerSettings:
+    """Seed 000 sec. 4.3.2: Adam, learning rate 2e-4."""
+    return OptimizerSettings(algorithm="adam", lr=2e-4, betas=(0.9, 0.999), weight_decay=0.0,
+                             warmup_epochs=0.0)
 
 
 class RRDBPretrainModule(pl.LightningModule):
     """Args: ``resolution`` the high-resolution side (the encoder reads resolution / 2);
-    the rrdb_* settings must equal those of the SRFlow level that will load it."""
+    the rrdb_* settings must equal those of the SRFlow stage that will load it;
+    ``optimizer``: :func:`rrdb_optimizer` by default."""
 
-    def __init__(self, resolution: int = 32, in_channels: int = 3, rrdb_features: int = 64,
+    def __init__(self, *, resolution: int = 32, in_channels: int = 3, rrdb_features: int = 64,
                  rrdb_blocks: int = 23, rrdb_growth: int = 32,
-                 rrdb_feature_blocks: list[int] | None = None, n_bits: int = 8, lr: float = 2e-4,
-                 betas: tuple[float, float] = (0.9, 0.999), lr_milestones: list[int] | None = None,
-                 lr_gamma: float = 0.5) -> None:
+                 rrdb_feature_blocks: list[int] | None = None, n_bits: int = 8,
+                 optimizer: OptimizerSettings | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.resolution = resolution
         self.n_bits = n_bits
+        self.optimizer_settings = optimizer or rrdb_optimizer()
         self.encoder = RRDBEncoder(in_channels, rrdb_features, rrdb_blocks, rrdb_growth, rrdb_feature_blocks)
 
     def setup(self, stage: str) -> None:
@@ -67,7 +75,5 @@ class RRDBPretrainModule(pl.LightningModule):
         self._evaluate(batch, "test")
 
     def configure_optimizers(self):
-        hp = self.hparams
-        optimizer = torch.optim.Adam(self.parameters(), lr=hp.lr, betas=tuple(hp.betas))
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, sorted(hp.lr_milestones or []), hp.lr_gamma)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        group = OptimizerGroup("encoder", list(self.parameters()), self.optimizer_settings)
+        return build_optimizer([group], lambda: steps_per_epoch(self.trainer))

@@ -1,5 +1,10 @@
 """Affine and additive coupling (seed 000 sec. 2.2.3.3, eq. 2.11-2.17), their
-conditional form (eq. 2.18), and the scale functions that bound the affine scale.
+conditional form (eq. 2.18), the affine injector (eq. 2.19-2.20), and the scale
+functions that bound the affine scale.
+
+A coupling is built from a mask (which entries pass, see ``masks.py``) and a network
+factory ``net(in_channels, out_channels, hidden_channels) -> nn.Module`` (Glow's
+conv-ReLU-conv by default), so new split types and networks need no new coupling.
 
 Scale functions map the raw network output ``h`` to a positive scale:
 
@@ -12,16 +17,19 @@ Scale functions map the raw network output ``h`` to a positive scale:
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flows.base import Bijection, Condition, at_least_float32, sum_except_batch, zero_logdet
-from flows.nets import CouplingNet, resize_features
+from flows.base import (Bijection, Condition, at_least_float32, concat_features, condition_features,
+                        sum_except_batch, zero_logdet)
+from flows.layers.masks import ChannelMask, CouplingMask
+from flows.nets import CouplingNet
 
 ScaleFunction = Literal["glow", "squish"]
+NetFactory = Callable[[int, int, int], nn.Module]  # (in_channels, out_channels, hidden_channels)
 
 
 class ScaleMap(nn.Module):
@@ -49,65 +57,69 @@ class ScaleMap(nn.Module):
         return f"kind={self.kind}, squish_alpha={self.squish_alpha}"
 
 
-def condition_features(cond: Condition, size: tuple[int, int]) -> Tensor | None:
-    """The feature map a conditional layer uses: ``cond`` itself, or ``cond['features']``
-    when a dict is passed, resized to the layer's spatial size."""
-    if cond is None:
-        return None
-    features = cond["features"] if isinstance(cond, dict) else cond
-    return resize_features(features, size)
+class _Coupling(Bijection):
+    """Mask + network: ``params_per_entry`` network outputs per transformed entry, from
+    the passive part and (with ``cond_channels > 0``) the condition's feature map."""
 
+    params_per_entry = 1
 
-class AffineCoupling(Bijection):
-    """``y_b = scale(h) * x_b + shift`` with ``(h, shift) = NN(x_a [, c])``.
-
-    With ``cond_channels > 0`` the network also sees the condition features
-    (conditional affine coupling, seed 000 eq. 2.18).
-    """
-
-    def __init__(self, num_channels: int, hidden_channels: int, cond_channels: int = 0,
-                 scale_fn: ScaleFunction = "glow", squish_alpha: float = 0.5,
-                 additive: bool = False) -> None:
+    def __init__(self, num_channels: int, hidden_channels: int, cond_channels: int,
+                 mask: CouplingMask | None, net: NetFactory) -> None:
         super().__init__()
-        if num_channels < 2:
-            raise ValueError("coupling needs at least 2 channels; squeeze the input first")
-        self.passive_channels = num_channels // 2
-        self.active_channels = num_channels - self.passive_channels
+        self.mask = mask if mask is not None else ChannelMask()
+        passive, active = self.mask.channels(num_channels)
         self.cond_channels = cond_channels
-        self.additive = additive
-        out_channels = self.active_channels * (1 if additive else 2)
-        self.net = CouplingNet(self.passive_channels + cond_channels, out_channels, hidden_channels)
+        self.net = net(passive + cond_channels, self.params_per_entry * active, hidden_channels)
+
+    def _net_output(self, passive: Tensor, cond: Condition) -> Tensor:
+        net_input = concat_features(passive, cond, type(self).__name__) if self.cond_channels else passive
+        return self.net(net_input)
+
+
+class AffineCoupling(_Coupling):
+    """``y_b = scale(h) * x_b + shift`` with ``(h, shift) = NN(x_a [, c])``."""
+
+    params_per_entry = 2
+
+    def __init__(self, num_channels: int, hidden_channels: int = 512, cond_channels: int = 0,
+                 scale_fn: ScaleFunction = "glow", squish_alpha: float = 0.5, *,
+                 mask: CouplingMask | None = None, net: NetFactory = CouplingNet) -> None:
+        super().__init__(num_channels, hidden_channels, cond_channels, mask, net)
         self.scale_map = ScaleMap(scale_fn, squish_alpha)
 
-    def _shift_and_log_scale(self, x_passive: Tensor, cond: Condition):
-        net_input = x_passive
-        if self.cond_channels:
-            features = condition_features(cond, x_passive.shape[-2:])
-            if features is None:
-                raise ValueError("this coupling is conditional: pass cond (feature map)")
-            net_input = torch.cat([x_passive, features.to(x_passive.dtype)], dim=1)
-        out = self.net(net_input)
-        if self.additive:
-            return out, None, None
+    def _shift_and_log_scale(self, passive: Tensor, cond: Condition):
+        out = self._net_output(passive, cond)
         raw, shift = out[:, 0::2], out[:, 1::2]
         scale, log_scale = self.scale_map(raw)
         return at_least_float32(shift), scale, log_scale
 
     def forward(self, x: Tensor, cond: Condition = None) -> tuple[Tensor, Tensor]:
-        x_passive, x_active = x.split([self.passive_channels, self.active_channels], dim=1)
-        shift, scale, log_scale = self._shift_and_log_scale(x_passive, cond)
-        if self.additive:
-            return torch.cat([x_passive, x_active + shift], dim=1), zero_logdet(x)
-        y_active = (at_least_float32(x_active) * scale + shift).to(x.dtype)
-        return torch.cat([x_passive, y_active], dim=1), sum_except_batch(log_scale)
+        passive, active = self.mask.split(x)
+        shift, scale, log_scale = self._shift_and_log_scale(passive, cond)
+        new_active = (at_least_float32(active) * scale + shift).to(x.dtype)
+        return self.mask.merge(x, new_active), self.mask.sum_active(log_scale)
 
     def inverse(self, z: Tensor, cond: Condition = None) -> tuple[Tensor, Tensor]:
-        z_passive, z_active = z.split([self.passive_channels, self.active_channels], dim=1)
-        shift, scale, log_scale = self._shift_and_log_scale(z_passive, cond)
-        if self.additive:
-            return torch.cat([z_passive, z_active - shift], dim=1), zero_logdet(z)
-        x_active = ((at_least_float32(z_active) - shift) / scale).to(z.dtype)
-        return torch.cat([z_passive, x_active], dim=1), -sum_except_batch(log_scale)
+        passive, active = self.mask.split(z)
+        shift, scale, log_scale = self._shift_and_log_scale(passive, cond)
+        new_active = ((at_least_float32(active) - shift) / scale).to(z.dtype)
+        return self.mask.merge(z, new_active), -self.mask.sum_active(log_scale)
+
+
+class AdditiveCoupling(_Coupling):
+    """``y_b = x_b + NN(x_a [, c])``: volume preserving (NICE; seed 004's additive option)."""
+
+    def __init__(self, num_channels: int, hidden_channels: int = 512, cond_channels: int = 0, *,
+                 mask: CouplingMask | None = None, net: NetFactory = CouplingNet) -> None:
+        super().__init__(num_channels, hidden_channels, cond_channels, mask, net)
+
+    def forward(self, x: Tensor, cond: Condition = None) -> tuple[Tensor, Tensor]:
+        passive, active = self.mask.split(x)
+        return self.mask.merge(x, active + self._net_output(passive, cond)), zero_logdet(x)
+
+    def inverse(self, z: Tensor, cond: Condition = None) -> tuple[Tensor, Tensor]:
+        passive, active = self.mask.split(z)
+        return self.mask.merge(z, active - self._net_output(passive, cond)), zero_logdet(z)
 
 
 class AffineInjector(Bijection):
@@ -115,15 +127,14 @@ class AffineInjector(Bijection):
     (seed 000 eq. 2.19-2.20). Its Jacobian is diagonal, like ActNorm's."""
 
     def __init__(self, num_channels: int, cond_channels: int, hidden_channels: int,
-                 scale_fn: ScaleFunction = "glow", squish_alpha: float = 0.5) -> None:
+                 scale_fn: ScaleFunction = "glow", squish_alpha: float = 0.5, *,
+                 net: NetFactory = CouplingNet) -> None:
         super().__init__()
-        self.net = CouplingNet(cond_channels, 2 * num_channels, hidden_channels)
+        self.net = net(cond_channels, 2 * num_channels, hidden_channels)
         self.scale_map = ScaleMap(scale_fn, squish_alpha)
 
     def _shift_and_log_scale(self, like: Tensor, cond: Condition):
-        features = condition_features(cond, like.shape[-2:])
-        if features is None:
-            raise ValueError("AffineInjector is conditional: pass cond (feature map)")
+        features = condition_features(cond, like.shape[-2:], "AffineInjector")
         out = self.net(features.to(like.dtype))
         scale, log_scale = self.scale_map(out[:, 0::2])
         return at_least_float32(out[:, 1::2]), scale, log_scale

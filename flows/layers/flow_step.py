@@ -6,8 +6,11 @@ from typing import Literal
 
 from flows.base import FlowSequential
 from flows.layers.actnorm import ActNorm
-from flows.layers.coupling import AffineCoupling, AffineInjector, ScaleFunction
+from flows.layers.coupling import (AdditiveCoupling, AffineCoupling, AffineInjector, NetFactory,
+                                   ScaleFunction)
 from flows.layers.invconv import InvertibleConv1x1, InvertibleConv1x1LU
+from flows.layers.masks import CouplingMask
+from flows.nets import CouplingNet
 
 InvConvKind = Literal["lu", "full"]
 CouplingKind = Literal["affine", "additive"]
@@ -15,8 +18,8 @@ CouplingKind = Literal["affine", "additive"]
 
 def flow_step(num_channels: int, hidden_channels: int, *, invconv: InvConvKind = "lu",
               coupling: CouplingKind = "affine", scale_fn: ScaleFunction = "glow",
-              squish_alpha: float = 0.5, cond_channels: int = 0,
-              affine_injector: bool = False) -> FlowSequential:
+              squish_alpha: float = 0.5, cond_channels: int = 0, affine_injector: bool = False,
+              mask: CouplingMask | None = None, net: NetFactory = CouplingNet) -> FlowSequential:
     if invconv not in ("lu", "full"):
         raise ValueError(f"invconv must be 'lu' or 'full', got {invconv!r}")
     if coupling not in ("affine", "additive"):
@@ -26,7 +29,11 @@ def flow_step(num_channels: int, hidden_channels: int, *, invconv: InvConvKind =
     if affine_injector:
         if not cond_channels:
             raise ValueError("an affine injector needs cond_channels > 0")
-        layers.append(AffineInjector(num_channels, cond_channels, hidden_channels, scale_fn, squish_alpha))
-    layers.append(AffineCoupling(num_channels, hidden_channels, cond_channels, scale_fn,
-                                 squish_alpha, additive=coupling == "additive"))
+        layers.append(AffineInjector(num_channels, cond_channels, hidden_channels, scale_fn, squish_alpha,
+                                     net=net))
+    if coupling == "affine":
+        layers.append(AffineCoupling(num_channels, hidden_channels, cond_channels, scale_fn, squish_alpha,
+                                     mask=mask, net=net))
+    else:
+        layers.append(AdditiveCoupling(num_channels, hidden_channels, cond_channels, mask=mask, net=net))
     return FlowSequential(*layers)

@@ -1,0 +1,82 @@
+"""The contract every whole model follows (Glow, SRFlow, the cascade; the hierarchical
+and diffusion-augmented flows next).
+
+    encode(x, cond) -> Encoding          data -> latents, log-det and prior term apart
+    decode(latents, cond, temperature)   latents -> data; a latent given as None is drawn
+    sample(n, cond, temperature)         n samples
+    log_prob(x, cond)                    log p(x | cond) in nats per sample, or a lower bound
+
+``cond`` is one mapping of named conditions (``flows/base.py``: ``"labels"``,
+``"lowres"``, ``"features"``); a model reads the names it needs and ignores the others,
+so a caller never has to know which model takes which argument in which position.
+
+``exact`` says whether ``log_prob`` is the exact log-density (Glow with Gaussian
+priors, SRFlow) or a lower bound on it (the cascade, a DDPM prior, a variational
+model). Figures computed from a bound are reported as bounds (``bpd_bound_R``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from flows.base import Condition
+
+
+@dataclass
+class Encoding:
+    """What :meth:`FlowModel.encode` returns.
+
+    ``latents``: what :meth:`FlowModel.decode` takes back (a Glow: the split-off latents
+    from the finest scale to the coarsest, then the top latent; a cascade: one such
+    list per stage, keyed by resolution). ``logdet``: log|det d latents / dx| per
+    sample. ``log_prior``: the latents' log-density under the prior (a lower bound
+    when ``exact`` is False). ``exact``: whether ``log_prob`` is exact.
+    ``class_logits``: a classifier head's logits, for class-conditional models.
+    ``parts``: per-part encodings of composite models (a cascade's stages)."""
+
+    latents: Any
+    logdet: Tensor
+    log_prior: Tensor
+    exact: bool = True
+    class_logits: Tensor | None = None
+    parts: dict[Any, "Encoding"] = field(default_factory=dict)
+
+    @property
+    def log_prob(self) -> Tensor:
+        """log p(x | cond) in nats per sample (a lower bound when not ``exact``)."""
+        return self.log_prior + self.logdet
+
+
+class FlowModel(nn.Module):
+    """Base of the whole models. Subclasses set ``in_channels`` and ``image_size`` and
+    implement :meth:`encode`, :meth:`decode` and :meth:`sample`."""
+
+    in_channels: int
+    image_size: int
+
+    @property
+    def exact(self) -> bool:
+        """Whether :meth:`log_prob` is the exact log-density (else a lower bound)."""
+        return True
+
+    @property
+    def dims(self) -> int:
+        return self.in_channels * self.image_size ** 2
+
+    def encode(self, x: Any, cond: Condition = None) -> Encoding:
+        raise NotImplementedError(f"{type(self).__name__} must implement encode")
+
+    def decode(self, latents: Any, cond: Condition = None, temperature: float = 1.0) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} must implement decode")
+
+    def sample(self, n: int, cond: Condition = None, temperature: float = 1.0) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} must implement sample")
+
+    def log_prob(self, x: Any, cond: Condition = None) -> Tensor:
+        return self.encode(x, cond).log_prob
+
+    def _device(self) -> torch.device:
+        return next(self.parameters(), torch.empty(0)).device

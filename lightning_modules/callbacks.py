@@ -1,0 +1,282 @@
+"""Lightning callbacks any module can use, switched on in YAML under
+``trainer.callbacks`` (or ``--trainer.callbacks+=...``):
+
+* :class:`SampleGrids`: sample grids per resolution and temperature after validation,
+  saved as PNG and sent to every logger (W&B, TensorBoard).
+* :class:`ValidationFID`: ``val/fid_R`` curves (torchmetrics) during training.
+* :class:`TestMetrics`: at ``lightning test``, the metrics table ``metrics.json``
+  (model name, bits per dim per resolution, exact or bound) and, given FID settings,
+  FID/KID per resolution (torch-fidelity) and the FID-vs-temperature sweep.
+* :class:`ExactResume`: RNG states of every process in each checkpoint, and a run
+  resumed mid-epoch continues with the batches an uninterrupted run would draw. The
+  ``lightning`` command adds it to every run.
+
+The sampling callbacks need ``pl_module.sample_images(n, temperature)`` (a dict of
+model-space images per resolution) and ``pl_module.n_bits``; what "temperature" means
+is the module's business (one per cascade stage, for instance).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+from datamodules.datamodules import ResumableSampler
+from flows.quantization import reduce_bits, to_uint8
+from lightning_modules.checkpointing import RNG_KEY, gather_rng_states, restore_rng_states
+from lightning_modules.metrics import (FIDSettings, ImagesAtResolution, TensorImages, as_rgb, fidelity,
+                                       generate_uint8, in_loop_fid, plot_temperature_sweep, settings_dict,
+                                       write_metrics_table)
+
+
+def log_dir(trainer: pl.Trainer) -> Path:
+    """Where tables, sweeps and sample grids go: Trainer.log_dir's rule without its
+    broadcast, which would deadlock when only process 0 asks."""
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+    loggers = trainer.loggers
+    if not loggers:
+        return Path(trainer.default_root_dir)
+    first = loggers[0]
+    directory = first.log_dir if isinstance(first, (TensorBoardLogger, CSVLogger)) else first.save_dir
+    return Path(directory or trainer.default_root_dir)
+
+
+def _sampler_of(pl_module: pl.LightningModule):
+    sample = getattr(pl_module, "sample_images", None)
+    if sample is None:
+        raise TypeError(f"{type(pl_module).__name__} has no sample_images(n, temperature); "
+                        "the sampling callbacks need one")
+    return sample
+
+
+@torch.no_grad()
+def draw_samples(pl_module: pl.LightningModule, n: int, temperature, seed: int,
+                 batch_size: int | None = None) -> dict[int, Tensor]:
+    """n uint8 samples per resolution (CPU), in eval mode, from a forked RNG seeded with
+    ``seed``: the training RNG stream is untouched and draws repeat."""
+    sample = _sampler_of(pl_module)
+    devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+    was_training = pl_module.training
+    pl_module.eval()
+    try:
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            return generate_uint8(lambda k: sample(k, temperature), n, batch_size or n,
+                                  lambda x: to_uint8(x, pl_module.n_bits))
+    finally:
+        pl_module.train(was_training)
+
+
+def send_image(trainer: pl.Trainer, key: str, grid: Tensor) -> None:
+    from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_image(key=key, images=[grid.permute(1, 2, 0).numpy()], step=trainer.global_step)
+        elif isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_image(key, grid, trainer.global_step)
+
+
+def save_uint8_png(image: Tensor, path: Path) -> None:
+    from PIL import Image
+
+    array = image.permute(1, 2, 0).numpy()
+    Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).save(path)
+
+
+class SampleGrids(pl.Callback):
+    """A grid per resolution and temperature every ``every_n_epochs`` validation epochs,
+    saved as ``samples/stepXXXXXXXX_resR_tT.png`` in the log folder and sent to the
+    loggers. The noise comes from ``seed``, so grids of successive epochs compare."""
+
+    def __init__(self, temperatures: list[float] | None = None, num_samples: int = 64,
+                 every_n_epochs: int = 1, seed: int = 1234) -> None:
+        self.temperatures = list(temperatures if temperatures is not None else [0.7, 0.8, 1.0])
+        self.num_samples = num_samples
+        self.every_n_epochs = every_n_epochs
+        self.seed = seed
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        every = self.every_n_epochs
+        if trainer.sanity_checking or not every or trainer.current_epoch % every:
+            return
+        if trainer.is_global_zero:
+            self.draw(trainer, pl_module)
+
+    def draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Path]:
+        from torchvision.utils import make_grid
+
+        saved = []
+        out_dir = log_dir(trainer) / "samples"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for temperature in self.temperatures:
+            samples = draw_samples(pl_module, self.num_samples, temperature, self.seed)
+            for resolution, images in samples.items():
+                grid = make_grid(images, nrow=int(math.ceil(math.sqrt(images.shape[0]))), padding=1)
+                path = out_dir / f"step{trainer.global_step:08d}_res{resolution}_t{temperature:g}.png"
+                save_uint8_png(grid, path)
+                saved.append(path)
+                send_image(trainer, f"samples/res{resolution}_t{temperature:g}", grid)
+        return saved
+
+
+class ValidationFID(pl.Callback):
+    """``val/fid_R`` every ``every_n_validations`` validation runs (torchmetrics, on the
+    feature extractor of ``fid``). The real statistics come from the first validation
+    run's images and are kept; ``num_samples`` samples (split over the processes) are
+    drawn each time at ``fid.temperature``. For curves, not for tables."""
+
+    def __init__(self, fid: FIDSettings | None = None, every_n_validations: int = 1,
+                 num_samples: int = 5000) -> None:
+        self.fid = fid or FIDSettings()
+        self.every_n_validations = every_n_validations
+        self.num_samples = num_samples
+        # A plain dict outside the module: the Inception weights stay out of the
+        # model's state_dict, checkpoints and optimizer.
+        self.metrics: dict | None = None
+        self.has_real = False
+        self.validation_runs = 0
+
+    def _metrics(self, pl_module) -> dict:
+        if self.metrics is None:
+            self.metrics = {r: in_loop_fid(self.fid).to(pl_module.device) for r in pl_module.resolutions}
+        return self.metrics
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if trainer.sanity_checking or self.has_real:
+            return
+        for resolution, metric in self._metrics(pl_module).items():
+            real = batch["images"][resolution]
+            metric.update(torch.stack([as_rgb(reduce_bits(x, pl_module.n_bits)) for x in real]), real=True)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        # Counted in validation runs, which also works for step-based validation.
+        if self.validation_runs % self.every_n_validations == 0:
+            per_process = max(1, self.num_samples // max(1, trainer.world_size))
+            fakes = draw_samples(pl_module, per_process, self.fid.temperature,
+                                 self.fid.seed + trainer.global_rank, self.fid.batch_size)
+            for resolution, metric in self._metrics(pl_module).items():
+                images = torch.stack([as_rgb(x) for x in fakes[resolution]]).to(pl_module.device)
+                metric.update(images, real=False)
+                pl_module.log(f"val/fid_{resolution}", metric.compute().float(), sync_dist=False)
+                metric.reset()  # fake features only: reset_real_features=False
+        self.validation_runs += 1
+        self.has_real = True  # one full validation run of real images
+
+
+class TestMetrics(pl.Callback):
+    """At the end of ``lightning test``: ``metrics.json`` in the log folder with the
+    model name, the test bits per dim per resolution (``bpd`` exact, ``bpd_bound`` where
+    the likelihood is a lower bound) and every test metric; with ``fid`` settings also
+    FID and KID per resolution against the test split at that resolution (seed 000
+    sec. 4.2; samples split over the processes, scored once) and, with
+    ``fid.sweep_temperatures``, the FID-vs-temperature sweep of seed 000 Fig. 4.4
+    (``temperature_sweep.json`` and ``.png``)."""
+
+    def __init__(self, fid: FIDSettings | None = None) -> None:
+        self.fid = fid
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        table: dict = {}
+        name = getattr(pl_module, "model_name", type(pl_module).__name__)
+        if self.fid is not None:
+            results = self.sample_quality(trainer, pl_module, self.fid.temperature)
+            sweep = {f"{t:g}": {str(r): row["fid"] for r, row in
+                                self.sample_quality(trainer, pl_module, t).items()}
+                     for t in self.fid.sweep_temperatures}
+            table = {"evaluation": settings_dict(self.fid),
+                     "fid": {str(r): row["fid"] for r, row in results.items()},
+                     "kid": {str(r): row["kid"] for r, row in results.items()},
+                     "kid_std": {str(r): row["kid_std"] for r, row in results.items()}}
+            if sweep:
+                table["temperature_sweep"] = sweep
+        if not trainer.is_global_zero:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+        table = {"model": name, "n_bits": getattr(pl_module, "n_bits", None),
+                 "bpd": {k[len("test/bpd_"):]: v for k, v in metrics.items()
+                         if k.startswith("test/bpd_") and not k.startswith("test/bpd_bound_")},
+                 "bpd_bound": {k[len("test/bpd_bound_"):]: v for k, v in metrics.items()
+                               if k.startswith("test/bpd_bound_")},
+                 "test_metrics": metrics, **table}
+        out_dir = log_dir(trainer)
+        if "temperature_sweep" in table:
+            write_metrics_table(out_dir / "temperature_sweep.json", table["temperature_sweep"])
+            plot_temperature_sweep(out_dir / "temperature_sweep.png", table["temperature_sweep"],
+                                   f"{name}: FID vs temperature")
+        if "fid" in table:
+            flat = {f"test/{kind}_{r}": v for kind in ("fid", "kid") for r, v in table[kind].items()}
+            for logger in trainer.loggers:
+                logger.log_metrics(flat, step=trainer.global_step)
+        write_metrics_table(out_dir / "metrics.json", table)
+        pl_module.print(f"metrics table: {out_dir / 'metrics.json'}")
+
+    @torch.no_grad()
+    def generate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, temperature) -> dict[int, Tensor]:
+        """``fid.num_samples`` uint8 samples per resolution, split over the processes
+        (each with its own seed) and gathered: the full set on every process."""
+        settings = self.fid
+        world, rank = trainer.world_size, trainer.global_rank
+        share = math.ceil(settings.num_samples / world)
+        fakes = draw_samples(pl_module, share, temperature, settings.seed + rank, settings.batch_size)
+        if world > 1:
+            fakes = {r: pl_module.all_gather(x.to(pl_module.device)).flatten(0, 1)[:settings.num_samples].cpu()
+                     for r, x in fakes.items()}
+        return fakes
+
+    def sample_quality(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                       temperature) -> dict[int, dict[str, float]]:
+        """FID and KID at every resolution against the test split at that resolution.
+        Collective: every process calls it; process 0 returns the scores."""
+        settings = self.fid
+        datamodule = trainer.datamodule
+        real_split = datamodule.datasets.get("test")
+        if real_split is None:
+            raise RuntimeError("FID compares with the test split; run `lightning test`")
+        fakes = self.generate(trainer, pl_module, temperature)
+        if not trainer.is_global_zero:
+            return {}
+        results = {}
+        n_bits = pl_module.n_bits
+        for resolution, images in fakes.items():
+            cache_name = "-".join(str(part) for part in (
+                type(datamodule).__name__, Path(str(datamodule.data_dir)).name or "data",
+                datamodule.image_size, getattr(datamodule, "seed", 0), "test", len(real_split),
+                resolution, n_bits, settings.feature_extractor))
+            results[resolution] = fidelity(TensorImages(images), ImagesAtResolution(real_split, resolution, n_bits),
+                                           settings, cache_name, cuda=pl_module.device.type == "cuda")
+            pl_module.print(f"{getattr(pl_module, 'model_name', '')} at {resolution}px, temperature {temperature}: "
+                            f"FID {results[resolution]['fid']:.2f}, KID {results[resolution]['kid']:.4f}")
+        return results
+
+
+class ExactResume(pl.Callback):
+    """What an exact resume needs beyond Lightning's own state: the RNG states of every
+    process (dequantization and variational noise continue the same stream), and a run
+    resumed mid-epoch continues with the batches an uninterrupted run would draw next
+    (the sampler's order depends on seed and epoch only)."""
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint[RNG_KEY] = gather_rng_states()
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        if RNG_KEY in checkpoint:
+            restore_rng_states(checkpoint[RNG_KEY], trainer.global_rank)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Lightning does not call on_train_epoch_start for the resumed epoch;
+        # on_train_start runs after the restore and before that epoch's iterator exists.
+        loop = trainer.fit_loop.epoch_loop
+        if not loop.restarting:
+            return
+        done = loop.batch_progress.current.processed
+        loader = trainer.train_dataloader
+        sampler = getattr(loader, "sampler", None)
+        if done and isinstance(sampler, ResumableSampler):
+            sampler.skip_next(done * loader.batch_size)

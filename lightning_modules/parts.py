@@ -1,0 +1,192 @@
+"""Parts: the pieces of a module's model that train on their own terms.
+
+A LightningModule names its parts (:meth:`FlowModule.parts`); the base does the rest
+for every family:
+
+* one optimizer parameter group per trainable part, with the part's own
+  :class:`OptimizerSettings` (Adamax or Adam, linear warm-up, step decay);
+* loading a part from a checkpoint (``Part.checkpoint``, or a module-wide
+  ``init_checkpoint`` that feeds every part it holds), and sub-modules from their own
+  checkpoints when the part itself is not loaded (``Part.initial_weights``: an SR
+  stage's RRDB encoder from its L1 pre-training);
+* freezing: a part with ``trainable=False`` has no gradients, no optimizer state and
+  stays in eval mode (a frozen stage, a frozen Glow under a DDPM prior);
+* :class:`Freeze` schedules for sub-modules: frozen for the first N optimizer steps
+  (the RRDB encoder, seed 000 sec. 4.3.2) or from an epoch on (seed 001's encoders).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import torch
+from torch import nn
+
+from lightning_modules.checkpointing import read_state_dict, state_dict_mismatch
+
+
+@dataclass
+class OptimizerSettings:
+    """Settings of one parameter group. Defaults: seed 000 sec. 4.3.2 for Glow (Adamax
+    5e-4, betas (0.9, 0.999), weight decay 5e-5, linear warm-up over 5 epochs).
+
+    ``warmup_steps`` overrides ``warmup_epochs`` when set; the learning rate is
+    multiplied by ``lr_gamma`` at each of ``lr_milestones`` (optimizer steps)."""
+
+    algorithm: Literal["adamax", "adam"] = "adamax"
+    lr: float = 5e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 5e-5
+    warmup_epochs: float = 5.0
+    warmup_steps: int | None = None
+    lr_milestones: list[int] = field(default_factory=list)
+    lr_gamma: float = 0.5
+
+
+@dataclass
+class Freeze:
+    """``module`` has no gradients before optimizer step ``before_step`` and from epoch
+    ``from_epoch`` on (None: never)."""
+
+    module: nn.Module
+    before_step: int = 0
+    from_epoch: int | None = None
+
+    def frozen(self, step: int, epoch: int) -> bool:
+        return step < self.before_step or (self.from_epoch is not None and epoch >= self.from_epoch)
+
+
+@dataclass
+class InitialWeights:
+    """Weights for ``module`` (a sub-module of a part) from ``checkpoint``, found under
+    the first of ``prefixes`` present there; ``what`` names it in messages."""
+
+    module: nn.Module
+    checkpoint: str
+    prefixes: list[str]
+    what: str
+
+
+@dataclass
+class Part:
+    """``name``: shown in the optimizer groups and the logs. ``prefixes``: where the part
+    lives in a checkpoint's state dict, the first found is used (this module's own key
+    first). ``checkpoint``: load the part from there."""
+
+    name: str
+    module: nn.Module
+    optimizer: OptimizerSettings
+    prefixes: list[str]
+    trainable: bool = True
+    checkpoint: str | None = None
+    initial_weights: list[InitialWeights] = field(default_factory=list)
+    freezes: list[Freeze] = field(default_factory=list)
+
+
+@dataclass
+class OptimizerGroup:
+    name: str
+    params: list
+    settings: OptimizerSettings
+
+
+def load_submodule(module: nn.Module, state: dict, prefixes: list[str], what: str, source: str) -> None:
+    """Load ``module`` from the first of ``prefixes`` found in ``state`` (a checkpoint's
+    state dict read from ``source``), with a message that says what did not match."""
+    for prefix in prefixes:
+        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if not sub:
+            continue
+        missing, unexpected, mismatched = state_dict_mismatch(module.state_dict(), sub)
+        if missing or unexpected or mismatched:
+            raise ValueError(
+                f"{what}: checkpoint {source!r} (prefix {prefix!r}) does not match the configured "
+                f"architecture: {len(missing)} missing, {len(unexpected)} unexpected, "
+                f"{len(mismatched)} shape-mismatched tensors (e.g. "
+                f"{(missing + unexpected + mismatched)[:3]}). "
+                "Use the same settings as the run that wrote it.")
+        module.load_state_dict(sub)
+        return
+    raise ValueError(f"{what}: checkpoint {source!r} holds no tensors under {prefixes}; "
+                     "is it a checkpoint of this kind of model?")
+
+
+def load_and_freeze(parts: list[Part], init_checkpoint: str | None = None) -> set[str]:
+    """Load every part from ``init_checkpoint`` (those it holds) and from its own
+    checkpoint, sub-modules from theirs when their part was not loaded, then freeze the
+    parts that do not train. Each file is read once. Returns the loaded parts' names."""
+    states: dict[str, dict] = {}
+
+    def state_of(path: str, what: str) -> dict:
+        if path not in states:
+            states[path] = read_state_dict(path, what)
+        return states[path]
+
+    loaded: set[str] = set()
+    if init_checkpoint:
+        state = state_of(init_checkpoint, "init_checkpoint")
+        for part in parts:
+            if any(k.startswith(part.prefixes[0]) for k in state):
+                load_submodule(part.module, state, part.prefixes[:1], part.name, init_checkpoint)
+                loaded.add(part.name)
+        if not loaded:
+            raise ValueError(f"init_checkpoint {init_checkpoint!r} holds none of this module's parts "
+                             f"({[p.name for p in parts]}); give a checkpoint written by the same kind of module")
+    for part in parts:
+        if part.checkpoint:
+            load_submodule(part.module, state_of(part.checkpoint, part.name), part.prefixes, part.name,
+                           part.checkpoint)
+            loaded.add(part.name)
+        if part.name not in loaded:
+            for initial in part.initial_weights:
+                load_submodule(initial.module, state_of(initial.checkpoint, initial.what), initial.prefixes,
+                               initial.what, initial.checkpoint)
+        if not part.trainable:
+            if part.name not in loaded:
+                warnings.warn(f"{part.name} is frozen but no checkpoint holds it: it stays at its random "
+                              "initialization", stacklevel=3)
+            part.module.requires_grad_(False).eval()
+    return loaded
+
+
+def lr_factor(settings: OptimizerSettings, steps_per_epoch: Callable[[], int]) -> Callable[[int], float]:
+    """The learning-rate multiplier at an optimizer step: linear warm-up, then a factor
+    ``lr_gamma`` per milestone passed."""
+    warmup = settings.warmup_steps
+    if warmup is None:
+        warmup = int(round(settings.warmup_epochs * steps_per_epoch())) if settings.warmup_epochs else 0
+    milestones = sorted(settings.lr_milestones or [])
+    gamma = settings.lr_gamma
+
+    def factor(step: int) -> float:
+        ramp = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+        return ramp * gamma ** sum(1 for m in milestones if step >= m)
+
+    return factor
+
+
+def build_optimizer(groups: list[OptimizerGroup], steps_per_epoch: Callable[[], int]) -> dict:
+    """One optimizer over the groups (they share an algorithm) and a per-step schedule."""
+    groups = [g for g in groups if g.params]
+    if not groups:
+        raise ValueError("nothing to train: every part is frozen")
+    algorithms = {g.settings.algorithm for g in groups}
+    if len(algorithms) > 1:
+        raise ValueError(f"the parts ask for different optimizers {sorted(algorithms)}; use one algorithm")
+    optimizer_class = {"adamax": torch.optim.Adamax, "adam": torch.optim.Adam}[algorithms.pop()]
+    optimizer = optimizer_class(
+        [{"params": g.params, "lr": g.settings.lr, "betas": tuple(g.settings.betas),
+          "weight_decay": g.settings.weight_decay, "name": g.name} for g in groups])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [lr_factor(g.settings, steps_per_epoch) for g in groups])
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def steps_per_epoch(trainer) -> int:
+    datamodule = getattr(trainer, "datamodule", None)
+    if datamodule is None:
+        raise ValueError("warmup_epochs needs a datamodule to count steps; set warmup_steps")
+    batches = len(datamodule.train_dataloader())
+    return max(1, math.ceil(batches / max(1, trainer.world_size)))
