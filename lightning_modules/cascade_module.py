@@ -61,16 +61,17 @@ def srflow_optimizer() -> OptimizerSettings:
 
 @dataclass
 class SRFlowStage:
-    """One 2x super-resolution stage: ``flow`` (``class_path: flows.SRFlow``; seed 000
-    sec. 4.3.1: L=4, K=16, 64 hidden, affine injectors, squishing a=0.5, 23-block
-    RRDB) and its optimizer (:func:`srflow_optimizer`).
+    """One 2x super-resolution stage: ``flow`` (``class_path: flows.SRFlow``; None: the
+    seed's SRFlow of sec. 4.3.1, L=4, K=16, 64 hidden, affine injectors, squishing
+    a=0.5, 23-block RRDB, at twice the previous stage's resolution with the base's
+    channels and classes) and its optimizer (:func:`srflow_optimizer`).
 
     ``sigma``: > 0 trains the stage variationally against the previous one (sec. 3.2).
     ``encoder_checkpoint``: an RRDB L1 pre-training checkpoint (RRDBPretrainModule).
     ``freeze_encoder_steps``: optimizer steps during which the RRDB is frozen (100k of 200k).
     ``checkpoint``: as for :class:`GlowStage`."""
 
-    flow: SRFlow
+    flow: SRFlow | None = None
     sigma: float = 0.0
     optimizer: OptimizerSettings = field(default_factory=srflow_optimizer)
     encoder_checkpoint: str | None = None
@@ -106,7 +107,7 @@ class CascadeModule(FlowModule):
         super().__init__(n_bits=n_bits, grad_clip_norm=grad_clip_norm, evaluation_seed=evaluation_seed,
                          channels_last=channels_last, compile=compile)
         self.save_config()
-        self.model = Cascade(base=base.flow, sr_stages=[s.flow for s in sr_stages], n_bits=self.n_bits)
+        self.model = Cascade(base=base.flow, sr_stages=self._sr_flows(base.flow, sr_stages), n_bits=self.n_bits)
         self.stage_settings = {r: s for r, s in zip(self.model.resolutions, [base, *sr_stages])}
         classes = {getattr(self.model.stage(r), "num_classes", 0) for r in self.model.resolutions}
         if len(classes) > 1:
@@ -124,6 +125,15 @@ class CascadeModule(FlowModule):
         self.train_stages = sorted(set(train_stages))
         self._check_variational_stages()
         self.load_parts(init_checkpoint)
+
+    @staticmethod
+    def _sr_flows(base: Glow, sr_stages: list[SRFlowStage]) -> list[SRFlow]:
+        flows, size = [], base.image_size
+        for stage in sr_stages:
+            size *= 2
+            flows.append(stage.flow if stage.flow is not None else
+                         SRFlow(in_channels=base.in_channels, image_size=size, num_classes=base.num_classes))
+        return flows
 
     # --- configuration ----------------------------------------------------------------
     def sigma(self, resolution: int) -> float:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
+from lightning_modules import ExactResume, FIDSettings, TestMetrics
 from tests.resume_job import build
 
 
@@ -40,13 +41,13 @@ def main() -> None:
     trainer = pl.Trainer(accelerator="cpu", devices=2 if ddp else 1,
                          strategy="ddp_spawn_find_unused_parameters_true" if ddp else "auto", max_steps=3, logger=False,
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(out),
-                         num_sanity_val_steps=0, callbacks=[SaveParameters(out)])
+                         num_sanity_val_steps=0,
+                         callbacks=[SaveParameters(out), ExactResume(),
+                                    TestMetrics(FIDSettings(num_samples=12, feature_extractor="random-conv",
+                                                            batch_size=4, kid_subset_size=4,
+                                                            cache_dir=str(out / "fid_cache")))])
     trainer.validate(module, data, verbose=False)
     trainer.fit(module, data)
-    from lightning_modules import FIDSettings
-
-    module.evaluation = FIDSettings(num_samples=12, feature_extractor="random-conv", batch_size=4,
-                                    kid_subset_size=4, cache_dir=str(out / "fid_cache"))
     trainer.test(module, data, verbose=False)
 
 

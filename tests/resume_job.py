@@ -13,24 +13,29 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from datamodules import EmbeddedDataModule
-from lightning_modules import CascadeModule, GlowLevel, GlowModule, SRFlowLevel
+from flows import Glow, SRFlow
+from lightning_modules import (CascadeModule, ExactResume, GlowModule, GlowStage, OptimizerSettings,
+                               SRFlowStage)
 from lightning_modules.checkpointing import AtomicCheckpointIO, newest_checkpoint
 
 
 def build(family: str):
-    common = dict(n_bits=5, num_samples=4, sample_every_n_epochs=0)
+    optimizer = OptimizerSettings(lr=2e-3, warmup_steps=3)
     if family == "glow":
-        module = GlowModule(resolution=8, levels=2, steps_per_level=2, hidden_channels=16, lr=2e-3,
-                            warmup_steps=3, **common)
+        module = GlowModule(flow=Glow(image_size=8, scales=2, steps_per_scale=2, hidden_channels=16),
+                            optimizer=optimizer, n_bits=5)
         resolutions = [8]
     else:
         module = CascadeModule(
-            base_resolution=8, base=GlowLevel(levels=2, steps_per_level=1, hidden_channels=8, lr=2e-3,
-                                              warmup_steps=3),
-            sr_levels=[SRFlowLevel(sigma=0.2, levels=2, steps_per_level=1, hidden_channels=8,
-                                   rrdb_features=8, rrdb_blocks=2, rrdb_growth=4,
-                                   freeze_encoder_steps=5, lr=2e-3, lr_milestones=[12])],
-            failure_probe_every_n_steps=4, **common)
+            base=GlowStage(flow=Glow(image_size=8, scales=2, steps_per_scale=1, hidden_channels=8),
+                           optimizer=optimizer),
+            sr_stages=[SRFlowStage(sigma=0.2, flow=SRFlow(image_size=16, scales=2, steps_per_scale=1,
+                                                          hidden_channels=8, rrdb_features=8, rrdb_blocks=2,
+                                                          rrdb_growth=4),
+                                   freeze_encoder_steps=5,
+                                   optimizer=OptimizerSettings(lr=2e-3, betas=(0.9, 0.99), weight_decay=0.0,
+                                                               warmup_epochs=0.0, lr_milestones=[12]))],
+            failure_probe_every_n_steps=4, n_bits=5)
         resolutions = [16, 8]
     data = EmbeddedDataModule(image_size=resolutions[0], resolutions=resolutions, train_size=128,
                               val_size=16, batch_size=8)
@@ -58,7 +63,7 @@ def main() -> None:
     pl.seed_everything(0)
     module, data = build(args.family)
     callbacks = [ModelCheckpoint(dirpath=root / "checkpoints", every_n_train_steps=3, save_last=True,
-                                 save_top_k=-1)]
+                                 save_top_k=-1), ExactResume()]
     if args.kill_at:
         callbacks.append(KillAt(args.kill_at))
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=args.max_steps, logger=False,

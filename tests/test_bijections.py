@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from flows.base import FlowSequential
-from flows.layers import (ActNorm, AffineCoupling, AffineInjector, InvertibleConv1x1,
-                          InvertibleConv1x1LU, Squeeze, flow_step)
+from flows.layers import (ActNorm, AdditiveCoupling, AffineCoupling, AffineInjector, CheckerboardMask,
+                          InvertibleConv1x1, InvertibleConv1x1LU, Squeeze, flow_step)
 from tests.conftest import perturb_parameters
 
 C, H, W, COND_C = 4, 4, 4, 3
@@ -23,7 +23,11 @@ CASES = {
     "invconv_lu": (lambda: InvertibleConv1x1LU(C), False),
     "affine_coupling_glow": (lambda: AffineCoupling(C, 8, scale_fn="glow"), False),
     "affine_coupling_squish": (lambda: AffineCoupling(C, 8, scale_fn="squish", squish_alpha=0.5), False),
-    "additive_coupling": (lambda: AffineCoupling(C, 8, additive=True), False),
+    "additive_coupling": (lambda: AdditiveCoupling(C, 8), False),
+    "checkerboard_coupling": (lambda: AffineCoupling(C, 8, mask=CheckerboardMask(1)), False),
+    "checkerboard_2x2_additive": (lambda: AdditiveCoupling(C, 8, mask=CheckerboardMask(2, parity=1)), False),
+    "conditional_checkerboard_coupling": (lambda: AffineCoupling(C, 8, cond_channels=COND_C, scale_fn="squish",
+                                                                 mask=CheckerboardMask(2)), True),
     "odd_channels_coupling": (lambda: AffineCoupling(3, 8), False),
     "conditional_coupling": (lambda: AffineCoupling(C, 8, cond_channels=COND_C, scale_fn="squish"), True),
     "affine_injector": (lambda: AffineInjector(C, COND_C, 8, scale_fn="squish"), True),
@@ -91,7 +95,8 @@ def test_logdet_matches_brute_force_jacobian(name):
         assert torch.allclose(logdet[i], expected, atol=1e-6), (name, logdet[i].item(), expected.item())
 
 
-@pytest.mark.parametrize("name", ["conditional_coupling", "affine_injector", "conditional_flow_step"])
+@pytest.mark.parametrize("name", ["conditional_coupling", "affine_injector", "conditional_flow_step",
+                                  "conditional_checkerboard_coupling"])
 def test_conditional_layers_depend_on_condition_and_require_it(name):
     layer, x, cond, _ = build(name)
     with torch.no_grad():
@@ -134,3 +139,19 @@ def test_invconv_logdet_is_float32_under_bf16_input():
 def test_squeeze_rejects_odd_sizes():
     with pytest.raises(ValueError, match="even"):
         Squeeze()(torch.zeros(1, 1, 3, 4))
+
+
+@pytest.mark.parametrize("block", [1, 2])
+def test_checkerboard_coupling_leaves_its_passive_pixels_unchanged(block):
+    mask = CheckerboardMask(block)
+    layer = AffineCoupling(C, 8, mask=mask)
+    perturb_parameters(layer, 0.2)
+    x = torch.randn(3, C, H, W)
+    with torch.no_grad():
+        z, _ = layer(x)
+    passive = mask.passive_mask(x).bool().expand_as(x)
+    assert torch.equal(z[passive], x[passive])
+    assert not torch.allclose(z[~passive], x[~passive])
+    # Half the pixels pass, in square blocks of the given size.
+    assert passive[0, 0].float().mean() == 0.5
+    assert torch.equal(passive[0, 0, :block, :block], torch.ones(block, block, dtype=torch.bool))

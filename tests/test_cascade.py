@@ -1,4 +1,4 @@
-"""SRFlow levels and the CSRFlow cascade (seed 000 ch. 2.2.4, 3, 4)."""
+"""SRFlow stages and the CSRFlow cascade (seed 000 ch. 2.2.4, 3, 4)."""
 import math
 
 import pytest
@@ -6,46 +6,58 @@ import pytorch_lightning as pl
 import torch
 
 from datamodules import EmbeddedDataModule
-from datamodules.pyramid import bits_per_dim, dequantize
-from flows.cascade import Cascade, snap_to_bins
-from flows.glow import Glow
+from flows import LABELS, LOWRES, Cascade, Glow, SRFlow
 from flows.nets import RRDBEncoder
-from flows.srflow import SRFlow
-from lightning_modules import CascadeModule, GlowLevel, SRFlowLevel
+from flows.quantization import bits_per_dim, dequantize, snap_to_bins
+from lightning_modules import CascadeModule, GlowStage, OptimizerSettings, SRFlowStage
+from lightning_modules.parts import lr_factor
 from tests.conftest import perturb_parameters
 
-TINY_SR = dict(levels=2, steps_per_level=1, hidden_channels=8, rrdb_features=8, rrdb_blocks=2,
-               rrdb_growth=4, freeze_encoder_steps=0, lr=1e-3, lr_milestones=[])
-TINY_GLOW = dict(levels=2, steps_per_level=1, hidden_channels=8, lr=1e-3, warmup_steps=1)
+TINY_SR_FLOW = dict(scales=2, steps_per_scale=1, hidden_channels=8, rrdb_features=8, rrdb_blocks=2,
+                    rrdb_growth=4)
+TINY_SR_OPTIMIZER = dict(lr=1e-3, betas=(0.9, 0.99), weight_decay=0.0, warmup_epochs=0.0, lr_milestones=[])
 
 
 def tiny_srflow(size=16, **kwargs):
-    return SRFlow(3, size, levels=2, steps_per_level=2, hidden_channels=8, rrdb_features=8,
+    return SRFlow(image_size=size, scales=2, steps_per_scale=2, hidden_channels=8, rrdb_features=8,
                   rrdb_blocks=2, rrdb_growth=4, **kwargs)
 
 
 def tiny_cascade():
-    base = Glow(3, 8, levels=2, steps_per_level=2, hidden_channels=8)
-    cascade = Cascade(base, [tiny_srflow(16), tiny_srflow(32)], n_bits=5)
+    base = Glow(image_size=8, scales=2, steps_per_scale=2, hidden_channels=8)
+    cascade = Cascade(base=base, sr_stages=[tiny_srflow(16), tiny_srflow(32)], n_bits=5)
     perturb_parameters(cascade, 0.02)
     return cascade.eval()
 
 
 def pyramid_batch(batch=3, n_bits=5):
-    """Noisy images and clean conditions of a real pyramid (x_{i-1} = d(x_i))."""
+    """Noisy images and clean (bin-centre) images of a real pyramid (x_{i-1} = d(x_i))."""
     data = EmbeddedDataModule(image_size=32, resolutions=[32, 16, 8], train_size=8, val_size=4)
     data.setup("fit")
     items = [data.datasets["train"][i] for i in range(batch)]
     uint8 = {r: torch.stack([item["images"][r] for item in items]) for r in (8, 16, 32)}
     images = {r: dequantize(x, n_bits, noise=True) for r, x in uint8.items()}
-    conditions = {r: dequantize(uint8[r // 2], n_bits, noise=False) for r in (16, 32)}
-    return images, conditions, uint8
+    clean = {r: dequantize(x, n_bits, noise=False) for r, x in uint8.items()}
+    return images, clean, uint8
 
 
-def tiny_module(**kwargs):
-    defaults = dict(base_resolution=8, base=GlowLevel(**TINY_GLOW),
-                    sr_levels=[SRFlowLevel(**TINY_SR)], n_bits=5, num_samples=4,
-                    sample_every_n_epochs=0, failure_probe_every_n_steps=0)
+def glow_stage(hidden_channels=8, num_classes=0, **kwargs):
+    return GlowStage(flow=Glow(image_size=8, scales=2, steps_per_scale=1, hidden_channels=hidden_channels,
+                               num_classes=num_classes),
+                     optimizer=OptimizerSettings(lr=1e-3, warmup_steps=1), **kwargs)
+
+
+def sr_stage(size=16, sigma=0.0, num_classes=0, flow=None, **kwargs):
+    settings = dict(freeze_encoder_steps=0, optimizer=OptimizerSettings(**TINY_SR_OPTIMIZER))
+    settings.update(kwargs)
+    flow = flow or dict(TINY_SR_FLOW)
+    return SRFlowStage(flow=SRFlow(image_size=size, num_classes=num_classes, **flow), sigma=sigma, **settings)
+
+
+def tiny_module(num_classes=0, sr_stages=None, **kwargs):
+    defaults = dict(base=glow_stage(num_classes=num_classes),
+                    sr_stages=sr_stages or [sr_stage(num_classes=num_classes)], n_bits=5,
+                    failure_probe_every_n_steps=0)
     defaults.update(kwargs)
     return CascadeModule(**defaults)
 
@@ -64,39 +76,41 @@ def trainer(tmp_path, **kwargs):
     return pl.Trainer(**defaults)
 
 
-# --- the SRFlow level ----------------------------------------------------------------
+# --- the SRFlow stage ----------------------------------------------------------------
 def test_srflow_round_trip_and_condition_dependence():
     model = tiny_srflow(16)
     perturb_parameters(model, 0.02)
     model.eval()
     x, lr = torch.rand(2, 3, 16, 16) - 0.5, torch.rand(2, 3, 8, 8) - 0.5
     with torch.no_grad():
-        encoding = model.encode(x, lr)
-        x_back, _ = model.decode(encoding.latents, lr)
-        other = model.encode(x, lr.flip(-1))
+        encoding = model.encode(x, {LOWRES: lr})
+        x_back = model.decode(encoding.latents, {LOWRES: lr})
+        other = model.encode(x, {LOWRES: lr.flip(-1)})
     assert (x_back - x).abs().max() < 1e-4
     assert not torch.allclose(encoding.log_prob, other.log_prob)
     with pytest.raises(ValueError, match="conditions on"):
-        model.log_prob(x, torch.rand(2, 3, 16, 16))
+        model.log_prob(x, {LOWRES: torch.rand(2, 3, 16, 16)})
+    with pytest.raises(ValueError, match="lowres"):
+        model.log_prob(x)
 
 
 def test_srflow_log_prob_is_change_of_variables_of_its_flow():
     """log p(x|lr) = log N(f(x; c)) + log|det df/dx| with a brute-force Jacobian."""
-    model = SRFlow(3, 4, levels=1, steps_per_level=2, hidden_channels=4, rrdb_features=4,
+    model = SRFlow(image_size=4, scales=1, steps_per_scale=2, hidden_channels=4, rrdb_features=4,
                    rrdb_blocks=1, rrdb_growth=2).double()
     perturb_parameters(model, 0.05)
     model.eval()
     x, lr = torch.rand(1, 3, 4, 4).double() - 0.5, torch.rand(1, 3, 2, 2).double() - 0.5
-    features = model.features(lr)
+    cond = model.flow_condition({LOWRES: lr})
 
     def latent(flat):
-        return model.flow.encode(flat.reshape(1, 3, 4, 4), None, features).latents[-1].flatten()
+        return model.flow.encode(flat.reshape(1, 3, 4, 4), cond).latents[-1].flatten()
 
     jacobian = torch.autograd.functional.jacobian(latent, x.flatten())
     z = latent(x.flatten()).reshape(1, 12, 2, 2)
-    prior = model.flow.top_prior.log_prob(z, None, features)
+    prior = model.flow.top_prior.log_prob(z, cond)
     expected = prior + torch.linalg.slogdet(jacobian).logabsdet
-    assert torch.allclose(model.log_prob(x, lr), expected, atol=1e-8)
+    assert torch.allclose(model.log_prob(x, {LOWRES: lr}), expected, atol=1e-8)
 
 
 def test_rrdb_taps_the_seed_blocks_and_upsamples():
@@ -109,123 +123,135 @@ def test_rrdb_taps_the_seed_blocks_and_upsamples():
     assert torch.allclose(encoder(lr), bicubic)
 
 
-# --- exact density -------------------------------------------------------------------------
-def test_cascade_log_likelihood_is_the_sum_of_its_levels():
+# --- the cascade's likelihood -----------------------------------------------------------------
+def test_cascade_log_likelihood_is_the_sum_of_its_stages():
     cascade = tiny_cascade()
-    images, conditions, _ = pyramid_batch()
+    images, clean, _ = pyramid_batch()
     with torch.no_grad():
-        total = cascade.log_likelihood(images, conditions)
-        levels = [cascade.base.log_prob(images[8]),
-                  cascade.levels["16"].log_prob(images[16], conditions[16]),
-                  cascade.levels["32"].log_prob(images[32], conditions[32])]
-    # Each level's density times its bin volume (5 bits per dim) is its probability.
+        total = cascade.log_likelihoods(images, {LOWRES: clean})[32]
+        stages = [cascade.base.log_prob(images[8]),
+                  cascade.stage(16).log_prob(images[16], {LOWRES: clean[8]}),
+                  cascade.stage(32).log_prob(images[32], {LOWRES: clean[16]})]
+        encoding = cascade.encode(images, {LOWRES: clean})
+    # Each stage's density times its bin volume (5 bits per dim) is its probability.
     bins = [-3 * r * r * 5 * math.log(2.0) for r in (8, 16, 32)]
-    by_hand = sum(lp + b for lp, b in zip(levels, bins))
+    by_hand = sum(lp + b for lp, b in zip(stages, bins))
     assert torch.allclose(total, by_hand, rtol=1e-6)
-    # In bits: the cascade's bits equal the sum of the levels' own bits.
-    level_bits = sum(bits_per_dim(lp, 3 * r * r, 5) * 3 * r * r for lp, r in zip(levels, (8, 16, 32)))
-    assert torch.allclose(-total / math.log(2.0), level_bits, rtol=1e-5)
+    # In bits: the cascade's bits equal the sum of the stages' own bits.
+    stage_bits = sum(bits_per_dim(lp, 3 * r * r, 5) * 3 * r * r for lp, r in zip(stages, (8, 16, 32)))
+    assert torch.allclose(-total / math.log(2.0), stage_bits, rtol=1e-5)
     bpd = -total / (3 * 32 * 32 * math.log(2.0))
     assert torch.isfinite(bpd).all() and (bpd > 0).all()
+    # The contract's encoding: its log_prob is the density whose Glow bpd is the
+    # cascade's bits per dim at the top, and it says it is a bound.
+    assert torch.allclose(bits_per_dim(encoding.log_prob, 3 * 32 * 32, 5), bpd, rtol=1e-5)
+    assert not encoding.exact and not cascade.exact and cascade.stage_exact(8)
 
 
 def test_conditions_are_the_bin_centres_of_the_lower_resolution():
-    images, conditions, uint8 = pyramid_batch()
-    assert torch.equal(snap_to_bins(images[16], 5), conditions[32])
-    assert torch.equal(snap_to_bins(conditions[32], 5), conditions[32])
+    images, clean, uint8 = pyramid_batch()
+    assert torch.equal(snap_to_bins(images[16], 5), clean[16])
+    assert torch.equal(snap_to_bins(clean[16], 5), clean[16])
     broken = torch.tensor([float("nan"), float("inf"), -float("inf"), 7.0]).reshape(1, 1, 2, 2)
     assert torch.isfinite(snap_to_bins(broken, 5)).all()
+    # Without explicit conditions the cascade snaps the lower resolutions of x itself.
+    cascade = tiny_cascade()
+    with torch.no_grad():
+        given = cascade.log_likelihoods(images, {LOWRES: clean})[32]
+        derived = cascade.log_likelihoods(images)[32]
+    assert torch.allclose(given, derived)
 
 
-def test_module_logs_exact_cascade_bpd_and_level_bpds(tmp_path):
-    module = tiny_module(sr_levels=[SRFlowLevel(**TINY_SR), SRFlowLevel(**TINY_SR)])
+def test_module_logs_cascade_bpd_bounds_and_stage_bpds(tmp_path):
+    module = tiny_module(sr_stages=[sr_stage(16), sr_stage(32)])
     data = tiny_data(top=32)
     data.setup("fit")
     batch = next(iter(data.val_dataloader()))
     module.eval()
     torch.manual_seed(3)
-    images, labels = module.prepare_batch(batch, noise=True)
+    prepared = module.prepare_batch(batch, noise=True)
     with torch.no_grad():
-        out = module.compute_losses(images, labels)
-        conditions = {r: dequantize(batch["images"][r // 2], 5, noise=False) for r in (16, 32)}
-        levels = module.model.log_prob_levels(images, conditions)
-        bits = {r: bits_per_dim(levels[r], 3 * r * r, 5) * 3 * r * r for r in (8, 16, 32)}
-    # The logged cascade bpd at R is the levels' bits up to R over R's dims.
+        out = module.compute_losses(prepared)
+        clean = {r: dequantize(batch["images"][r], 5, noise=False) for r in (8, 16)}
+        stages = {r: module.model.encode_stage(r, prepared.images, {LOWRES: clean}).log_prob for r in (8, 16, 32)}
+        bits = {r: bits_per_dim(stages[r], 3 * r * r, 5) * 3 * r * r for r in (8, 16, 32)}
+    # The logged cascade bpd at R is the stages' bits up to R over R's dims.
     cascade_bpd_32 = bits_per_dim(out.log_prob[32], 3 * 32 * 32, 5)
     assert torch.allclose(cascade_bpd_32, (bits[8] + bits[16] + bits[32]) / (3 * 32 * 32), rtol=1e-5)
     cascade_bpd_16 = bits_per_dim(out.log_prob[16], 3 * 16 * 16, 5)
     assert torch.allclose(cascade_bpd_16, (bits[8] + bits[16]) / (3 * 16 * 16), rtol=1e-5)
-    assert torch.allclose(out.log_prob[8], levels[8])
-    given = bits_per_dim(levels[32], 3 * 32 * 32, 5).mean()
+    assert torch.allclose(out.log_prob[8], stages[8])
+    given = bits_per_dim(stages[32], 3 * 32 * 32, 5).mean()
     assert torch.allclose(out.extra["bpd_32_given_16"], given)
+    # The base's figure is exact, the cascade's above it a bound.
+    assert out.exact == {8: True, 16: False, 32: False}
     assert module.model_name == "Glow8-SRF16-SRF32"
 
 
 # --- sampling ------------------------------------------------------------------------------
-def test_sampling_is_sequential_with_a_temperature_per_level():
+def test_sampling_is_sequential_with_a_temperature_per_stage():
     cascade = tiny_cascade()
     torch.manual_seed(0)
-    samples = cascade.sample(2, [0.0, 0.5, 1.0])
+    samples = cascade.sample(2, None, [0.0, 0.5, 1.0])
     assert {r: tuple(x.shape) for r, x in samples.items()} == {8: (2, 3, 8, 8), 16: (2, 3, 16, 16),
                                                                32: (2, 3, 32, 32)}
     for x in samples.values():
         assert torch.equal(snap_to_bins(x, 5), x)  # on the data grid
-    # The 16px level saw the base's sample: re-sampling it from that condition with the
+    # The 16px stage saw the base's sample: re-sampling it from that condition with the
     # same noise reproduces it.
     torch.manual_seed(1)
-    again = cascade.levels["16"].sample(samples[8], 0.5)
+    again = cascade.stage(16).sample(2, {LOWRES: samples[8]}, 0.5)
     torch.manual_seed(1)
-    assert torch.equal(snap_to_bins(again, 5), snap_to_bins(cascade.levels["16"].sample(samples[8], 0.5), 5))
+    assert torch.equal(snap_to_bins(again, 5), snap_to_bins(cascade.stage(16).sample(2, {LOWRES: samples[8]}, 0.5), 5))
     # Temperature 0 at the base: both samples are the prior mode.
     assert torch.equal(samples[8][0], samples[8][1])
-    with pytest.raises(ValueError, match="one per level"):
-        cascade.sample(2, [0.5, 0.5])
+    with pytest.raises(ValueError, match="one per stage"):
+        cascade.sample(2, None, [0.5, 0.5])
 
 
 # --- variational training --------------------------------------------------------------------
 def test_variational_condition_with_zero_sigma_is_the_clean_condition():
     cascade = tiny_cascade()
-    _, conditions, _ = pyramid_batch()
-    result = cascade.variational_condition(32, conditions, sigma=0.0)
+    _, clean, _ = pyramid_batch()
+    result = cascade.variational_condition(32, {LOWRES: clean}, sigma=0.0)
     assert result.failure_rate == 0
-    assert torch.equal(result.images, conditions[32])
+    assert torch.equal(result.images, clean[16])
 
 
 def test_huge_sigma_replaces_and_counts_failed_reconstructions(tmp_path):
-    module = tiny_module(sr_levels=[SRFlowLevel(**{**TINY_SR, "sigma": 1e6})], train_levels=[16])
+    module = tiny_module(sr_stages=[sr_stage(sigma=1e6)], train_stages=[16])
     data = tiny_data(top=16)
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
     module.train()
-    images, labels = module.prepare_batch(batch)
-    out = module.compute_losses(images, labels)
+    prepared = module.prepare_batch(batch)
+    out = module.compute_losses(prepared)
     assert out.extra["replacement_rate_16"] == 1.0
     assert torch.isfinite(out.loss)
     # Every condition fell back to the clean image: the loss equals the clean one.
-    module.level_config(16).sigma = 0.0
-    clean = module.compute_losses(images, labels)
+    module.stage_settings[16].sigma = 0.0
+    clean = module.compute_losses(prepared)
     assert torch.allclose(out.loss, clean.loss)
 
 
-def test_variational_level_trains_against_a_frozen_previous_level(tmp_path):
-    module = tiny_module(train_levels=[16], sr_levels=[SRFlowLevel(**{**TINY_SR, "sigma": 0.3})],
-                         failure_probe_every_n_steps=1)
+def test_variational_stage_trains_against_a_frozen_previous_stage(tmp_path):
+    module = tiny_module(train_stages=[16], sr_stages=[sr_stage(sigma=0.3)], failure_probe_every_n_steps=1)
     before_base = {k: v.clone() for k, v in module.model.base.state_dict().items()}
-    before_sr = {k: v.clone() for k, v in module.model.levels["16"].state_dict().items()}
+    before_sr = {k: v.clone() for k, v in module.model.stage(16).state_dict().items()}
     modes = []
 
     class RecordMode(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            modes.append((pl_module.model.base.training, pl_module.model.levels["16"].training))
+            modes.append((pl_module.model.base.training, pl_module.model.stage(16).training))
 
     run = trainer(tmp_path, max_steps=3, limit_val_batches=1, val_check_interval=2,
                   callbacks=[RecordMode()])
     run.fit(module, tiny_data(top=16))
-    assert modes == [(False, True)] * 3  # frozen level in eval mode, even after validation
+    assert modes == [(False, True)] * 3  # frozen stage in eval mode, even after validation
     after_base = module.model.base.state_dict()
     assert all(torch.equal(before_base[k], after_base[k]) for k in before_base), "frozen base moved"
     assert not module.model.base.training
-    after_sr = module.model.levels["16"].state_dict()
+    after_sr = module.model.stage(16).state_dict()
     assert any(not torch.equal(before_sr[k], after_sr[k]) for k in before_sr)
     logged = run.callback_metrics
     assert "train/replacement_rate_16" in logged
@@ -234,8 +260,8 @@ def test_variational_level_trains_against_a_frozen_previous_level(tmp_path):
 
 
 def test_rrdb_freeze_schedule_takes_effect_at_the_configured_step(tmp_path):
-    module = tiny_module(sr_levels=[SRFlowLevel(**{**TINY_SR, "freeze_encoder_steps": 2})])
-    encoder = module.model.levels["16"].encoder
+    module = tiny_module(sr_stages=[sr_stage(freeze_encoder_steps=2)])
+    encoder = module.model.stage(16).encoder
     snapshots = []
 
     class Snapshot(pl.Callback):
@@ -248,78 +274,91 @@ def test_rrdb_freeze_schedule_takes_effect_at_the_configured_step(tmp_path):
     assert unchanged == [True, True, False, False]
 
 
-def test_each_level_has_its_seed_optimizer_settings():
-    module = tiny_module(base=GlowLevel(levels=2, steps_per_level=1, hidden_channels=8),
-                         sr_levels=[SRFlowLevel(levels=2, steps_per_level=1, hidden_channels=8,
-                                                rrdb_features=8, rrdb_blocks=2, rrdb_growth=4)])
+def test_each_stage_has_its_seed_optimizer_settings():
+    module = tiny_module(base=GlowStage(flow=Glow(image_size=8, scales=2, steps_per_scale=1, hidden_channels=8)),
+                         sr_stages=[SRFlowStage(flow=SRFlow(image_size=16, **TINY_SR_FLOW))])
     groups = {g.name: g.settings for g in module.optimizer_groups()}
     assert groups["Glow8"].lr == 5e-4 and groups["Glow8"].betas == (0.9, 0.999)
     assert groups["Glow8"].weight_decay == 5e-5 and groups["Glow8"].warmup_epochs == 5.0
     assert groups["SRF16"].lr == 2.5e-4 and groups["SRF16"].betas == (0.9, 0.99)
     assert groups["SRF16"].weight_decay == 0.0
     assert groups["SRF16"].lr_milestones == [100_000, 150_000, 180_000, 190_000]
-    factor = module._lr_factor(groups["SRF16"])
+    factor = lr_factor(groups["SRF16"], lambda: 1)
     assert [factor(s) for s in (99_999, 100_000, 150_000, 180_000, 190_000)] == \
         [1.0, 0.5, 0.25, 0.125, 0.0625]
+    assert module.stage_settings[16].freeze_encoder_steps == 100_000
+
+
+def test_a_stage_without_a_flow_gets_the_seed_srflow_at_twice_the_resolution():
+    module = CascadeModule(base=GlowStage(flow=Glow(image_size=8, scales=2, steps_per_scale=1, hidden_channels=8,
+                                                    num_classes=3)),
+                           sr_stages=[SRFlowStage(sigma=0.5)], n_bits=5)
+    stage = module.model.stage(16)
+    assert isinstance(stage, SRFlow) and stage.num_classes == 3
+    assert len(stage.flow.scales) == 4 and len(stage.flow.scales[0]) == 1 + 16 and len(stage.encoder.trunk) == 23
+    assert module.model_name == "GlowCC8-SRFCC16(0.50)"
 
 
 # --- naming, checkpoints, class conditioning ---------------------------------------------------
 def test_models_are_named_as_in_the_seed_tables():
-    module = tiny_module(sr_levels=[SRFlowLevel(**{**TINY_SR, "sigma": 0.02}), SRFlowLevel(**{**TINY_SR, "sigma": 0.5})])
+    module = tiny_module(sr_stages=[sr_stage(sigma=0.02), sr_stage(32, sigma=0.5)])
     assert module.model_name == "Glow8-SRF16(0.02)-SRF32(0.50)"
     assert tiny_module(num_classes=10).model_name == "GlowCC8-SRFCC16"
+    with pytest.raises(ValueError, match="num_classes"):
+        tiny_module(sr_stages=[sr_stage(num_classes=10)])
 
 
-def test_levels_load_from_checkpoints_and_mismatches_are_explained(tmp_path):
+def test_stages_load_from_checkpoints_and_mismatches_are_explained(tmp_path):
     source = tiny_module()
     perturb_parameters(source, 0.05)
     path = tmp_path / "cascade.ckpt"
     torch.save({"state_dict": source.state_dict()}, path)
-    loaded = tiny_module(base=GlowLevel(**{**TINY_GLOW, "checkpoint": str(path)}), train_levels=[16],
-                         sr_levels=[SRFlowLevel(**{**TINY_SR, "checkpoint": str(path)})])
+    loaded = tiny_module(base=glow_stage(checkpoint=str(path)), train_stages=[16],
+                         sr_stages=[sr_stage(checkpoint=str(path))])
     for key, value in source.model.state_dict().items():
         assert torch.equal(value, loaded.model.state_dict()[key]), key
     assert not any(p.requires_grad for p in loaded.model.base.parameters())
-    # A staged run: every level comes from the previous stage's checkpoint.
-    staged = tiny_module(init_checkpoint=str(path), train_levels=[16])
+    # A staged run: every stage comes from the previous phase's checkpoint.
+    staged = tiny_module(init_checkpoint=str(path), train_stages=[16])
     for key, value in source.model.state_dict().items():
         assert torch.equal(value, staged.model.state_dict()[key]), key
-    with pytest.raises(ValueError, match="not levels of this cascade"):
-        tiny_module(train_levels=[64])
+    with pytest.raises(ValueError, match="not stages of this cascade"):
+        tiny_module(train_stages=[64])
     with pytest.raises(ValueError, match="does not match the configured architecture"):
-        tiny_module(base=GlowLevel(**{**TINY_GLOW, "hidden_channels": 16, "checkpoint": str(path)}))
+        tiny_module(base=glow_stage(hidden_channels=16, checkpoint=str(path)))
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        tiny_module(base=GlowLevel(**{**TINY_GLOW, "checkpoint": str(tmp_path / "missing.ckpt")}))
+        tiny_module(base=glow_stage(checkpoint=str(tmp_path / "missing.ckpt")))
 
 
-def test_class_conditional_cascade_uses_labels_at_every_level():
+def test_class_conditional_cascade_uses_labels_at_every_stage():
     module = tiny_module(num_classes=4)
     module.eval()
     images = {8: torch.rand(4, 3, 8, 8) - 0.5, 16: torch.rand(4, 3, 16, 16) - 0.5}
-    conditions = {16: snap_to_bins(images[8], 5)}
     perturb_parameters(module, 0.05)
     with torch.no_grad():
-        a = module.model.log_prob_levels(images, conditions, torch.tensor([0, 1, 2, 3]))
-        b = module.model.log_prob_levels(images, conditions, torch.tensor([3, 2, 1, 0]))
+        a = {r: module.model.encode_stage(r, images, {LABELS: torch.tensor([0, 1, 2, 3])}).log_prob for r in (8, 16)}
+        b = {r: module.model.encode_stage(r, images, {LABELS: torch.tensor([3, 2, 1, 0])}).log_prob for r in (8, 16)}
     assert not torch.allclose(a[8], b[8]) and not torch.allclose(a[16], b[16])
     samples = module.sample_images(4, 0.8)
     assert set(samples) == {8, 16}
 
 
-def test_rrdb_pretraining_checkpoint_feeds_an_srflow_level(tmp_path):
+def test_rrdb_pretraining_checkpoint_feeds_an_srflow_stage(tmp_path):
     from lightning_modules import RRDBPretrainModule
 
-    pretrain = RRDBPretrainModule(resolution=16, rrdb_features=8, rrdb_blocks=2, rrdb_growth=4,
-                                  n_bits=5, lr=1e-3)
+    pretrain = RRDBPretrainModule(resolution=16, rrdb_features=8, rrdb_blocks=2, rrdb_growth=4, n_bits=5,
+                                  optimizer=OptimizerSettings(algorithm="adam", lr=1e-3, weight_decay=0.0,
+                                                              warmup_epochs=0.0))
     initial = {k: v.clone() for k, v in pretrain.encoder.state_dict().items()}
     run = trainer(tmp_path, max_steps=3, limit_val_batches=1, val_check_interval=3)
     run.fit(pretrain, tiny_data(top=16))
     assert any(not torch.equal(initial[k], v) for k, v in pretrain.encoder.state_dict().items())
+    assert isinstance(run.optimizers[0], torch.optim.Adam)
     assert "val/psnr_16" in run.callback_metrics
     path = tmp_path / "rrdb.ckpt"
     run.save_checkpoint(path)
-    module = tiny_module(sr_levels=[SRFlowLevel(**{**TINY_SR, "encoder_checkpoint": str(path)})])
+    module = tiny_module(sr_stages=[sr_stage(encoder_checkpoint=str(path))])
     for key, value in pretrain.encoder.state_dict().items():
-        assert torch.equal(value, module.model.levels["16"].encoder.state_dict()[key])
+        assert torch.equal(value, module.model.stage(16).encoder.state_dict()[key])
     with pytest.raises(ValueError, match="does not match"):
-        tiny_module(sr_levels=[SRFlowLevel(**{**TINY_SR, "rrdb_features": 16, "encoder_checkpoint": str(path)})])
+        tiny_module(sr_stages=[sr_stage(flow={**TINY_SR_FLOW, "rrdb_features": 16}, encoder_checkpoint=str(path))])

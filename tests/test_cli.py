@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from lightning_modules import TestMetrics
 from tests.conftest import REPO
 
 CLI = [sys.executable, "-m", "lightning_modules.cli"]
@@ -26,7 +27,7 @@ def test_print_config_resolves_the_seed_settings():
     result = run_cli("fit", "--config", "experiments/glow_cifar10.yaml", "--print_config")
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    for line in ("class_path: lightning_modules.GlowModule", "steps_per_level: 32",
+    for line in ("class_path: lightning_modules.GlowModule", "class_path: flows.Glow", "steps_per_scale: 32",
                  "hidden_channels: 512", "lr: 0.0005", "weight_decay: 5.0e-05",
                  "batch_size: 512", "max_steps: 200000", "warmup_epochs: 5.0"):
         assert line in out, line
@@ -54,9 +55,10 @@ def test_wrong_config_key_is_caught(tmp_path):
     assert "levelz" in result.stderr
 
 
-def read_val_bpd(metrics: Path, resolution: int) -> list[float]:
+def read_val_bpd(metrics: Path, name: str) -> list[float]:
+    """The logged ``val/<name>`` values, e.g. name ``bpd_32`` or ``bpd_bound_32``."""
     rows = list(csv.DictReader(metrics.open()))
-    return [float(r[f"val/bpd_{resolution}"]) for r in rows if r.get(f"val/bpd_{resolution}")]
+    return [float(r[f"val/{name}"]) for r in rows if r.get(f"val/{name}")]
 
 
 def test_small_quickstart_fit_writes_checkpoint_samples_and_bpd(tmp_path):
@@ -64,8 +66,8 @@ def test_small_quickstart_fit_writes_checkpoint_samples_and_bpd(tmp_path):
         "fit", "--config", str(REPO / "experiments/quickstart.yaml"),
         "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
         "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false",
-        "--model.init_args.resolution", "16", "--model.init_args.levels", "2",
-        "--model.init_args.steps_per_level", "2", "--model.init_args.hidden_channels", "16",
+        "--model.init_args.flow.init_args.image_size", "16", "--model.init_args.flow.init_args.scales", "2",
+        "--model.init_args.flow.init_args.steps_per_scale", "2", "--model.init_args.flow.init_args.hidden_channels", "16",
         "--data.init_args.image_size", "16", "--data.init_args.resolutions", "[16]",
         "--data.init_args.train_size", "256", "--data.init_args.val_size", "64",
         "--trainer.callbacks.monitor", "val/bpd_16",
@@ -74,7 +76,7 @@ def test_small_quickstart_fit_writes_checkpoint_samples_and_bpd(tmp_path):
     run_dir = tmp_path / "glow32" / "version_0"
     assert (run_dir / "checkpoints" / "last.ckpt").exists()
     assert len(list((run_dir / "samples").glob("*_res16_t*.png"))) == 4  # 2 epochs x 2 temperatures
-    bpd = read_val_bpd(run_dir / "metrics.csv", 16)
+    bpd = read_val_bpd(run_dir / "metrics.csv", "bpd_16")
     assert len(bpd) == 2 and all(0 < b < 8 for b in bpd)
 
 
@@ -83,15 +85,16 @@ def test_quickstart_as_shipped_improves_val_bpd(tmp_path):
     result = run_cli("fit", "--config", str(REPO / "experiments/quickstart.yaml"),
                      "--trainer.enable_progress_bar", "false", cwd=tmp_path, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
-    bpd = read_val_bpd(tmp_path / "runs/quickstart/glow32/version_0/metrics.csv", 32)
+    bpd = read_val_bpd(tmp_path / "runs/quickstart/glow32/version_0/metrics.csv", "bpd_32")
     assert bpd[-1] < bpd[0] - 0.3, bpd
 
 
 def test_cascade_config_shows_each_levels_sigma():
     result = run_cli("fit", "--config", "experiments/celeba_cascade.yaml", "--print_config")
     assert result.returncode == 0, result.stderr[-2000:]
-    sigmas = [line.strip() for line in result.stdout.splitlines() if line.strip().startswith("- sigma:")]
-    assert sigmas == ["- sigma: 0.02", "- sigma: 0.5"]
+    sigmas = [line.strip().lstrip("- ") for line in result.stdout.splitlines()
+              if line.strip().lstrip("- ").startswith("sigma:")]
+    assert sigmas == ["sigma: 0.02", "sigma: 0.5"]
 
 
 @pytest.mark.parametrize("config, name, resolutions", [
@@ -110,24 +113,40 @@ def test_seed_cascade_configs_build_the_seed_models(config, name, resolutions, t
     assert model.model_name == name
     assert model.resolutions == resolutions
     groups = {g.name: g.settings for g in model.optimizer_groups()}
-    top = model.model.model(resolutions[-1])
-    assert len(top.flow.levels) == 4 and len(top.flow.levels[0]) == 1 + 16  # squeeze + K=16
+    top = model.model.stage(resolutions[-1])
+    assert len(top.flow.scales) == 4 and len(top.flow.scales[0]) == 1 + 16  # squeeze + K=16
     assert len(top.encoder.trunk) == 23
     assert groups[name.split("-")[-1]].lr_milestones == [100_000, 150_000, 180_000, 190_000]
-    assert model.evaluation.num_samples == 50_000
+    assert groups[name.split("-")[-1]].betas == (0.9, 0.99)
+    test_metrics = next(c for c in cli.trainer.callbacks if isinstance(c, TestMetrics))
+    assert test_metrics.fid.num_samples == 50_000
+
+
+SMALL_CASCADE_CALLBACKS = """
+trainer:
+  callbacks:
+    - class_path: pytorch_lightning.callbacks.ModelCheckpoint
+      init_args: {{monitor: val/bpd_bound_32, save_last: true}}
+    - class_path: lightning_modules.SampleGrids
+      init_args: {{temperatures: [0.8, 1.0], num_samples: 4}}
+    - class_path: lightning_modules.TestMetrics
+      init_args:
+        fid: {{num_samples: 64, temperature: 0.8, feature_extractor: random-conv, batch_size: 32,
+               kid_subset_size: 32, sweep_temperatures: [0.7], cache_dir: {cache}}}
+"""
 
 
 def test_small_cascade_fit_then_test_writes_samples_and_the_metrics_table(tmp_path):
-    common = ["--trainer.default_root_dir", str(tmp_path),
+    callbacks = tmp_path / "callbacks.yaml"
+    callbacks.write_text(SMALL_CASCADE_CALLBACKS.format(cache=tmp_path / "fid_cache"))
+    common = ["--config", str(callbacks),
+              "--trainer.default_root_dir", str(tmp_path),
               "--trainer.logger.init_args.save_dir", str(tmp_path),
               "--trainer.enable_progress_bar", "false",
               "--trainer.log_every_n_steps", "1",
               "--data.init_args.train_size", "128", "--data.init_args.val_size", "32",
               "--data.init_args.batch_size", "32",
-              "--model.init_args.evaluation.num_samples", "64",
-              "--model.init_args.evaluation.sweep_temperatures", "[0.7]",
-              "--model.init_args.evaluation.cache_dir", str(tmp_path / "fid_cache"),
-              "--model.init_args.num_samples", "4", "--model.init_args.failure_probe_every_n_steps", "1"]
+              "--model.init_args.failure_probe_every_n_steps", "1"]
     config = str(REPO / "experiments/quick_cascade.yaml")
     fit = run_cli("fit", "--config", config, "--trainer.max_epochs", "1", *common, cwd=tmp_path)
     assert fit.returncode == 0, fit.stderr[-3000:]
@@ -143,7 +162,8 @@ def test_small_cascade_fit_then_test_writes_samples_and_the_metrics_table(tmp_pa
     table = json.loads((tmp_path / "cascade" / "version_1" / "metrics.json").read_text())
     assert table["model"] == "Glow8-SRF16-SRF32"
     assert set(table["fid"]) == {"8", "16", "32"}
-    assert {"8", "16", "32", "16_given_8", "32_given_16"} <= set(table["bpd"])
+    assert {"8", "16_given_8", "32_given_16"} <= set(table["bpd"])
+    assert set(table["bpd_bound"]) == {"16", "32"}
     assert (tmp_path / "cascade" / "version_1" / "temperature_sweep.png").exists()
 
 
@@ -156,7 +176,7 @@ def test_quick_cascade_as_shipped_trains_samples_and_reports_fid(tmp_path):
                   cwd=tmp_path, timeout=1500)
     assert fit.returncode == 0, fit.stderr[-3000:]
     run_dir = tmp_path / "runs/quick_cascade/cascade"
-    bpd = read_val_bpd(run_dir / "version_0/metrics.csv", 32)
+    bpd = read_val_bpd(run_dir / "version_0/metrics.csv", "bpd_bound_32")
     assert bpd[-1] < bpd[0] - 0.3, bpd
     test = run_cli("test", "--config", config, "--trainer.enable_progress_bar", "false",
                    "--ckpt_path", str(run_dir / "version_0/checkpoints/last.ckpt"), cwd=tmp_path, timeout=900)
@@ -177,11 +197,13 @@ def test_every_override_parses_on_top_of_its_config(override):
     result = run_cli("fit", "--config", f"experiments/{base}", "--config",
                      f"experiments/overrides/{override}", "--print_config")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "- sigma:" in result.stdout
+    assert "sigma:" in result.stdout
 
 
-TINY_QUICKSTART = ["--model.init_args.resolution", "16", "--model.init_args.levels", "2",
-                   "--model.init_args.steps_per_level", "1", "--model.init_args.hidden_channels", "8",
+TINY_QUICKSTART = ["--model.init_args.flow.init_args.image_size", "16",
+                   "--model.init_args.flow.init_args.scales", "2",
+                   "--model.init_args.flow.init_args.steps_per_scale", "1",
+                   "--model.init_args.flow.init_args.hidden_channels", "8",
                    "--data.init_args.image_size", "16", "--data.init_args.resolutions", "[16]",
                    "--data.init_args.train_size", "128", "--data.init_args.val_size", "32",
                    "--trainer.callbacks.monitor", "val/bpd_16", "--trainer.callbacks.filename", "best",
@@ -204,7 +226,7 @@ def test_wandb_offline_run_holds_config_metrics_images_and_a_relaunch_reuses_its
     runs = list((tmp_path / "run" / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(runs) == 1
     record = next(runs[0].glob("run-*.wandb")).read_bytes()
-    for key in (b"resolved_config", b"steps_per_level", b"val/bpd_16", b"train/loss", b"samples/res16_t1"):
+    for key in (b"resolved_config", b"steps_per_scale", b"val/bpd_16", b"train/loss", b"samples/res16_t1"):
         assert key in record, key
     assert list((runs[0] / "files" / "media" / "images").rglob("*.png"))
     second = subprocess.run([*CLI, "fit", *wandb_args, "--trainer.max_epochs", "2"], cwd=tmp_path, env=env,

@@ -5,10 +5,11 @@ import urllib.error
 import pytest
 import torch
 
-from datamodules.pyramid import dequantize, quantize
-from lightning_modules import FIDSettings, GlowModule
-from lightning_modules.metrics import INCEPTION_FILE, TensorImages, fidelity, reduce_bits
-from tests.test_cascade import SRFlowLevel, TINY_SR, tiny_data, tiny_module, trainer
+from flows import Glow
+from flows.quantization import dequantize, reduce_bits, to_uint8
+from lightning_modules import FIDSettings, GlowModule, TestMetrics, ValidationFID
+from lightning_modules.metrics import INCEPTION_FILE, TensorImages, fidelity
+from tests.test_cascade import sr_stage, tiny_data, tiny_module, trainer
 
 SMOKE = dict(feature_extractor="random-conv", batch_size=32, kid_subset_size=16)
 
@@ -60,20 +61,20 @@ def test_missing_inception_weights_name_the_file(monkeypatch, tmp_path):
 
 def test_real_images_are_reduced_to_the_models_bits_like_its_samples():
     image = torch.arange(256, dtype=torch.uint8).reshape(1, 16, 16)
-    assert torch.equal(reduce_bits(image, 5), quantize(dequantize(image, 5, noise=False), 5))
+    assert torch.equal(reduce_bits(image, 5), to_uint8(dequantize(image, 5, noise=False), 5))
     assert torch.equal(reduce_bits(image, 8), image)
 
 
 def test_lightning_test_writes_the_metrics_table_and_temperature_sweep(tmp_path):
     evaluation = FIDSettings(**SMOKE, num_samples=16, temperature=[0.8, 1.0],
                              sweep_temperatures=[0.5, 1.0], cache_dir=str(tmp_path / "cache"))
-    module = tiny_module(sr_levels=[SRFlowLevel(**{**TINY_SR, "sigma": 0.05})], evaluation=evaluation)
-    run = trainer(tmp_path, limit_test_batches=1)
+    module = tiny_module(sr_stages=[sr_stage(sigma=0.05)])
+    run = trainer(tmp_path, limit_test_batches=1, callbacks=[TestMetrics(evaluation)])
     run.test(module, tiny_data(top=16))
     table = json.loads((tmp_path / "metrics.json").read_text())
     assert table["model"] == "Glow8-SRF16(0.05)"
-    assert set(table["bpd"]) == {"8", "16", "16_given_8"}
-    assert table["bpd"]["16"] == pytest.approx(float(run.callback_metrics["test/bpd_16"]))
+    assert set(table["bpd"]) == {"8", "16_given_8"} and set(table["bpd_bound"]) == {"16"}
+    assert table["bpd_bound"]["16"] == pytest.approx(float(run.callback_metrics["test/bpd_bound_16"]))
     assert set(table["fid"]) == {"8", "16"} and set(table["kid"]) == {"8", "16"}
     assert all(v > 0 for v in table["fid"].values())
     sweep = json.loads((tmp_path / "temperature_sweep.json").read_text())
@@ -83,12 +84,11 @@ def test_lightning_test_writes_the_metrics_table_and_temperature_sweep(tmp_path)
 
 
 def test_glow_module_table_uses_the_seed_name(tmp_path):
-    module = GlowModule(resolution=8, levels=2, steps_per_level=1, hidden_channels=8, n_bits=5,
-                        num_classes=0, evaluation=FIDSettings(**SMOKE, num_samples=8))
-    run = trainer(tmp_path, limit_test_batches=1)
+    module = GlowModule(flow=Glow(image_size=8, scales=2, steps_per_scale=1, hidden_channels=8), n_bits=5)
+    run = trainer(tmp_path, limit_test_batches=1, callbacks=[TestMetrics(FIDSettings(**SMOKE, num_samples=8))])
     run.test(module, tiny_data(top=8))
     table = json.loads((tmp_path / "metrics.json").read_text())
-    assert table["model"] == "Glow8" and set(table["fid"]) == {"8"}
+    assert table["model"] == "Glow8" and set(table["fid"]) == {"8"} and set(table["bpd"]) == {"8"}
 
 
 def test_in_loop_torchmetrics_fid_equals_torch_fidelity_on_the_same_features(tmp_path):
@@ -109,13 +109,13 @@ def test_in_loop_torchmetrics_fid_equals_torch_fidelity_on_the_same_features(tmp
 
 
 def test_validation_logs_fid_curves_per_resolution(tmp_path):
-    evaluation = FIDSettings(**SMOKE, val_fid_every_n_validations=1, val_num_samples=16, temperature=1.0)
-    module = tiny_module(evaluation=evaluation)
-    run = trainer(tmp_path, max_epochs=2, limit_val_batches=2, num_sanity_val_steps=1)
+    fid = ValidationFID(FIDSettings(**SMOKE, temperature=1.0), every_n_validations=1, num_samples=16)
+    module = tiny_module()
+    run = trainer(tmp_path, max_epochs=2, limit_val_batches=2, num_sanity_val_steps=1, callbacks=[fid])
     data = tiny_data(top=16)
     run.fit(module, data)
     assert {"val/fid_8", "val/fid_16"} <= set(run.callback_metrics)
     assert all(torch.isfinite(run.callback_metrics[k]) for k in ("val/fid_8", "val/fid_16"))
     # The validation images, gathered once (not again in epoch 2, nor in the sanity check).
-    assert int(module._val_fid[16].real_features_num_samples) == len(data.datasets["val"])
-    assert "_val_fid" not in "".join(module.state_dict())
+    assert int(fid.metrics[16].real_features_num_samples) == len(data.datasets["val"])
+    assert not any("fid" in key or "inception" in key for key in module.state_dict())

@@ -4,14 +4,14 @@ float32 or wider."""
 import pytest
 import torch
 
-from flows.glow import Glow
+from flows import LOWRES, Glow
 from lightning_modules import GlowModule
 from tests.conftest import perturb_parameters
 from tests.test_cascade import pyramid_batch, tiny_cascade, tiny_data, tiny_module, trainer
 
 
 def test_bf16_autocast_log_prob_is_float32_and_close_to_float32():
-    glow = Glow(3, 16, levels=2, steps_per_level=4, hidden_channels=32)
+    glow = Glow(in_channels=3, image_size=16, scales=2, steps_per_scale=4, hidden_channels=32)
     x = torch.rand(8, 3, 16, 16) - 0.5
     glow.train()
     glow.log_prob(x)  # ActNorm initialization
@@ -28,12 +28,12 @@ def test_bf16_autocast_log_prob_is_float32_and_close_to_float32():
 
 def test_bf16_autocast_cascade_likelihood_and_sampling():
     cascade = tiny_cascade()
-    images, conditions, _ = pyramid_batch()
+    images, clean, _ = pyramid_batch()
     with torch.no_grad():
-        reference = cascade.log_likelihood(images, conditions)
+        reference = cascade.log_likelihoods(images, {LOWRES: clean})[32]
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            mixed = cascade.log_likelihood(images, conditions)
-            samples = cascade.sample(2, 0.8)
+            mixed = cascade.log_likelihoods(images, {LOWRES: clean})[32]
+            samples = cascade.sample(2, None, 0.8)
     assert mixed.dtype == torch.float32
     assert ((mixed - reference).abs() / reference.abs()).max() < 1e-3
     assert all(torch.isfinite(s).all() for s in samples.values())
@@ -53,7 +53,7 @@ def test_bf16_and_fp16_mixed_training_steps(tmp_path, precision):
     run = trainer(tmp_path, max_steps=4, limit_val_batches=1, val_check_interval=4, **kwargs)
     before = {k: v.clone() for k, v in module.state_dict().items()}
     run.fit(module, tiny_data(top=16))
-    assert torch.isfinite(run.callback_metrics["val/bpd_16"])
+    assert torch.isfinite(run.callback_metrics["val/bpd_bound_16"])
     assert any(not torch.equal(before[k], v) for k, v in module.state_dict().items())
     assert int(module.skipped_steps) == 0
     if precision == "16-mixed":
@@ -65,13 +65,13 @@ def test_bf16_and_fp16_mixed_training_steps(tmp_path, precision):
 def fresh_glow_loss(batch, **flags):
     """The loss of a freshly built small Glow on ``batch``, with the given flags."""
     torch.manual_seed(0)
-    module = GlowModule(resolution=16, levels=2, steps_per_level=1, hidden_channels=8, n_bits=5,
+    module = GlowModule(flow=Glow(image_size=16, scales=2, steps_per_scale=1, hidden_channels=8), n_bits=5,
                         **flags).eval()
     module.configure_model()
     torch.manual_seed(1)
-    images, labels = module.prepare_batch(batch)
+    prepared = module.prepare_batch(batch)
     with torch.no_grad():
-        return module.compute_losses(images, labels).loss, module
+        return module.compute_losses(prepared).loss, module
 
 
 def validation_batch():

@@ -6,14 +6,15 @@ import pytorch_lightning as pl
 import torch
 
 from datamodules import EmbeddedDataModule
-from lightning_modules import GlowModule
+from flows import Glow
+from lightning_modules import GlowModule, OptimizerSettings, SampleGrids
 
 
-def tiny_module(**kwargs):
-    defaults = dict(resolution=8, levels=2, steps_per_level=1, hidden_channels=8, n_bits=5,
-                    lr=1e-3, warmup_steps=4, num_samples=4, sample_temperatures=[0.5, 1.0])
-    defaults.update(kwargs)
-    return GlowModule(**defaults)
+def tiny_module(resolution=8, **optimizer):
+    settings = dict(lr=1e-3, warmup_steps=4)
+    settings.update(optimizer)
+    return GlowModule(flow=Glow(image_size=resolution, scales=2, steps_per_scale=1, hidden_channels=8),
+                      n_bits=5, optimizer=OptimizerSettings(**settings))
 
 
 def tiny_data(resolutions=(8,)):
@@ -58,9 +59,9 @@ def test_non_finite_loss_skips_the_step_and_is_counted(tmp_path):
     calls = {"n": 0}
     snapshots = []
 
-    def sometimes_nan(images, labels):
+    def sometimes_nan(batch):
         calls["n"] += 1
-        out = original(images, labels)
+        out = original(batch)
         if module.training and calls["n"] == 2:
             snapshots.append([p.detach().clone() for p in module.parameters()])
             out.loss = out.loss * float("nan")
@@ -82,7 +83,8 @@ def test_non_finite_loss_skips_the_step_and_is_counted(tmp_path):
 
 def test_validation_logs_bpd_per_resolution_and_writes_sample_grids(tmp_path):
     module = tiny_module()
-    t = trainer(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=2)
+    sample_grids = SampleGrids(temperatures=[0.5, 1.0], num_samples=4)
+    t = trainer(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=2, callbacks=[sample_grids])
     t.fit(module, tiny_data())
     bpd = t.callback_metrics["val/bpd_8"].item()
     assert math.isfinite(bpd) and 0 < bpd < 10
@@ -96,7 +98,7 @@ def test_validation_logs_bpd_per_resolution_and_writes_sample_grids(tmp_path):
     # second draw gives the same pictures.
     first = [g.read_bytes() for g in grids]
     rng_state = torch.get_rng_state()
-    again = module.log_sample_grids()
+    again = sample_grids.draw(t, module)
     assert torch.equal(torch.get_rng_state(), rng_state)
     assert [g.read_bytes() for g in sorted(again)] == first
 
