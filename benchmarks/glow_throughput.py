@@ -1,6 +1,6 @@
 """Training throughput of Glow (images per second of forward + backward + Adamax step).
 
-    python -m benchmarks.glow_throughput --resolution 32 --levels 3 --steps 32 --hidden 512 \
+    python -m benchmarks.glow_throughput --resolution 32 --scales 3 --steps 32 --hidden 512 \
         --batch 64 --device cuda --precision bf16
 
 Prints one JSON line: configuration, images/s, peak memory. Not a test: numbers depend
@@ -20,7 +20,7 @@ from flows import Glow
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--resolution", type=int, default=32)
-    parser.add_argument("--levels", type=int, default=3)
+    parser.add_argument("--scales", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--batch", type=int, default=32)
@@ -31,7 +31,8 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    model = Glow(3, args.resolution, args.levels, args.steps, args.hidden).to(device).train()
+    model = Glow(image_size=args.resolution, scales=args.scales, steps_per_scale=args.steps,
+                 hidden_channels=args.hidden).to(device).train()
     optimizer = torch.optim.Adamax(model.parameters(), lr=1e-4)
     x = torch.rand(args.batch, 3, args.resolution, args.resolution, device=device) - 0.5
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")

@@ -83,7 +83,7 @@ class PyramidDataModule(pl.LightningDataModule):
     Args:
         data_dir: where the dataset lives (torchvision layout).
         image_size: the size images are brought to before the pyramid is built.
-        resolutions: the pyramid levels each batch carries (default: image_size only).
+        resolutions: the pyramid resolutions each batch carries (default: image_size only).
         batch_size: per-process training batch size.
         eval_batch_size: validation/test batch size (default: batch_size).
         num_workers: DataLoader worker processes.

@@ -2,7 +2,7 @@
 ``flows/quantization.py``.
 
 An image is brought to ``image_size`` once, then halved repeatedly with an
-antialiased bicubic kernel and re-quantized to 8 bits at every step. Each level is
+antialiased bicubic kernel and re-quantized to 8 bits at every step. Each resolution is
 the deterministic downsample of the next finer one, which is what the cascade's factorized
 likelihood (seed 000 sec. 3.1.1) needs: x_{i-1} = d(x_i).
 """

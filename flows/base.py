@@ -17,7 +17,7 @@ A layer that needs features also accepts the feature map itself as ``cond``.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from flows.quantization import bits_per_dim, check_n_bits, dequantize, per_sample_uniform
 from lightning_modules.checkpointing import state_dict_mismatch, upgrade_state_dict
-from lightning_modules.parts import (Freeze, OptimizerGroup, OptimizerSettings, Part, build_optimizer,
+from lightning_modules.parts import (OptimizerGroup, OptimizerSettings, Part, build_optimizer,
                                      load_and_freeze, steps_per_epoch)
 
 MODEL_KEY = "msflows_model"

@@ -211,7 +211,7 @@ class CascadeModule(FlowModule):
             log_prob = encoding.log_prob
             stage_log_probs[resolution] = log_prob
             dims = self.model.stage(resolution).dims
-            stage_loss = -log_prob.mean() / (dims * math.log(2.0)) + self.n_bits
+            stage_loss = bits_per_dim(log_prob, dims, self.n_bits).mean()
             if self.num_classes:
                 class_bits = self.model.stage(resolution).class_loss(encoding, batch.labels) / math.log(2.0)
                 stage_loss = stage_loss + self.class_loss_weight * class_bits.mean()

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from flows.base import LABELS
 from flows.glow import Glow
+from flows.quantization import bits_per_dim
 from lightning_modules.base import Batch, FlowModule, LossOutput
 from lightning_modules.parts import OptimizerSettings
 
@@ -50,9 +51,8 @@ class GlowModule(FlowModule):
         encoding = self.model.encode(batch.images[self.resolution], {LABELS: batch.labels})
         log_prob = encoding.log_prob
         dims = self.model.dims
-        # Minimize bits per dim (Glow's objective; the n_bits offset does not move
-        # gradients but keeps the loss in the unit users read).
-        loss = (-log_prob.mean() / (dims * math.log(2.0))) + self.n_bits
+        # Minimize bits per dim (Glow's objective, in the unit users read).
+        loss = bits_per_dim(log_prob, dims, self.n_bits).mean()
         extra = {}
         if self.model.num_classes:
             class_bits = self.model.class_loss(encoding, batch.labels) / math.log(2.0)

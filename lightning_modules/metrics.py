@@ -37,7 +37,7 @@ class FIDSettings:
     """How sample quality is measured (the ``TestMetrics`` and ``ValidationFID`` callbacks).
 
     num_samples: generated images per resolution (seed 000 sec. 4.2: 50,000).
-    temperature: one sampling temperature, or one per cascade level (seed 000 sec. 4.4:
+    temperature: one sampling temperature, or one per cascade stage (seed 000 sec. 4.4:
         0.8 for CelebA, 0.9 for CIFAR-10).
     feature_extractor: a torch-fidelity extractor name ("inception-v3-compat" for the
         reported numbers; "random-conv" for tests and smoke runs).
@@ -121,7 +121,7 @@ def _register_random_conv() -> None:
 
 
 class ImagesAtResolution(Dataset):
-    """uint8 [3, R, R] images of one pyramid level (grey images repeated to RGB, as
+    """uint8 [3, R, R] images at one resolution of the pyramid (grey images repeated to RGB, as
     Inception wants three channels)."""
 
     def __init__(self, pyramid_dataset: Dataset, resolution: int, n_bits: int = 8) -> None:

@@ -1,4 +1,4 @@
-"""L1 pre-training of an SRFlow level's RRDB encoder (seed 000 sec. 4.3.2: Adam,
+"""L1 pre-training of an SRFlow stage's RRDB encoder (seed 000 sec. 4.3.2: Adam,
 learning rate 2e-4, 200k iterations). Its checkpoint is what
 ``SRFlowStage.encoder_checkpoint`` loads.
 

@@ -37,7 +37,7 @@ CASES = {
     "conditional_flow_step": (lambda: flow_step(C, 8, cond_channels=COND_C, affine_injector=True,
                                                 scale_fn="squish"), True),
     "sequential": (lambda: FlowSequential(Squeeze(), flow_step(4 * C, 8), flow_step(4 * C, 8)), False),
-    # An SRFlow level's step stack: the condition is resized after the squeeze.
+    # An SRFlow stage's step stack: the condition is resized after the squeeze.
     "conditional_sequential": (lambda: FlowSequential(
         Squeeze(), *(flow_step(4 * C, 8, cond_channels=COND_C, affine_injector=True,
                                scale_fn="squish") for _ in range(2))), True),

@@ -89,7 +89,7 @@ def test_quickstart_as_shipped_improves_val_bpd(tmp_path):
     assert bpd[-1] < bpd[0] - 0.3, bpd
 
 
-def test_cascade_config_shows_each_levels_sigma():
+def test_cascade_config_shows_each_stages_sigma():
     result = run_cli("fit", "--config", "experiments/celeba_cascade.yaml", "--print_config")
     assert result.returncode == 0, result.stderr[-2000:]
     sigmas = [line.strip().lstrip("- ") for line in result.stdout.splitlines()

@@ -10,9 +10,10 @@ from PIL import Image
 
 from datamodules import (CelebADataModule, CIFAR10DataModule, DatasetNotFoundError,
                          EmbeddedDataModule, ImageFolderDataModule, ImagePyramid,
-                         MNISTDataModule, bits_per_dim, dequantize, quantize)
+                         MNISTDataModule)
 from datamodules.datamodules import landmark_crop
 from datamodules.pyramid import resize_uint8
+from flows.quantization import bits_per_dim, dequantize, to_uint8
 from tests.conftest import SHARED_DATA
 
 
@@ -44,7 +45,7 @@ def test_dequantize_stays_in_the_pixel_bin(n_bits):
     bins = 2 ** n_bits
     level = torch.div(image.long(), 2 ** (8 - n_bits), rounding_mode="floor")
     assert torch.equal(torch.floor((x + 0.5) * bins).long().clamp(max=bins - 1), level)
-    assert torch.equal(quantize(x, n_bits) // (256 // bins), level.to(torch.uint8))
+    assert torch.equal(to_uint8(x, n_bits) // (256 // bins), level.to(torch.uint8))
 
 
 def test_bits_per_dim_of_uniform_density_is_n_bits():

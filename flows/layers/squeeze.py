@@ -14,7 +14,7 @@ class Squeeze(Bijection):
         if h % 2 or w % 2:
             raise ValueError(
                 f"Squeeze needs even height and width, got {h}x{w}; use an image size "
-                "divisible by 2**levels")
+                "divisible by 2**scales")
         x = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)
         return x.reshape(b, c * 4, h // 2, w // 2), zero_logdet(x)
 
