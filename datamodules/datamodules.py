@@ -280,14 +280,18 @@ class MNISTDataModule(PyramidDataModule):
 class ImageFolderDataModule(PyramidDataModule):
     """Any folder of images (LSUN / FFHQ exports, your own): centre square crop, resized
     to ``image_size``. ``val_fraction`` of the files (fixed seed) is held out; ``test_dir``
-    names a separate test folder, else the held-out files serve as test split too."""
+    names a separate test folder, else the held-out files serve as test split too.
+    ``bad_images``: unreadable files stop the run with their list (``error``) or are left
+    out with a warning (``skip``)."""
 
     def __init__(self, data_dir: str = "data", image_size: int = 64,
                  resolutions: list[int] | None = None, batch_size: int = 64,
                  eval_batch_size: int | None = None, num_workers: int = 4, seed: int = 0,
                  val_fraction: float = 0.05, test_dir: str | None = None, channels: int = 3,
-                 labels_from_subfolders: bool = False, num_classes: int = 0) -> None:
+                 labels_from_subfolders: bool = False, num_classes: int = 0,
+                 bad_images: Literal["error", "skip"] = "error") -> None:
         super().__init__(data_dir, image_size, resolutions, batch_size, eval_batch_size, num_workers, seed)
+        self.bad_images = bad_images
         self.val_fraction = val_fraction
         self.test_dir = test_dir
         self.channels = channels
@@ -295,7 +299,8 @@ class ImageFolderDataModule(PyramidDataModule):
         self.num_classes = num_classes
 
     def _folder(self, root: str) -> ImageFolderSource:
-        folder = ImageFolderSource(root, self.image_size, self.channels, self.labels_from_subfolders)
+        folder = ImageFolderSource(root, self.image_size, self.channels, self.labels_from_subfolders,
+                                   self.bad_images)
         if self.labels_from_subfolders and len(folder.classes) != self.num_classes:
             raise ValueError(f"{root} has {len(folder.classes)} class folders but num_classes is "
                              f"{self.num_classes}; set data.init_args.num_classes: {len(folder.classes)}")

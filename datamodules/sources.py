@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import warnings
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -157,12 +158,41 @@ class MNISTIdx(Dataset):
 
 # --- Any folder of images (LSUN / FFHQ exports) --------------------------------------
 
+class UnreadableImagesError(DatasetNotFoundError):
+    """Files in an image folder that are not readable images."""
+
+
+def scan_images(files: list[Path], image_size: int) -> tuple[list[Path], list[Path]]:
+    """(unreadable files, files whose centre square is smaller than ``image_size``),
+    from each file's header (PIL's verify), without decoding the pixels."""
+    from PIL import Image
+
+    unreadable, small = [], []
+    for path in files:
+        try:
+            with Image.open(path) as handle:
+                width, height = handle.size
+                handle.verify()
+        except Exception:  # PIL raises many types for broken files
+            unreadable.append(path)
+            continue
+        if min(width, height) < image_size:
+            small.append(path)
+    return unreadable, small
+
+
 class ImageFolderSource(Dataset):
     """All images under ``root`` (recursively). With ``labels_from_subfolders`` the
-    first-level folder names are the classes (sorted), as torchvision's ImageFolder."""
+    first-level folder names are the classes (sorted), as torchvision's ImageFolder.
+
+    Every file is checked once here, not when a DataLoader worker first draws it:
+    unreadable files stop the run with their list (``bad_images: error``) or are left
+    out with a warning (``skip``); images smaller than ``image_size`` are upscaled, with
+    one warning that counts them."""
 
     def __init__(self, root: str, image_size: int, channels: int = 3,
-                 labels_from_subfolders: bool = False) -> None:
+                 labels_from_subfolders: bool = False,
+                 bad_images: Literal["error", "skip"] = "error") -> None:
         root_path = Path(root)
         if not root_path.is_dir():
             raise DatasetNotFoundError(
@@ -172,6 +202,19 @@ class ImageFolderSource(Dataset):
         if not self.files:
             raise DatasetNotFoundError(
                 f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {os.path.abspath(root)!r}")
+        unreadable, small = scan_images(self.files, image_size)
+        if unreadable:
+            listed = ", ".join(str(p) for p in unreadable[:10]) + (" ..." if len(unreadable) > 10 else "")
+            if bad_images == "error":
+                raise UnreadableImagesError(
+                    f"{len(unreadable)} of {len(self.files)} files under {os.path.abspath(root)!r} are not "
+                    f"readable images: {listed}. Remove or repair them, or set "
+                    "data.init_args.bad_images: skip to leave them out.")
+            warnings.warn(f"leaving out {len(unreadable)} unreadable images under {root}: {listed}", stacklevel=2)
+            self.files = [p for p in self.files if p not in set(unreadable)]
+        if small:
+            warnings.warn(f"{len(small)} of {len(self.files)} images under {root} are smaller than "
+                          f"{image_size}x{image_size} and are upscaled (e.g. {small[0]})", stacklevel=2)
         self.classes = sorted({p.relative_to(root_path).parts[0] for p in self.files
                                if len(p.relative_to(root_path).parts) > 1})
         self.labels_from_subfolders = labels_from_subfolders

@@ -28,7 +28,8 @@ from pytorch_lightning.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor, nn
 
 from flows.quantization import bits_per_dim, check_n_bits, dequantize, per_sample_uniform
-from lightning_modules.checkpointing import state_dict_mismatch, upgrade_state_dict
+from lightning_modules.checkpointing import newest_checkpoint, state_dict_mismatch, upgrade_state_dict
+from lightning_modules.errors import CheckpointError, ConfigurationError, TrainingDivergedError
 from lightning_modules.parts import (OptimizerGroup, OptimizerSettings, Part, build_optimizer,
                                      load_and_freeze, steps_per_epoch)
 
@@ -82,20 +83,30 @@ class FlowModule(pl.LightningModule):
             (faster convolutions on recent GPUs, same numbers).
         compile: wrap the loss computation in torch.compile (experimental; the first
             steps pay the compilation time).
+        max_skipped_steps: stop with an error after this many consecutive optimizer
+            steps skipped for a non-finite loss or gradient (a diverged run never
+            advances global_step, so max_steps alone would never end it).
     """
 
     def __init__(self, *, n_bits: int = 8, grad_clip_norm: float | None = None,
-                 evaluation_seed: int = 1234, channels_last: bool = False, compile: bool = False) -> None:
+                 evaluation_seed: int = 1234, channels_last: bool = False, compile: bool = False,
+                 max_skipped_steps: int = 100) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.n_bits = check_n_bits(n_bits)
+        if grad_clip_norm is not None and not grad_clip_norm > 0:
+            raise ConfigurationError(f"grad_clip_norm must be > 0 or null, got {grad_clip_norm}")
+        if max_skipped_steps < 1:
+            raise ConfigurationError(f"max_skipped_steps must be >= 1, got {max_skipped_steps}")
+        self.max_skipped_steps = max_skipped_steps
         self.grad_clip_norm = grad_clip_norm
         self.evaluation_seed = evaluation_seed
         self.channels_last = channels_last
         self.compile_losses = compile
         self._compiled = False
-        # A buffer, so the count survives checkpoints and resumes.
+        # Buffers, so the counts survive checkpoints and resumes.
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("consecutive_skipped_steps", torch.zeros((), dtype=torch.long))
 
     def save_config(self) -> None:
         """Record the constructor's arguments as hyper-parameters. Under the CLI they are
@@ -133,6 +144,12 @@ class FlowModule(pl.LightningModule):
     def model_name(self) -> str:
         """The name the metrics table uses (seed 000 Tables 4.2 / 4.3 style)."""
         return type(self).__name__
+
+    def check_temperature(self, temperature) -> None:
+        """Raise ValueError when ``sample_images`` cannot take ``temperature`` (callbacks
+        check theirs before the first step). Default: one number."""
+        if not isinstance(temperature, (int, float)):
+            raise ValueError(f"{type(self).__name__} samples at one temperature, got {temperature!r}")
 
     def parts(self) -> list[Part]:
         """The model's parts; by default one, the whole model, with the module's
@@ -224,6 +241,7 @@ class FlowModule(pl.LightningModule):
         # on_before_optimizer_step (clipping and the finiteness check) and steps.
         optimizer.step()
         if self._step_applied:
+            self.consecutive_skipped_steps.zero_()
             self.lr_schedulers().step()
             groups = optimizer.param_groups
             for group in groups:
@@ -251,9 +269,27 @@ class FlowModule(pl.LightningModule):
 
     def _skip_step(self, reason: str) -> None:
         self.skipped_steps += 1
+        self.consecutive_skipped_steps += 1
         self.log("train/skipped_steps", self.skipped_steps.float(), on_step=True, on_epoch=False)
+        self.log("train/consecutive_skipped_steps", self.consecutive_skipped_steps.float(),
+                 on_step=True, on_epoch=False)
+        self.log(f"train/skipped_for_non_finite_{reason}", 1.0, on_step=True, on_epoch=False)
         self.print(f"step {self.global_step}: non-finite {reason}, optimizer step skipped "
-                   f"({int(self.skipped_steps)} so far)")
+                   f"({int(self.consecutive_skipped_steps)} in a row, {int(self.skipped_steps)} so far)")
+        if int(self.consecutive_skipped_steps) >= self.max_skipped_steps:
+            raise TrainingDivergedError(self._divergence_message(reason))
+
+    def _divergence_message(self, reason: str) -> str:
+        trainer = self.trainer
+        checkpoint = getattr(trainer.checkpoint_callback, "last_model_path", "") or \
+            getattr(trainer.checkpoint_callback, "best_model_path", "") or newest_checkpoint(trainer.default_root_dir)
+        rates = sorted({f"{group['lr']:.3g}" for group in self.optimizers().param_groups})
+        return (f"training stopped: {int(self.consecutive_skipped_steps)} optimizer steps in a row were skipped "
+                f"because the {reason} was not finite (the last at step {self.global_step}; "
+                f"max_skipped_steps is {self.max_skipped_steps}). The last good checkpoint is "
+                f"{checkpoint or 'none (none was written yet)'}. Try a lower learning rate (now {', '.join(rates)}), "
+                f"stronger gradient clipping (grad_clip_norm, now {self.grad_clip_norm}), or full precision "
+                f"(trainer.precision, now {trainer.precision}), then resume from that checkpoint.")
 
     # --- logging ------------------------------------------------------------------------
     def _log_metrics(self, split: str, out: LossOutput, on_step: bool = False) -> None:
@@ -297,11 +333,11 @@ class FlowModule(pl.LightningModule):
         ours = f"{type(self).__name__} {self.model_name!r}"
         theirs = f"{written_by.get('class', 'an unknown model')} {written_by.get('name', '')!r}"
         if written_by and written_by.get("class") != type(self).__name__:
-            raise ValueError(f"this checkpoint was written by {theirs}, but this run builds {ours}; "
+            raise CheckpointError(f"this checkpoint was written by {theirs}, but this run builds {ours}; "
                              "pass a checkpoint of this model, or the config that wrote it")
         missing, unexpected, mismatched = state_dict_mismatch(self.state_dict(), checkpoint["state_dict"])
         if missing or unexpected or mismatched:
-            raise ValueError(
+            raise CheckpointError(
                 f"this checkpoint ({theirs}) does not fit this run's {ours}: {len(missing)} tensors "
                 f"missing, {len(unexpected)} unexpected, {len(mismatched)} of another shape (e.g. "
                 f"{(mismatched + missing + unexpected)[:3]}). The architecture settings differ from "

@@ -27,6 +27,7 @@ from torch import Tensor
 from datamodules.datamodules import ResumableSampler
 from flows.quantization import reduce_bits, to_uint8
 from lightning_modules.checkpointing import RNG_KEY, gather_rng_states, restore_rng_states
+from lightning_modules.errors import ConfigurationError
 from lightning_modules.metrics import (FIDSettings, ImagesAtResolution, TensorImages, as_rgb, fidelity,
                                        generate_uint8, in_loop_fid, plot_temperature_sweep, settings_dict,
                                        write_metrics_table)
@@ -43,6 +44,19 @@ def log_dir(trainer: pl.Trainer) -> Path:
     first = loggers[0]
     directory = first.log_dir if isinstance(first, (TensorBoardLogger, CSVLogger)) else first.save_dir
     return Path(directory or trainer.default_root_dir)
+
+
+def check_temperatures(callback: pl.Callback, pl_module: pl.LightningModule, temperatures) -> None:
+    """Fail before the first step, not at the first validation end, on a temperature the
+    module cannot sample at (e.g. a per-stage list of the wrong length)."""
+    _sampler_of(pl_module)
+    check = getattr(pl_module, "check_temperature", None)
+    for temperature in temperatures if check else []:
+        try:
+            check(temperature)
+        except ValueError as error:
+            raise ConfigurationError(f"{type(callback).__name__}: temperature {temperature!r} does not fit "
+                                     f"{getattr(pl_module, 'model_name', type(pl_module).__name__)}: {error}") from error
 
 
 def _sampler_of(pl_module: pl.LightningModule):
@@ -100,6 +114,9 @@ class SampleGrids(pl.Callback):
         self.every_n_epochs = every_n_epochs
         self.seed = seed
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        check_temperatures(self, pl_module, self.temperatures)
+
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         every = self.every_n_epochs
         if trainer.sanity_checking or not every or trainer.current_epoch % every:
@@ -141,6 +158,9 @@ class ValidationFID(pl.Callback):
         self.has_real = False
         self.validation_runs = 0
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        check_temperatures(self, pl_module, [self.fid.temperature])
+
     def _metrics(self, pl_module) -> dict:
         if self.metrics is None:
             self.metrics = {r: in_loop_fid(self.fid).to(pl_module.device) for r in pl_module.resolutions}
@@ -181,6 +201,10 @@ class TestMetrics(pl.Callback):
 
     def __init__(self, fid: FIDSettings | None = None) -> None:
         self.fid = fid
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.fid is not None:
+            check_temperatures(self, pl_module, [self.fid.temperature, *self.fid.sweep_temperatures])
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         table: dict = {}

@@ -103,9 +103,10 @@ class CascadeModule(FlowModule):
                  failure_probe_sigmas: list[float] | None = None,
                  failure_probe_every_n_steps: int = 100, n_bits: int = 8,
                  grad_clip_norm: float | None = None, evaluation_seed: int = 1234,
-                 channels_last: bool = False, compile: bool = False) -> None:
+                 channels_last: bool = False, compile: bool = False,
+                 max_skipped_steps: int = 100) -> None:
         super().__init__(n_bits=n_bits, grad_clip_norm=grad_clip_norm, evaluation_seed=evaluation_seed,
-                         channels_last=channels_last, compile=compile)
+                         channels_last=channels_last, compile=compile, max_skipped_steps=max_skipped_steps)
         self.save_config()
         self.model = Cascade(base=base.flow, sr_stages=self._sr_flows(base.flow, sr_stages), n_bits=self.n_bits)
         self.stage_settings = {r: s for r, s in zip(self.model.resolutions, [base, *sr_stages])}
@@ -189,6 +190,9 @@ class CascadeModule(FlowModule):
     @property
     def resolutions(self) -> list[int]:
         return self.model.resolutions
+
+    def check_temperature(self, temperature) -> None:
+        self.model.temperatures(temperature)  # one, or one per stage
 
     # --- losses ------------------------------------------------------------------------
     def compute_losses(self, batch: Batch) -> LossOutput:

@@ -16,18 +16,26 @@
 """
 from __future__ import annotations
 
+import errno
+import json
 import os
 import pickle
 import random
 import re
 import secrets
+import socket
+import threading
+import time
 import types
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from lightning_modules.errors import CheckpointError, RunLockedError
 
 RNG_KEY = "rng_states"
 WANDB_ID_FILE = "wandb_run_id.txt"
@@ -44,6 +52,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(temporary, path)  # atomic on POSIX: the old file or the new, never half
+        except (OSError, RuntimeError) as error:
+            # torch's zip writer reports a full disk as "unexpected pos ..."
+            if getattr(error, "errno", None) == errno.ENOSPC or "unexpected pos" in str(error):
+                raise OSError(errno.ENOSPC, f"no space left on device writing {path} (the previous "
+                                            "checkpoint there is kept); free space and resume") from error
+            raise
         finally:
             if temporary.exists():
                 temporary.unlink()
@@ -78,8 +92,19 @@ _tolerant_pickle = types.SimpleNamespace(Unpickler=_TolerantUnpickler, load=pick
 def load_checkpoint_file(path: str | Path, map_location=None) -> dict[str, Any]:
     """torch.load of a trusted checkpoint of this project, earlier versions included;
     the state dict's keys are upgraded to the current names."""
-    checkpoint = torch.load(path, map_location=map_location or "cpu", weights_only=False,
-                            pickle_module=_tolerant_pickle)
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {str(path)!r} is empty (0 bytes): its write was cut short. "
+                              "Use an earlier checkpoint (ckpt_path: auto picks the newest readable one).")
+    try:
+        checkpoint = torch.load(path, map_location=map_location or "cpu", weights_only=False,
+                                pickle_module=_tolerant_pickle)
+    except (EOFError, RuntimeError, pickle.UnpicklingError, ValueError, OSError) as error:
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r} ({type(error).__name__}: {error}); "
+                              "the file is truncated or not a checkpoint of this project. Use an earlier "
+                              "one (ckpt_path: auto picks the newest readable one).") from error
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
         checkpoint["state_dict"] = upgrade_state_dict(checkpoint["state_dict"],
                                                       checkpoint.get("hyper_parameters") or {})
@@ -147,6 +172,139 @@ def restore_rng_states(states: list[dict[str, Any]], rank: int) -> None:
     set_rng_state(states[rank] if rank < len(states) else states[0])
 
 
+def checkpoint_candidates(root: str | Path) -> list[Path]:
+    """``root/hpc_ckpt_*.ckpt`` and every ``last*.ckpt`` below ``root``, newest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    candidates = [c for c in list(root.glob("hpc_ckpt_*.ckpt")) + list(root.rglob("last*.ckpt")) if c.is_file()]
+    return sorted(candidates, key=lambda c: (c.stat().st_mtime_ns, c.name.startswith("hpc")), reverse=True)
+
+
+RESUME_KEYS = ("state_dict", "global_step", "loops", "optimizer_states")
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why ``path`` cannot resume a run (unreadable, or without a training state), or None."""
+    try:
+        checkpoint = load_checkpoint_file(path)
+    except CheckpointError as error:
+        return str(error)
+    missing = [key for key in RESUME_KEYS if key not in checkpoint]
+    return f"it holds no {', '.join(missing)}" if missing else None
+
+
+def resume_checkpoint(root: str | Path) -> Path | None:
+    """The ``ckpt_path: auto`` rule: the newest candidate (:func:`checkpoint_candidates`)
+    that loads and holds a training state. A broken one is renamed aside
+    (``<name>.broken-<time>``, kept for inspection) with a warning, and the next newest
+    is tried; None when there is none (a fresh start)."""
+    for candidate in checkpoint_candidates(root):
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            return candidate
+        aside = candidate.with_name(f"{candidate.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(candidate, aside)
+        warnings.warn(f"ckpt_path auto: {candidate} cannot resume the run ({problem}); moved it aside to "
+                      f"{aside.name} and trying the next newest checkpoint", stacklevel=2)
+    return None
+
+
+def remove_stale_temporaries(root: str | Path) -> list[Path]:
+    """Delete the ``.<name>.<pid>.tmp`` files that killed checkpoint writes left behind
+    (call it holding the folder's :class:`RunLock`, so no live write owns them)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    removed = [p for p in root.rglob(".*.ckpt.*.tmp") if p.is_file()]
+    for path in removed:
+        path.unlink()
+    return removed
+
+
+LOCK_FILE = "msflows.lock"
+
+
+class RunLock:
+    """One live training run per ``default_root_dir``: two runs there would share the W&B
+    run id and the resume checkpoints, and delete each other's top-k checkpoints.
+
+    ``msflows.lock`` holds the owner's pid, host and SLURM job id; a daemon thread
+    touches it every ``heartbeat_s``. A second run refuses to start while the owner is
+    live (same host: its pid exists; any host: the lock was touched within
+    ``stale_after_s``). A stale lock (dead owner) is taken over with a warning, and so
+    is the lock of the same SLURM job (a requeued job restarts on any node). The run
+    refuses rather than moving to a folder of its own because the folder is what
+    ``ckpt_path: auto`` resumes from and what keeps the W&B run id."""
+
+    def __init__(self, root: str | Path, heartbeat_s: float = 30.0, stale_after_s: float = 120.0) -> None:
+        self.path = Path(root) / LOCK_FILE
+        self.heartbeat_s = heartbeat_s
+        self.stale_after_s = stale_after_s
+        self.owner = {"pid": os.getpid(), "host": socket.gethostname(),
+                      "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "started": time.time()}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def holder(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def holder_is_live(self, holder: dict) -> bool:
+        if holder.get("pid") == os.getpid() and holder.get("host") == self.owner["host"]:
+            return False
+        if holder.get("slurm_job_id") and holder.get("slurm_job_id") == self.owner["slurm_job_id"]:
+            return False  # this job's previous run, before its requeue
+        try:
+            fresh = time.time() - self.path.stat().st_mtime < self.stale_after_s
+        except OSError:
+            return False
+        if holder.get("host") != self.owner["host"]:
+            return fresh
+        try:
+            os.kill(int(holder.get("pid", -1)), 0)
+        except ProcessLookupError:
+            return False
+        except (PermissionError, ValueError, OverflowError):
+            pass
+        return fresh
+
+    def acquire(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        holder = self.holder() if self.path.exists() else None
+        if holder is not None and self.holder_is_live(holder):
+            raise RunLockedError(
+                f"another run is training in {self.path.parent} (pid {holder.get('pid')} on "
+                f"{holder.get('host')}, started {time.ctime(holder.get('started', 0))}): two runs in one "
+                "folder would share its checkpoints and W&B run id. Wait for it, stop it, or give this "
+                f"run its own trainer.default_root_dir. (A lock not touched for {self.stale_after_s:.0f} s "
+                f"is taken over; remove {self.path} by hand if its owner is gone.)")
+        if self.path.exists():
+            warnings.warn(f"taking over the lock of a run that is gone ({holder}) in {self.path.parent}",
+                          stacklevel=2)
+        temporary = self.path.with_name(f".{LOCK_FILE}.{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(self.owner))
+        os.replace(temporary, self.path)
+        self._thread = threading.Thread(target=self._heartbeat, daemon=True)
+        self._thread.start()
+        return self
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                os.utime(self.path)
+            except OSError:
+                return
+
+    def release(self) -> None:
+        self._stop.set()
+        holder = self.holder()
+        if holder and holder.get("pid") == os.getpid() and holder.get("host") == self.owner["host"]:
+            self.path.unlink(missing_ok=True)
+
+
 def newest_checkpoint(root: str | Path) -> Path | None:
     """The newest (by modification time) of ``root/hpc_ckpt_*.ckpt`` and every
     ``last*.ckpt`` below ``root``; None when there is none (a fresh start)."""
@@ -176,7 +334,10 @@ def read_state_dict(path: str | Path, what: str) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what}: checkpoint {str(path)!r} does not exist")
-    checkpoint = load_checkpoint_file(path)
+    try:
+        checkpoint = load_checkpoint_file(path)
+    except CheckpointError as error:
+        raise CheckpointError(f"{what}: {error}") from error
     if "state_dict" in checkpoint:
         return checkpoint["state_dict"]
     return upgrade_state_dict(checkpoint)

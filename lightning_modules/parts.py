@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from lightning_modules.checkpointing import read_state_dict, state_dict_mismatch
+from lightning_modules.errors import ConfigurationError
 
 
 @dataclass
@@ -43,6 +44,25 @@ class OptimizerSettings:
     warmup_steps: int | None = None
     lr_milestones: list[int] = field(default_factory=list)
     lr_gamma: float = 0.5
+
+    def validate(self, name: str = "optimizer") -> None:
+        """Raise ConfigurationError on settings that cannot train. Called when a module is
+        built (not at parse time, where jsonargparse would bury the message)."""
+        problems = []
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            problems.append(f"lr must be a positive number, got {self.lr}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            problems.append(f"betas must be two numbers in [0, 1), got {list(self.betas)}")
+        if not self.weight_decay >= 0:
+            problems.append(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not self.warmup_epochs >= 0 or (self.warmup_steps is not None and self.warmup_steps < 0):
+            problems.append(f"warm-up must be >= 0, got warmup_epochs={self.warmup_epochs}, "
+                            f"warmup_steps={self.warmup_steps}")
+        if any(m < 0 for m in self.lr_milestones) or not self.lr_gamma > 0:
+            problems.append(f"lr_milestones must be >= 0 and lr_gamma > 0, got {self.lr_milestones}, "
+                            f"{self.lr_gamma}")
+        if problems:
+            raise ConfigurationError(f"{name} settings: " + "; ".join(problems) + ".")
 
 
 @dataclass
@@ -124,6 +144,8 @@ def load_and_freeze(parts: list[Part], init_checkpoint: str | None = None) -> se
             states[path] = read_state_dict(path, what)
         return states[path]
 
+    for part in parts:
+        part.optimizer.validate(f"the optimizer of {part.name}")
     loaded: set[str] = set()
     if init_checkpoint:
         state = state_of(init_checkpoint, "init_checkpoint")

@@ -37,6 +37,7 @@ class RRDBPretrainModule(pl.LightningModule):
         self.resolution = resolution
         self.n_bits = n_bits
         self.optimizer_settings = optimizer or rrdb_optimizer()
+        self.optimizer_settings.validate()
         self.encoder = RRDBEncoder(in_channels, rrdb_features, rrdb_blocks, rrdb_growth, rrdb_feature_blocks)
 
     def setup(self, stage: str) -> None:

@@ -1,0 +1,24 @@
+"""Errors a user can fix. The ``lightning`` command prints their message as one
+paragraph (what was expected, how to fix it) and exits with status 2, no traceback;
+set ``MSFLOWS_TRACEBACK=1`` to see where they were raised."""
+from __future__ import annotations
+
+
+class UsageError(Exception):
+    """Base of the errors the CLI reports without a traceback."""
+
+
+class ConfigurationError(UsageError, ValueError):
+    """A configuration value that cannot work (caught before the first step)."""
+
+
+class CheckpointError(UsageError, ValueError):
+    """A checkpoint that cannot be read, or belongs to another model."""
+
+
+class RunLockedError(UsageError, RuntimeError):
+    """Another live run owns the folder."""
+
+
+class TrainingDivergedError(UsageError, RuntimeError):
+    """Too many consecutive optimizer steps were skipped for non-finite values."""

@@ -1,0 +1,228 @@
+"""Bad input and faults: each case gets one paragraph that says what to do, and loses
+no work (issue: reliability)."""
+import errno
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from lightning_modules.checkpointing import (AtomicCheckpointIO, RunLock, load_checkpoint_file,
+                                             remove_stale_temporaries, resume_checkpoint)
+from lightning_modules.cli import main
+from tests.conftest import REPO
+from tests.test_cli import TINY_QUICKSTART
+
+QUICKSTART = ["--config", str(REPO / "experiments/quickstart.yaml"), *TINY_QUICKSTART,
+              "--data.init_args.train_size", "32", "--data.init_args.val_size", "16", "--data.init_args.batch_size", "8",
+              "--trainer.max_epochs", "1", "--trainer.logger", "false"]
+TINY_CASCADE = ["--config", str(REPO / "experiments/quick_cascade.yaml"),
+                "--model.init_args.base.flow.init_args.hidden_channels", "8",
+                "--data.init_args.train_size", "32", "--data.init_args.val_size", "16", "--data.init_args.batch_size", "8",
+                "--trainer.max_epochs", "1", "--trainer.logger", "false"]
+
+
+def run_main(capsys, *args) -> tuple[int, str]:
+    """The `lightning` command in this process: (exit status, stderr then stdout)."""
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.err + "\n--- stdout ---\n" + captured.out
+
+
+def one_paragraph_error(stderr: str) -> str:
+    """The error line(s) the command printed; there must be no traceback."""
+    assert "Traceback" not in stderr, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, stderr[-3000:]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def glow_checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("glow")
+    code = main_quiet(*QUICKSTART, "--trainer.default_root_dir", str(root))
+    assert code == 0
+    return next(root.rglob("last.ckpt"))
+
+
+def main_quiet(*args) -> int:
+    try:
+        main(["fit", *args])
+    except SystemExit as exit_:
+        return exit_.code
+    return 0
+
+
+# --- 1. the config the user wrote wins over --ckpt_path -----------------------------------------
+def test_ckpt_path_of_another_family_is_refused_before_training(glow_checkpoint, tmp_path, capsys):
+    code, err = run_main(capsys, "fit", *TINY_CASCADE, "--trainer.default_root_dir", str(tmp_path),
+                         "--ckpt_path", str(glow_checkpoint))
+    assert code == 2
+    message = one_paragraph_error(err)
+    assert "GlowModule" in message and "CascadeModule" in message and "Glow8-SRF16-SRF32" in message
+    assert not list(tmp_path.rglob("*.ckpt"))  # nothing trained
+
+
+def test_ckpt_path_of_another_width_is_refused_not_silently_used(glow_checkpoint, tmp_path, capsys):
+    code, err = run_main(capsys, "fit", *QUICKSTART, "--model.init_args.flow.init_args.hidden_channels", "16",
+                         "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", str(glow_checkpoint))
+    assert code == 2
+    assert "does not fit" in one_paragraph_error(err)
+
+
+def test_test_time_settings_on_the_command_line_are_honoured(glow_checkpoint, tmp_path, capsys):
+    fid = tmp_path / "fid.yaml"
+    fid.write_text("trainer:\n  callbacks:\n    - class_path: lightning_modules.TestMetrics\n      init_args:\n"
+                   "        fid: {num_samples: 16, feature_extractor: random-conv, batch_size: 16,"
+                   f" kid_subset_size: 8, cache_dir: {tmp_path / 'cache'}}}\n")
+    code, err = run_main(capsys, "test", *QUICKSTART, "--config", str(fid), "--trainer.default_root_dir",
+                         str(tmp_path), "--ckpt_path", str(glow_checkpoint))
+    assert code == 0, err[-3000:]
+    import json
+
+    table = json.loads((tmp_path / "metrics.json").read_text())
+    assert table["evaluation"]["num_samples"] == 16 and set(table["fid"]) == {"16"}
+
+
+# --- 2. a diverged run ends, with what to try ------------------------------------------------------
+def test_a_diverged_run_stops_after_max_skipped_steps(tmp_path, capsys):
+    code, err = run_main(capsys, "fit", *QUICKSTART, "--model.init_args.optimizer.lr", "1e3",
+                         "--model.init_args.max_skipped_steps", "5", "--trainer.max_epochs", "-1",
+                         "--trainer.default_root_dir", str(tmp_path))
+    assert code == 2
+    message = one_paragraph_error(err)
+    assert "5 optimizer steps in a row were skipped" in message
+    for hint in ("last good checkpoint", "lower learning rate", "grad_clip_norm", "trainer.precision"):
+        assert hint in message
+    assert "non-finite" in err and "in a row" in err  # reported as they happened
+
+
+# --- 3. one live run per folder ----------------------------------------------------------------------
+def test_a_second_live_run_in_the_same_folder_refuses_to_start(tmp_path, capsys):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from lightning_modules.checkpointing import RunLock; "
+                               f"RunLock({str(tmp_path)!r}).acquire(); print('held', flush=True); time.sleep(120)"],
+        cwd=REPO, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code, err = run_main(capsys, "fit", *QUICKSTART, "--trainer.default_root_dir", str(tmp_path))
+        assert code == 2
+        message = one_paragraph_error(err)
+        assert f"pid {holder.pid}" in message and "default_root_dir" in message
+        assert not (tmp_path / "wandb_run_id.txt").exists() and not list(tmp_path.rglob("*.ckpt"))
+    finally:
+        holder.kill()
+        holder.wait()
+    # The owner is gone: its lock is stale and the next run takes it over.
+    with pytest.warns(UserWarning, match="taking over"):
+        lock = RunLock(tmp_path).acquire()
+    assert lock.holder()["pid"] == os.getpid()
+    lock.release()
+    assert not (tmp_path / "msflows.lock").exists()
+
+
+def test_a_lock_from_another_host_is_live_only_while_its_heartbeat_is_fresh(tmp_path):
+    lock = RunLock(tmp_path, stale_after_s=60)
+    lock.path.write_text('{"pid": 1, "host": "elsewhere", "slurm_job_id": null, "started": 0}')
+    assert lock.holder_is_live(lock.holder())
+    old = time.time() - 600
+    os.utime(lock.path, (old, old))
+    assert not lock.holder_is_live(lock.holder())
+
+
+# --- 4. ckpt_path auto skips a broken newest checkpoint -------------------------------------------
+def test_auto_resume_skips_a_truncated_newest_checkpoint_and_keeps_it_aside(glow_checkpoint, tmp_path):
+    good = tmp_path / "version_0" / "checkpoints" / "last.ckpt"
+    good.parent.mkdir(parents=True)
+    good.write_bytes(glow_checkpoint.read_bytes())
+    broken = tmp_path / "version_1" / "checkpoints" / "last.ckpt"
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(glow_checkpoint.read_bytes()[:5000])
+    empty = tmp_path / "hpc_ckpt_3.ckpt"
+    empty.write_bytes(b"")
+    os.utime(good, (1, 1))
+    orphan = good.parent / ".last.ckpt.4242.tmp"
+    orphan.write_bytes(b"partial")
+    with pytest.warns(UserWarning, match="cannot resume"):
+        assert resume_checkpoint(tmp_path) == good
+    assert not broken.exists() and len(list(broken.parent.glob("last.ckpt.broken-*"))) == 1
+    assert not empty.exists() and len(list(tmp_path.glob("hpc_ckpt_3.ckpt.broken-*"))) == 1
+    assert remove_stale_temporaries(tmp_path) == [orphan] and not orphan.exists()
+
+
+# --- 5. bad values: one paragraph before the first step ------------------------------------------
+@pytest.mark.parametrize("args, expected", [
+    (["--model.init_args.optimizer.lr", "-1"], "lr must be a positive number"),
+    (["--model.init_args.n_bits", "9"], "n_bits must be in [1, 8]"),
+    (["--model.init_args.flow.init_args.scales", "0"], "scales >= 1"),
+    (["--model.init_args.flow.init_args.scales", "5"], "not divisible by 2**scales"),
+    (["--trainer.callbacks.init_args.fid.temperature", "[0.5, 0.5]"], "one per stage"),
+])
+def test_bad_values_give_one_paragraph_before_training(args, expected, tmp_path, capsys):
+    base = QUICKSTART
+    if "temperature" in args[0]:  # a per-stage list one short, for a 3-stage cascade
+        evaluation = tmp_path / "evaluation.yaml"
+        evaluation.write_text("trainer:\n  callbacks:\n    - class_path: lightning_modules.TestMetrics\n"
+                              "      init_args: {fid: {feature_extractor: random-conv}}\n")
+        base, args = TINY_CASCADE, ["--config", str(evaluation), *args]
+    code, err = run_main(capsys, "fit", *base, *args, "--trainer.default_root_dir", str(tmp_path))
+    assert code == 2
+    assert expected in one_paragraph_error(err)
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+# --- 6. smaller cases ------------------------------------------------------------------------------
+def test_an_empty_checkpoint_names_the_file(tmp_path, capsys):
+    empty = tmp_path / "empty.ckpt"
+    empty.write_bytes(b"")
+    code, err = run_main(capsys, "fit", *QUICKSTART, "--trainer.default_root_dir", str(tmp_path),
+                         "--ckpt_path", str(empty))
+    assert code == 2
+    message = one_paragraph_error(err)
+    assert str(empty) in message and "0 bytes" in message
+
+
+def test_a_full_disk_says_so_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(2)}}, path)
+    good = path.read_bytes()
+
+    def full_disk(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 4160 vs 4054")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match=f"no space left on device writing {path}") as error:
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(2)}}, path)
+    assert error.value.errno == errno.ENOSPC
+    assert path.read_bytes() == good and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    assert torch.equal(load_checkpoint_file(path)["state_dict"]["w"], torch.ones(2))
+
+
+def test_unreadable_and_small_images_are_found_at_setup(tmp_path):
+    from PIL import Image
+
+    from datamodules import ImageFolderDataModule
+    from datamodules.sources import UnreadableImagesError
+
+    for i in range(6):
+        Image.new("RGB", (40, 40) if i else (8, 8), (i * 30, 0, 0)).save(tmp_path / f"ok{i}.png")
+    (tmp_path / "broken.png").write_bytes(b"not an image at all")
+    data = ImageFolderDataModule(data_dir=str(tmp_path), image_size=16, resolutions=[16], batch_size=2)
+    with pytest.raises(UnreadableImagesError, match="broken.png") as error:
+        data.setup("fit")
+    assert "bad_images: skip" in str(error.value)
+    skipping = ImageFolderDataModule(data_dir=str(tmp_path), image_size=16, resolutions=[16], batch_size=2,
+                                     bad_images="skip")
+    with pytest.warns(UserWarning) as warned:
+        skipping.setup("fit")
+    messages = [str(w.message) for w in warned]
+    assert any("leaving out 1 unreadable" in m for m in messages)
+    assert any(m.startswith("1 of 6 images") and "upscaled" in m for m in messages)
+    assert len(skipping.datasets["train"]) + len(skipping.datasets["val"]) == 6
