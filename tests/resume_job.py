@@ -1,7 +1,11 @@
 """A small training job the resume tests run in a subprocess, so it can be killed with
 SIGKILL like a preempted cluster job:
 
-    python -m tests.resume_job FAMILY ROOT MAX_STEPS [--kill-at STEP] [--resume]
+    python -m tests.resume_job FAMILY ROOT MAX_STEPS [--kill-at STEP] [--kill-in-write N] [--resume]
+
+``--kill-in-write N`` kills the job halfway through its N-th checkpoint write (a
+partial temporary file is on disk). ``--resume`` follows ``ckpt_path: auto``: stale
+temporaries are removed and the newest readable checkpoint is resumed.
 """
 import argparse
 import os
@@ -16,7 +20,7 @@ from datamodules import EmbeddedDataModule
 from flows import Glow, SRFlow
 from lightning_modules import (CascadeModule, ExactResume, GlowModule, GlowStage, OptimizerSettings,
                                SRFlowStage)
-from lightning_modules.checkpointing import AtomicCheckpointIO, newest_checkpoint
+from lightning_modules.checkpointing import AtomicCheckpointIO, remove_stale_temporaries, resume_checkpoint
 
 
 def build(family: str):
@@ -42,6 +46,22 @@ def build(family: str):
     return module, data
 
 
+class KilledMidWrite(AtomicCheckpointIO):
+    def __init__(self, write: int) -> None:
+        super().__init__()
+        self.write, self.count = write, 0
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        self.count += 1
+        if self.count == self.write:
+            path = Path(path)
+            with open(path.with_name(f".{path.name}.{os.getpid()}.tmp"), "wb") as handle:
+                handle.write(b"PK\x03\x04 half a checkpoint")
+                handle.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+        super().save_checkpoint(checkpoint, path, storage_options)
+
+
 class KillAt(pl.Callback):
     def __init__(self, step: int) -> None:
         self.step = step
@@ -57,6 +77,7 @@ def main() -> None:
     parser.add_argument("root")
     parser.add_argument("max_steps", type=int)
     parser.add_argument("--kill-at", type=int)
+    parser.add_argument("--kill-in-write", type=int)
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args()
     root = Path(args.root)
@@ -68,8 +89,12 @@ def main() -> None:
         callbacks.append(KillAt(args.kill_at))
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=args.max_steps, logger=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1,
-                         default_root_dir=str(root), callbacks=callbacks, plugins=[AtomicCheckpointIO()])
-    ckpt_path = newest_checkpoint(root) if args.resume else None
+                         default_root_dir=str(root), callbacks=callbacks,
+                         plugins=[KilledMidWrite(args.kill_in_write) if args.kill_in_write else AtomicCheckpointIO()])
+    ckpt_path = None
+    if args.resume:
+        remove_stale_temporaries(root)
+        ckpt_path = resume_checkpoint(root)
     trainer.fit(module, data, ckpt_path=str(ckpt_path) if ckpt_path else None)
     torch.save({"state_dict": module.state_dict(), "global_step": trainer.global_step,
                 "resumed_from": str(ckpt_path)}, root / "final.pt")

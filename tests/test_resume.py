@@ -8,6 +8,8 @@ import sys
 import pytest
 import torch
 
+import random
+
 from lightning_modules.checkpointing import AtomicCheckpointIO, newest_checkpoint
 from tests.conftest import REPO
 
@@ -66,3 +68,28 @@ def test_resume_rule_picks_the_newest_of_hpc_and_last(tmp_path):
     assert newest_checkpoint(tmp_path) == hpc
     os.utime(last, ns=(3_000_000_000, 3_000_000_000))
     assert newest_checkpoint(tmp_path) == last
+
+
+@pytest.mark.slow
+def test_resume_after_ten_random_kills_in_training_and_in_checkpoint_writes(tmp_path):
+    """Fault injection: SIGKILL at random steps and halfway through random checkpoint
+    writes; every run resumed the ckpt_path-auto way ends with the uninterrupted run's
+    parameters, and no temporary file is left."""
+    straight = job("glow", tmp_path / "straight", 20)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    reference = torch.load(tmp_path / "straight" / "final.pt")["state_dict"]
+    draw = random.Random(0)
+    # Checkpoints every 3 steps, each written twice (step file and last.ckpt): 12 writes in 20 steps.
+    faults = [("--kill-at", draw.randint(1, 19)) for _ in range(5)] + \
+             [("--kill-in-write", draw.randint(1, 12)) for _ in range(5)]
+    for index, (fault, where) in enumerate(faults):
+        root = tmp_path / f"run{index}"
+        killed = job("glow", root, 20, fault, where)
+        assert killed.returncode == -9, (fault, where, killed.stderr[-2000:])
+        resumed = job("glow", root, 20, "--resume")
+        assert resumed.returncode == 0, (fault, where, resumed.stderr[-3000:])
+        final = torch.load(root / "final.pt")
+        assert final["global_step"] == 20
+        for key, value in reference.items():
+            assert torch.allclose(value.float(), final["state_dict"][key].float(), atol=1e-6, rtol=0), (fault, where, key)
+        assert not list(root.rglob("*.tmp")), (fault, where)
