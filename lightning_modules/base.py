@@ -104,9 +104,10 @@ class FlowModule(pl.LightningModule):
         self.channels_last = channels_last
         self.compile_losses = compile
         self._compiled = False
-        # Buffers, so the counts survive checkpoints and resumes.
+        # A buffer, so the count survives checkpoints and resumes. The run of consecutive
+        # skips is not saved: a resumed run starts with a fresh allowance.
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
-        self.register_buffer("consecutive_skipped_steps", torch.zeros((), dtype=torch.long))
+        self.consecutive_skipped_steps = 0
 
     def save_config(self) -> None:
         """Record the constructor's arguments as hyper-parameters. Under the CLI they are
@@ -241,7 +242,7 @@ class FlowModule(pl.LightningModule):
         # on_before_optimizer_step (clipping and the finiteness check) and steps.
         optimizer.step()
         if self._step_applied:
-            self.consecutive_skipped_steps.zero_()
+            self.consecutive_skipped_steps = 0
             self.lr_schedulers().step()
             groups = optimizer.param_groups
             for group in groups:
@@ -271,12 +272,12 @@ class FlowModule(pl.LightningModule):
         self.skipped_steps += 1
         self.consecutive_skipped_steps += 1
         self.log("train/skipped_steps", self.skipped_steps.float(), on_step=True, on_epoch=False)
-        self.log("train/consecutive_skipped_steps", self.consecutive_skipped_steps.float(),
+        self.log("train/consecutive_skipped_steps", float(self.consecutive_skipped_steps),
                  on_step=True, on_epoch=False)
         self.log(f"train/skipped_for_non_finite_{reason}", 1.0, on_step=True, on_epoch=False)
         self.print(f"step {self.global_step}: non-finite {reason}, optimizer step skipped "
-                   f"({int(self.consecutive_skipped_steps)} in a row, {int(self.skipped_steps)} so far)")
-        if int(self.consecutive_skipped_steps) >= self.max_skipped_steps:
+                   f"({self.consecutive_skipped_steps} in a row, {int(self.skipped_steps)} so far)")
+        if self.consecutive_skipped_steps >= self.max_skipped_steps:
             raise TrainingDivergedError(self._divergence_message(reason))
 
     def _divergence_message(self, reason: str) -> str:
@@ -284,7 +285,7 @@ class FlowModule(pl.LightningModule):
         checkpoint = getattr(trainer.checkpoint_callback, "last_model_path", "") or \
             getattr(trainer.checkpoint_callback, "best_model_path", "") or newest_checkpoint(trainer.default_root_dir)
         rates = sorted({f"{group['lr']:.3g}" for group in self.optimizers().param_groups})
-        return (f"training stopped: {int(self.consecutive_skipped_steps)} optimizer steps in a row were skipped "
+        return (f"training stopped: {self.consecutive_skipped_steps} optimizer steps in a row were skipped "
                 f"because the {reason} was not finite (the last at step {self.global_step}; "
                 f"max_skipped_steps is {self.max_skipped_steps}). The last good checkpoint is "
                 f"{checkpoint or 'none (none was written yet)'}. Try a lower learning rate (now {', '.join(rates)}), "

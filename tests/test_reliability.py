@@ -226,3 +226,18 @@ def test_unreadable_and_small_images_are_found_at_setup(tmp_path):
     assert any("leaving out 1 unreadable" in m for m in messages)
     assert any(m.startswith("1 of 6 images") and "upscaled" in m for m in messages)
     assert len(skipping.datasets["train"]) + len(skipping.datasets["val"]) == 6
+
+
+def test_a_checkpoint_loads_and_samples_from_python_as_the_readme_says(glow_checkpoint):
+    from flows.quantization import to_uint8
+    from lightning_modules import GlowModule
+
+    module = GlowModule.load_from_checkpoint(glow_checkpoint, map_location="cpu").eval()
+    torch.manual_seed(0)
+    x = module.model.sample(8, None, 1.0)
+    assert x.shape == (8, 3, 16, 16) and torch.isfinite(x).all()
+    # Model space is not clamped (the exact inverse); to_uint8 clamps into the data range.
+    images = to_uint8(x, module.n_bits)
+    assert images.dtype == torch.uint8
+    step = 256 // 2 ** module.n_bits  # the outermost bin centres are step / 2 and 256 - step / 2
+    assert int(images.min()) >= step // 2 and int(images.max()) <= 256 - step // 2
