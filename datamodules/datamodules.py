@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from datamodules.pyramid import ImagePyramid, resize_uint8
-from datamodules.sources import (DatasetNotFoundError, EmbeddedImages, ImageFolderSource,
+from datamodules.sources import (DatasetNotFoundError, DataSettingsError, EmbeddedImages, ImageFolderSource,
                                  MNISTIdx, TransformedSource, center_square_crop,
                                  load_torchvision, mnist_split_files)
 
@@ -61,7 +61,7 @@ def stratified_split(labels: list[int], per_class: int, seed: int) -> tuple[list
     for label in labels_tensor.unique(sorted=True).tolist():
         indices = torch.nonzero(labels_tensor == label).flatten()
         if len(indices) <= per_class:
-            raise ValueError(f"class {label} has {len(indices)} examples; cannot hold out {per_class}")
+            raise DataSettingsError(f"class {label} has {len(indices)} examples; cannot hold out {per_class}")
         chosen = indices[torch.randperm(len(indices), generator=generator)[:per_class]]
         held_out.extend(chosen.tolist())
     held_out_set = set(held_out)
@@ -124,7 +124,7 @@ class PyramidDataModule(pl.LightningDataModule):
         dataset = self.datasets[split]
         batch_size = self.batch_size if shuffle else self.eval_batch_size
         if shuffle and len(dataset) < batch_size:
-            raise ValueError(f"the {split} split has {len(dataset)} images, fewer than one batch "
+            raise DataSettingsError(f"the {split} split has {len(dataset)} images, fewer than one batch "
                              f"of {batch_size}; lower data.init_args.batch_size")
         # The loader's own generator seeds its workers, so creating an iterator never
         # draws from the global RNG (exact resume depends on that stream).
@@ -302,7 +302,7 @@ class ImageFolderDataModule(PyramidDataModule):
         folder = ImageFolderSource(root, self.image_size, self.channels, self.labels_from_subfolders,
                                    self.bad_images)
         if self.labels_from_subfolders and len(folder.classes) != self.num_classes:
-            raise ValueError(f"{root} has {len(folder.classes)} class folders but num_classes is "
+            raise DataSettingsError(f"{root} has {len(folder.classes)} class folders but num_classes is "
                              f"{self.num_classes}; set data.init_args.num_classes: {len(folder.classes)}")
         return folder
 

@@ -25,6 +25,11 @@ class DatasetNotFoundError(FileNotFoundError):
     """A dataset is not on disk (and could not be downloaded)."""
 
 
+class DataSettingsError(ValueError):
+    """Data settings that cannot work with the data at hand (the CLI prints the message
+    as one paragraph)."""
+
+
 def pil_to_uint8(image) -> Tensor:
     array = np.asarray(image, dtype=np.uint8)
     if array.ndim == 2:

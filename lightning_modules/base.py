@@ -191,11 +191,11 @@ class FlowModule(pl.LightningModule):
             return
         missing = [r for r in self.resolutions if r not in datamodule.resolutions]
         if missing:
-            raise ValueError(
+            raise ConfigurationError(
                 f"{type(self).__name__} models resolutions {self.resolutions} but the data "
                 f"module yields {datamodule.resolutions}; add {missing} to data.init_args.resolutions")
         if datamodule.channels != self.in_channels:
-            raise ValueError(f"the data have {datamodule.channels} channels but the model expects "
+            raise ConfigurationError(f"the data have {datamodule.channels} channels but the model expects "
                              f"{self.in_channels}; set in_channels: {datamodule.channels} in the model")
 
     def configure_model(self) -> None:

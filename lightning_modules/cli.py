@@ -30,7 +30,7 @@ from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import WandbLogger
 
 from datamodules import PyramidDataModule
-from datamodules.sources import DatasetNotFoundError
+from datamodules.sources import DatasetNotFoundError, DataSettingsError
 from lightning_modules.callbacks import ExactResume
 from lightning_modules.checkpointing import (AtomicCheckpointIO, RunLock, persistent_wandb_id,
                                              remove_stale_temporaries, resume_checkpoint)
@@ -119,7 +119,7 @@ def main(args=None) -> None:
     user can fix print one paragraph and exit with 2 (MSFLOWS_TRACEBACK=1: the traceback)."""
     try:
         build_cli(args)
-    except (UsageError, DatasetNotFoundError) as error:
+    except (UsageError, DatasetNotFoundError, DataSettingsError) as error:
         if os.environ.get("MSFLOWS_TRACEBACK"):
             raise
         # The message says what was expected and how to fix it; a traceback would bury it.

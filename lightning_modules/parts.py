@@ -62,7 +62,7 @@ class OptimizerSettings:
             problems.append(f"lr_milestones must be >= 0 and lr_gamma > 0, got {self.lr_milestones}, "
                             f"{self.lr_gamma}")
         if problems:
-            raise ConfigurationError(f"{name} settings: " + "; ".join(problems) + ".")
+            raise ConfigurationError(f"{name}: " + "; ".join(problems) + ".")
 
 
 @dataclass
@@ -145,7 +145,7 @@ def load_and_freeze(parts: list[Part], init_checkpoint: str | None = None) -> se
         return states[path]
 
     for part in parts:
-        part.optimizer.validate(f"the optimizer of {part.name}")
+        part.optimizer.validate("optimizer" if part.name == "model" else f"optimizer of {part.name}")
     loaded: set[str] = set()
     if init_checkpoint:
         state = state_of(init_checkpoint, "init_checkpoint")

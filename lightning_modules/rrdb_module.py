@@ -14,6 +14,7 @@ from torch import Tensor
 
 from flows.nets import RRDBEncoder
 from flows.quantization import dequantize
+from lightning_modules.errors import ConfigurationError
 from lightning_modules.parts import OptimizerGroup, OptimizerSettings, build_optimizer, steps_per_epoch
 
 
@@ -46,7 +47,7 @@ class RRDBPretrainModule(pl.LightningModule):
             return
         needed = [self.resolution, self.resolution // 2]
         if any(r not in datamodule.resolutions for r in needed):
-            raise ValueError(f"RRDB pre-training at {self.resolution}px needs data resolutions {needed}; "
+            raise ConfigurationError(f"RRDB pre-training at {self.resolution}px needs data resolutions {needed}; "
                              f"the data module yields {datamodule.resolutions}")
 
     def _pair(self, batch: dict) -> tuple[Tensor, Tensor]:

@@ -163,6 +163,8 @@ def test_auto_resume_skips_a_truncated_newest_checkpoint_and_keeps_it_aside(glow
     (["--model.init_args.flow.init_args.scales", "0"], "scales >= 1"),
     (["--model.init_args.flow.init_args.scales", "5"], "not divisible by 2**scales"),
     (["--trainer.callbacks.init_args.fid.temperature", "[0.5, 0.5]"], "one per stage"),
+    (["--data.init_args.batch_size", "64"], "fewer than one batch"),
+    (["--data.init_args.image_size", "8", "--data.init_args.resolutions", "[8]"], "add [16] to data.init_args"),
 ])
 def test_bad_values_give_one_paragraph_before_training(args, expected, tmp_path, capsys):
     base = QUICKSTART
