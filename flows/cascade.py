@@ -36,30 +36,14 @@ are replaced by the clean condition and counted.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor, nn
 
 from flows.base import LABELS, LOWRES, Condition, condition_value, with_condition, zero_logdet
-from flows.model import Encoding, FlowModel
+from flows.model import Encoding, FlowModel, NoisyReconstruction
 from flows.quantization import bin_log_volume, snap_to_bins
 
 Pyramid = dict[int, Tensor]
-
-
-@dataclass
-class NoisyReconstruction:
-    """``images``: the reconstructions (failed ones replaced by the clean input).
-    ``failed``: per-sample bool, True where the reconstruction was non-finite or
-    exceeded the allowed magnitude."""
-
-    images: Tensor
-    failed: Tensor
-
-    @property
-    def failure_rate(self) -> Tensor:
-        return self.failed.float().mean()
 
 
 class Cascade(FlowModel):

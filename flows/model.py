@@ -50,6 +50,30 @@ class Encoding:
         return self.log_prior + self.logdet
 
 
+@dataclass
+class NoisyReconstruction:
+    """f^-1(f(x) + sigma eps). ``images``: the reconstructions (where a caller replaces
+    failed ones, by the clean input). ``failed``: per-sample bool, True where the
+    reconstruction was non-finite or exceeded an allowed magnitude."""
+
+    images: Tensor
+    failed: Tensor
+
+    @property
+    def failure_rate(self) -> Tensor:
+        return self.failed.float().mean()
+
+
+def map_latents(fn, *trees):
+    """``fn`` applied leaf-wise to latents nested in lists and dicts (None stays None)."""
+    first = trees[0]
+    if isinstance(first, dict):
+        return {k: map_latents(fn, *(t[k] for t in trees)) for k in first}
+    if isinstance(first, (list, tuple)):
+        return [map_latents(fn, *items) for items in zip(*trees)]
+    return None if first is None else fn(*trees)
+
+
 class FlowModel(nn.Module):
     """Base of the whole models. Subclasses set ``in_channels`` and ``image_size`` and
     implement :meth:`encode`, :meth:`decode` and :meth:`sample`."""

@@ -1,5 +1,7 @@
 """LightningModules of the model families, sharing one base (FlowModule), and the
 callbacks any of them can use."""
+from lightning_modules.analyses import (LatentInterpolation, LatentZeroing, NearestNeighbours, NoiseSweep,
+                                        ResamplingMaps)
 from lightning_modules.base import Batch, FlowModule, LossOutput
 from lightning_modules.callbacks import ExactResume, SampleGrids, TestMetrics, ValidationFID
 from lightning_modules.cascade_module import CascadeModule, GlowStage, SRFlowStage
@@ -10,4 +12,5 @@ from lightning_modules.rrdb_module import RRDBPretrainModule
 
 __all__ = ["Batch", "FlowModule", "LossOutput", "ExactResume", "SampleGrids", "TestMetrics", "ValidationFID",
            "CascadeModule", "GlowStage", "SRFlowStage", "GlowModule", "FIDSettings", "Freeze",
-           "OptimizerSettings", "Part", "RRDBPretrainModule"]
+           "OptimizerSettings", "Part", "RRDBPretrainModule", "LatentInterpolation", "LatentZeroing",
+           "NearestNeighbours", "NoiseSweep", "ResamplingMaps"]

@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor, nn
 
+from flows.model import NoisyReconstruction, map_latents
 from flows.quantization import bits_per_dim, check_n_bits, dequantize, per_sample_uniform
 from lightning_modules.checkpointing import newest_checkpoint, state_dict_mismatch, upgrade_state_dict
 from lightning_modules.errors import CheckpointError, ConfigurationError, TrainingDivergedError
@@ -151,6 +153,32 @@ class FlowModule(pl.LightningModule):
         check theirs before the first step). Default: one number."""
         if not isinstance(temperature, (int, float)):
             raise ValueError(f"{type(self).__name__} samples at one temperature, got {temperature!r}")
+
+    # --- for the analyses (lightning_modules/analyses.py) ------------------------------------
+    noise_sweep_sigmas: list[float] = [0.0, 0.05, 0.1, 0.15, 0.2, 0.25]  # seed 000 Fig. 4.1 (Glow)
+
+    def model_input(self, batch: Batch) -> tuple[Any, dict]:
+        """(x, cond) as ``self.model.encode`` takes them for a batch."""
+        raise NotImplementedError
+
+    def images_of(self, decoded: Any) -> dict[int, Tensor]:
+        """The model's data (an input or a decoding) as {resolution: images}."""
+        raise NotImplementedError
+
+    def noise_std(self, sigma: float) -> float:
+        """The standard deviation of the latent noise a ``sigma`` setting means (std)."""
+        return sigma
+
+    @torch.no_grad()
+    def noisy_reconstructions(self, batch: Batch, sigma: float) -> dict[int, NoisyReconstruction]:
+        """f^-1(f(x) + sigma eps) through the whole model, the same sigma on every latent;
+        failed where non-finite (seed 000 sec. 4.4.2)."""
+        x, cond = self.model_input(batch)
+        std = self.noise_std(sigma)
+        noisy = map_latents(lambda z: z + std * torch.randn_like(z), self.model.encode(x, cond).latents)
+        decoded = self.images_of(self.model.decode(noisy, cond))
+        return {r: NoisyReconstruction(images, ~torch.isfinite(images).flatten(1).all(dim=1))
+                for r, images in decoded.items()}
 
     def parts(self) -> list[Part]:
         """The model's parts; by default one, the whole model, with the module's

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -94,6 +95,14 @@ class CascadeModule(FlowModule):
             magnitude counts as failed (data lie in [-0.5, 0.5]).
         failure_probe_sigmas: latent noise levels of the sample-failure probe.
         failure_probe_every_n_steps: how often the probe runs (0: never).
+        sigma_is: what a stage's ``sigma`` (and the probe's and the noise sweep's) is:
+            the standard deviation of the latent noise ("std", the default), or its
+            variance ("variance": the noise std is sqrt(sigma)). Seed 000 writes
+            q(z|x) = N(z, sigma I) in eq. 3.12-3.14 (a variance), but its experiments
+            call sigma "the standard deviation of the approximate posterior" (sec.
+            3.2.1) and disturb the condition "with sigma standard-deviation Gaussian
+            noise" (sec. 4.4.1); Table 4.2's sigmas come from those experiments, so
+            "std" is the reading that reproduces them.
     The remaining args are :class:`FlowModule`'s.
     """
 
@@ -101,7 +110,8 @@ class CascadeModule(FlowModule):
                  train_stages: list[int] | None = None, init_checkpoint: str | None = None,
                  class_loss_weight: float = 0.01, max_reconstruction_abs: float = 1.0,
                  failure_probe_sigmas: list[float] | None = None,
-                 failure_probe_every_n_steps: int = 100, n_bits: int = 8,
+                 failure_probe_every_n_steps: int = 100, sigma_is: Literal["std", "variance"] = "std",
+                 n_bits: int = 8,
                  grad_clip_norm: float | None = None, evaluation_seed: int = 1234,
                  channels_last: bool = False, compile: bool = False,
                  max_skipped_steps: int = 100) -> None:
@@ -118,6 +128,7 @@ class CascadeModule(FlowModule):
         self.max_reconstruction_abs = max_reconstruction_abs
         self.failure_probe_sigmas = list(failure_probe_sigmas if failure_probe_sigmas is not None else [0.5, 1.0])
         self.failure_probe_every_n_steps = failure_probe_every_n_steps
+        self.sigma_is = sigma_is
         train_stages = self.model.resolutions if train_stages is None else train_stages
         unknown = [r for r in train_stages if r not in self.model.resolutions]
         if unknown:
@@ -208,7 +219,8 @@ class CascadeModule(FlowModule):
             stage_cond = cond
             sigma = self.sigma(resolution)
             if training and sigma > 0:
-                noisy = self.model.variational_condition(resolution, cond, sigma, self.max_reconstruction_abs)
+                noisy = self.model.variational_condition(resolution, cond, self.noise_std(sigma),
+                                                         self.max_reconstruction_abs)
                 stage_cond = {**cond, LOWRES: {**batch.clean, resolution // 2: noisy.images}}
                 extra[f"replacement_rate_{resolution}"] = noisy.failure_rate
             encoding = self.model.encode_stage(resolution, batch.images, stage_cond)
@@ -246,9 +258,30 @@ class CascadeModule(FlowModule):
         for resolution in self.trained_resolutions:
             for sigma in self.failure_probe_sigmas:
                 recon = self.model.reconstruct_with_latent_noise(
-                    resolution, batch.clean[resolution], sigma, cond, max_abs=math.inf)
+                    resolution, batch.clean[resolution], self.noise_std(sigma), cond, max_abs=math.inf)
                 out[f"failure_rate_{resolution}_sigma{sigma:g}"] = recon.failure_rate
         return out
+
+    # --- for the analyses ------------------------------------------------------------------
+    noise_sweep_sigmas = [0.0, 0.25, 0.5, 0.75, 1.0]  # seed 000 Fig. 4.2 (SRFlow)
+
+    def noise_std(self, sigma: float) -> float:
+        return sigma if self.sigma_is == "std" else math.sqrt(sigma)
+
+    def model_input(self, batch: Batch) -> tuple[dict, dict]:
+        return batch.images, {LABELS: batch.labels, LOWRES: batch.clean}
+
+    def images_of(self, decoded: dict) -> dict[int, Tensor]:
+        return dict(decoded)
+
+    @torch.no_grad()
+    def noisy_reconstructions(self, batch: Batch, sigma: float) -> dict:
+        """Per stage, with its clean condition (seed 000 Fig. 4.2): f^-1(f(x) + sigma eps)
+        of the images at each resolution; failed where non-finite."""
+        cond = {LABELS: batch.labels, LOWRES: batch.clean}
+        return {r: self.model.reconstruct_with_latent_noise(r, batch.clean[r], self.noise_std(sigma), cond,
+                                                            max_abs=math.inf)
+                for r in self.model.resolutions}
 
     def sample_images(self, n: int, temperature: float | list[float]) -> dict[int, Tensor]:
         cond = None

@@ -64,6 +64,12 @@ class GlowModule(FlowModule):
         return LossOutput(loss, {self.resolution: log_prob}, {self.resolution: dims},
                           {self.resolution: encoding.exact}, extra)
 
+    def model_input(self, batch: Batch) -> tuple[Tensor, dict]:
+        return batch.images[self.resolution], {LABELS: batch.labels}
+
+    def images_of(self, decoded: Tensor) -> dict[int, Tensor]:
+        return {self.resolution: decoded}
+
     def sample_images(self, n: int, temperature: float) -> dict[int, Tensor]:
         cond = None
         if self.model.num_classes:  # a row-major grid: classes cycle along each row

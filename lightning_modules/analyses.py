@@ -1,0 +1,341 @@
+"""The seeds' analyses as callbacks that run at ``lightning test`` and work for every
+family through the model contract (``encode``/``decode``/``sample``):
+
+* :class:`LatentInterpolation`: encode two test images, interpolate their latents
+  linearly (or spherically), decode (seed 004 sec. 5, seed 001 sec. 3.1).
+* :class:`LatentZeroing`: set the latents to their prior mean cumulatively from the
+  finest scale to the coarsest and decode (seed 001 Fig. 6 and 8).
+* :class:`ResamplingMaps`: resample one scale's latent from its prior (no truncation),
+  keep the others, and show the pixel-wise standard deviation (seed 001 Fig. 5).
+* :class:`NearestNeighbours`: the K L2-closest training images of each sample, and the
+  nearest distances of samples vs held-out test images (seed 001 Fig. 9).
+* :class:`NoiseSweep`: f^-1(f(x) + sigma eps) over a grid of sigma, with the failure
+  rate per sigma (seed 000 Fig. 4.1, 4.2 and sec. 4.4.2).
+
+A model's "scales" are the groups of its latents: a Glow's split-off latents (finest
+first) and its top latent; a cascade's stages (finest first). A prior mean is what the
+prior samples at temperature 0. Each callback writes PNGs and a JSON of its numbers to
+``<log dir>/analyses/`` and sends the images to every logger. Switch them on under
+``trainer.callbacks`` (``experiments/analyses.yaml`` lists all of them).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Subset
+
+from flows.model import map_latents
+from flows.quantization import reduce_bits, to_uint8
+from lightning_modules.callbacks import log_dir, save_uint8_png, send_image
+
+Latents = Any  # a list of tensors (one model) or {resolution: list} (a cascade); None = draw from the prior
+
+
+# --- latents as nested structures ------------------------------------------------------
+def scale_keys(latents: Latents) -> list:
+    """The latent groups, finest scale first: list indices (a Glow: split-offs, then the
+    top latent) or dict keys (a cascade's stages, highest resolution first)."""
+    if isinstance(latents, dict):
+        return sorted(latents, reverse=True)
+    return list(range(len(latents)))
+
+
+def without(latents: Latents, keys: Iterable) -> Latents:
+    """A copy with the groups ``keys`` set to None (drawn from their priors on decode)."""
+    keys = set(keys)
+    if isinstance(latents, dict):
+        return {k: ([None] * len(v) if k in keys else list(v)) for k, v in latents.items()}
+    return [None if i in keys else z for i, z in enumerate(latents)]
+
+
+def slerp(a: Tensor, b: Tensor, t: float) -> Tensor:
+    """Spherical interpolation per sample (falls back to linear for parallel vectors)."""
+    flat_a, flat_b = a.flatten(1), b.flatten(1)
+    cos = (flat_a * flat_b).sum(1) / (flat_a.norm(dim=1) * flat_b.norm(dim=1)).clamp_min(1e-12)
+    omega = torch.arccos(cos.clamp(-1.0, 1.0))
+    sin = torch.sin(omega)
+    linear = sin.abs() < 1e-6
+    wa = torch.where(linear, torch.full_like(sin, 1 - t), torch.sin((1 - t) * omega) / sin.where(~linear, 1.0))
+    wb = torch.where(linear, torch.full_like(sin, t), torch.sin(t * omega) / sin.where(~linear, 1.0))
+    shape = (-1,) + (1,) * (a.dim() - 1)
+    return wa.view(shape) * a + wb.view(shape) * b
+
+
+# --- the analyses as functions of a model --------------------------------------------------
+@torch.no_grad()
+def interpolate(model, x_a, cond_a, x_b, cond_b, steps: int, spherical: bool = False) -> list:
+    """Decodings at ``steps`` points from x_a's latents to x_b's (endpoints included)."""
+    z_a, z_b = model.encode(x_a, cond_a).latents, model.encode(x_b, cond_b).latents
+    out = []
+    for t in torch.linspace(0, 1, steps).tolist():
+        mix = (lambda a, b: slerp(a, b, t)) if spherical else (lambda a, b: (1 - t) * a + t * b)
+        out.append(model.decode(map_latents(mix, z_a, z_b), cond_a, 0.0))
+    return out
+
+
+def decode_or_sample(model, latents: Latents, cond, temperature: float, n: int):
+    """``model.decode``; with every latent None (nothing fixes the batch size) the same
+    as ``model.sample(n)``."""
+    leaves = []
+    map_latents(leaves.append, latents)
+    if not leaves:
+        return model.sample(n, cond, temperature)
+    return model.decode(latents, cond, temperature)
+
+
+@torch.no_grad()
+def cumulative_zeroing(model, x, cond) -> list:
+    """[reconstruction, then the scales set to their prior mean one by one, finest
+    first]; the last entry has every latent at its prior mean."""
+    latents = model.encode(x, cond).latents
+    keys = scale_keys(latents)
+    n = next(iter(x.values())).shape[0] if isinstance(x, dict) else x.shape[0]
+    return [decode_or_sample(model, without(latents, keys[:k]), cond, 0.0, n) for k in range(len(keys) + 1)]
+
+
+@torch.no_grad()
+def resampling_std(model, x, cond, key, samples: int, images_of: Callable) -> dict[int, Tensor]:
+    """Pixel-wise std ([B, H, W], averaged over channels) of ``samples`` decodings with
+    the scale ``key`` drawn from its prior at temperature 1 and the others kept."""
+    latents = without(model.encode(x, cond).latents, [key])
+    n = next(iter(x.values())).shape[0] if isinstance(x, dict) else x.shape[0]
+    draws = [images_of(decode_or_sample(model, latents, cond, 1.0, n)) for _ in range(samples)]
+    return {r: torch.stack([d[r].float() for d in draws]).std(dim=0).mean(dim=1) for r in draws[0]}
+
+
+@torch.no_grad()
+def nearest_neighbours(queries: Tensor, references: Iterable[Tensor], k: int) -> tuple[Tensor, Tensor]:
+    """(distances [Q, k], indices [Q, k]) of the k L2-closest references of each query,
+    streaming the references in batches (uint8 or float images, compared as float)."""
+    queries = queries.flatten(1).float()
+    best_d = torch.full((queries.shape[0], 0), math.inf, device=queries.device)
+    best_i = torch.zeros((queries.shape[0], 0), dtype=torch.long, device=queries.device)
+    offset = 0
+    for batch in references:
+        batch = batch.to(queries.device).flatten(1).float()
+        distances = torch.cdist(queries, batch)
+        indices = torch.arange(offset, offset + batch.shape[0], device=queries.device).expand_as(distances)
+        best_d, order = torch.cat([best_d, distances], 1).sort(dim=1)
+        best_i = torch.cat([best_i, indices], 1).gather(1, order)
+        best_d, best_i = best_d[:, :k], best_i[:, :k]
+        offset += batch.shape[0]
+    return best_d, best_i
+
+
+# --- the callbacks -------------------------------------------------------------------------
+def collate_test_images(trainer: pl.Trainer, pl_module, indices: list[int]):
+    """A Batch of the test split's images ``indices`` at their bin centres."""
+    dataset = trainer.datamodule.datasets["test"]
+    items = [dataset[i] for i in indices]
+    batch = {"images": {r: torch.stack([it["images"][r] for it in items]).to(pl_module.device)
+                        for r in items[0]["images"]},
+             "label": torch.tensor([int(it["label"]) for it in items], device=pl_module.device)}
+    return pl_module.prepare_batch(batch, noise=False)
+
+
+class Analysis(pl.Callback):
+    """Runs :meth:`analyse` once at the end of ``lightning test`` on process 0, in eval
+    mode, from a forked RNG seeded with ``seed``."""
+
+    name = "analysis"
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(self.seed)
+                numbers = self.analyse(trainer, pl_module)
+        finally:
+            pl_module.train(was_training)
+        self.write_json(trainer, numbers)
+
+    def analyse(self, trainer, pl_module) -> dict:
+        raise NotImplementedError
+
+    def out_dir(self, trainer) -> Path:
+        path = log_dir(trainer) / "analyses"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def save_grid(self, trainer, pl_module, rows: list[Tensor], tag: str) -> Path:
+        """``rows``: [columns, C, H, W] model-space images (or uint8), one grid row each."""
+        from torchvision.utils import make_grid
+
+        images = torch.cat([r if r.dtype == torch.uint8 else to_uint8(r.cpu(), pl_module.n_bits) for r in rows])
+        grid = make_grid(images.cpu(), nrow=rows[0].shape[0], padding=1)
+        path = self.out_dir(trainer) / f"{self.name}_{tag}.png"
+        save_uint8_png(grid, path)
+        send_image(trainer, f"analyses/{self.name}_{tag}", grid)
+        return path
+
+    def write_json(self, trainer, numbers: dict) -> None:
+        path = self.out_dir(trainer) / f"{self.name}.json"
+        path.write_text(json.dumps(numbers, indent=2) + "\n")
+
+
+class LatentInterpolation(Analysis):
+    """``pairs`` rows of ``steps`` decodings between test images 2i and 2i+1 (linear, or
+    spherical with ``spherical: true``), one grid per resolution."""
+
+    name = "interpolation"
+
+    def __init__(self, pairs: int = 4, steps: int = 8, spherical: bool = False, seed: int = 0) -> None:
+        super().__init__(seed)
+        self.pairs, self.steps, self.spherical = pairs, steps, spherical
+
+    def analyse(self, trainer, pl_module) -> dict:
+        batch = collate_test_images(trainer, pl_module, list(range(2 * self.pairs)))
+        x, cond = pl_module.model_input(batch)
+        pick = lambda value, start: (  # noqa: E731 - the even or odd images of x and cond
+            {k: pick(v, start) for k, v in value.items()} if isinstance(value, dict) else value[start::2])
+        frames = interpolate(pl_module.model, pick(x, 0), pick(cond, 0), pick(x, 1), pick(cond, 1),
+                             self.steps, self.spherical)
+        frames = [pl_module.images_of(f) for f in frames]
+        targets = pl_module.images_of(x)
+        errors = {}
+        for r in frames[0]:
+            rows = [torch.stack([f[r][i] for f in frames]) for i in range(self.pairs)]
+            self.save_grid(trainer, pl_module, rows, f"res{r}")
+            errors[str(r)] = max(float((frames[0][r] - targets[r][0::2]).abs().max()),
+                                 float((frames[-1][r] - targets[r][1::2]).abs().max()))
+        return {"pairs": self.pairs, "steps": self.steps, "spherical": self.spherical,
+                "endpoint_max_abs_error": errors}
+
+
+class LatentZeroing(Analysis):
+    """One row per test image: its reconstruction, then the scales set to their prior
+    mean cumulatively from the finest to the coarsest (the last column is the decoded
+    prior mean)."""
+
+    name = "zeroing"
+
+    def __init__(self, images: int = 4, seed: int = 0) -> None:
+        super().__init__(seed)
+        self.images = images
+
+    def analyse(self, trainer, pl_module) -> dict:
+        batch = collate_test_images(trainer, pl_module, list(range(self.images)))
+        x, cond = pl_module.model_input(batch)
+        columns = [pl_module.images_of(d) for d in cumulative_zeroing(pl_module.model, x, cond)]
+        for r in columns[0]:
+            self.save_grid(trainer, pl_module, [torch.stack([c[r][i] for c in columns]) for i in range(self.images)],
+                           f"res{r}")
+        latents = pl_module.model.encode(x, cond).latents
+        return {"images": self.images, "scales_finest_first": [str(k) for k in scale_keys(latents)]}
+
+
+class ResamplingMaps(Analysis):
+    """For each test image: the image, then per scale the pixel-wise std of ``samples``
+    decodings with that scale resampled from its prior (temperature 1) and the others
+    kept, on one brightness scale per image (white = the image's largest std)."""
+
+    name = "resampling"
+
+    def __init__(self, images: int = 4, samples: int = 16, seed: int = 0) -> None:
+        super().__init__(seed)
+        self.images, self.samples = images, samples
+
+    def analyse(self, trainer, pl_module) -> dict:
+        batch = collate_test_images(trainer, pl_module, list(range(self.images)))
+        x, cond = pl_module.model_input(batch)
+        keys = scale_keys(pl_module.model.encode(x, cond).latents)
+        maps = {key: resampling_std(pl_module.model, x, cond, key, self.samples, pl_module.images_of)
+                for key in keys}
+        originals = pl_module.images_of(x)
+        numbers = {}
+        for r, image in originals.items():
+            stds = torch.stack([maps[key][r] for key in keys], dim=1)  # [B, scales, H, W]
+            peak = stds.flatten(1).amax(1).clamp_min(1e-8)[:, None, None, None]
+            shown = (stds / peak * 255).round().clamp(0, 255).to(torch.uint8)
+            shown = shown[:, :, None].expand(-1, -1, 3 if image.shape[1] == 3 else 1, -1, -1)
+            rows = [torch.cat([to_uint8(image[i:i + 1].cpu(), pl_module.n_bits), shown[i].cpu()]) for i in range(self.images)]
+            self.save_grid(trainer, pl_module, rows, f"res{r}")
+            numbers[str(r)] = {str(key): float(maps[key][r].mean()) for key in keys}
+        return {"samples": self.samples, "scales_finest_first": [str(k) for k in keys],
+                "mean_pixel_std": numbers}
+
+
+class NearestNeighbours(Analysis):
+    """For ``samples`` samples at ``temperature``: the ``k`` L2-closest training images
+    (the whole training split, streamed in batches on the module's device), at the top
+    resolution. Also the distance of every sample and of ``test_images`` held-out test
+    images to their nearest training image: samples much closer to the training set
+    than unseen real images are a sign of memorization."""
+
+    name = "nearest_neighbours"
+
+    def __init__(self, samples: int = 16, k: int = 5, temperature: float = 1.0, test_images: int = 256,
+                 batch_size: int = 256, seed: int = 0) -> None:
+        super().__init__(seed)
+        self.samples, self.k, self.temperature = samples, k, temperature
+        self.test_images, self.batch_size = test_images, batch_size
+
+    def analyse(self, trainer, pl_module) -> dict:
+        resolution = max(pl_module.resolutions)
+        samples = to_uint8(pl_module.sample_images(self.samples, self.temperature)[resolution], pl_module.n_bits)
+        datamodule = trainer.datamodule
+        train, test = datamodule.datasets.get("train"), datamodule.datasets["test"]
+        if train is None:
+            datamodule.setup("fit")
+            train = datamodule.datasets["train"]
+
+        def images(dataset):
+            loader = DataLoader(dataset, batch_size=self.batch_size, shuffle=False)
+            return (reduce_bits(b["images"][resolution], pl_module.n_bits) for b in loader)
+
+        distances, indices = nearest_neighbours(samples.to(pl_module.device), images(train), self.k)
+        held_out = Subset(test, range(min(self.test_images, len(test))))
+        test_queries = torch.cat(list(images(held_out)))
+        test_distances, _ = nearest_neighbours(test_queries.to(pl_module.device), images(train), 1)
+        rows = [torch.cat([samples[i:i + 1].cpu(), torch.stack([reduce_bits(train[int(j)]["images"][resolution],
+                                                                            pl_module.n_bits) for j in indices[i]])])
+                for i in range(self.samples)]
+        self.save_grid(trainer, pl_module, rows, f"res{resolution}")
+        scale = math.sqrt(samples[0].numel())  # RMS distance per dimension, in uint8 levels
+        sample_nn, test_nn = distances[:, 0].cpu() / scale, test_distances[:, 0].cpu() / scale
+        return {"resolution": resolution, "k": self.k, "temperature": self.temperature,
+                "unit": "root-mean-square difference per dimension, in 8-bit levels",
+                "samples": {"count": self.samples, "mean": float(sample_nn.mean()), "median": float(sample_nn.median())},
+                "test_images": {"count": len(test_nn), "mean": float(test_nn.mean()), "median": float(test_nn.median())},
+                "samples_closer_than_median_test_image": float((sample_nn < test_nn.median()).float().mean())}
+
+
+class NoiseSweep(Analysis):
+    """f^-1(f(x) + sigma eps) of ``images`` test images for each sigma (one row per
+    sigma; default: the module's ``noise_sweep_sigmas``, 0 to 0.25 for Glow, 0 to 1 for
+    SR stages as in seed 000 Fig. 4.1 / 4.2), with the share of non-finite
+    reconstructions per sigma (sec. 4.4.2). sigma means what the module's variational
+    training means by it (``sigma_is``)."""
+
+    name = "noise_sweep"
+
+    def __init__(self, sigmas: list[float] | None = None, images: int = 8, seed: int = 0) -> None:
+        super().__init__(seed)
+        self.sigmas, self.images = sigmas, images
+
+    def analyse(self, trainer, pl_module) -> dict:
+        batch = collate_test_images(trainer, pl_module, list(range(self.images)))
+        sigmas = self.sigmas if self.sigmas is not None else pl_module.noise_sweep_sigmas
+        rows: dict[int, list[Tensor]] = {}
+        failure: dict[str, dict[str, float]] = {}
+        for sigma in sigmas:
+            for r, recon in pl_module.noisy_reconstructions(batch, sigma).items():
+                rows.setdefault(r, []).append(recon.images)
+                failure.setdefault(str(r), {})[f"{sigma:g}"] = float(recon.failure_rate)
+        for r, grid_rows in rows.items():
+            self.save_grid(trainer, pl_module, grid_rows, f"res{r}")
+        return {"sigmas": list(sigmas), "sigma_is": getattr(pl_module, "sigma_is", "std"),
+                "failure_rate": failure}

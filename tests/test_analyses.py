@@ -1,0 +1,129 @@
+"""The analysis callbacks (lightning_modules/analyses.py): each property a bug would break."""
+import json
+
+import pytest
+import torch
+
+from flows import LABELS, Glow
+from flows.model import Encoding, FlowModel
+from lightning_modules import (GlowModule, LatentInterpolation, LatentZeroing, NearestNeighbours, NoiseSweep,
+                               ResamplingMaps, TestMetrics)
+from lightning_modules.analyses import cumulative_zeroing, interpolate, nearest_neighbours, resampling_std
+from tests.conftest import perturb_parameters
+from tests.test_cascade import pyramid_batch, tiny_cascade, tiny_data, tiny_module, trainer
+
+
+def tiny_glow():
+    model = Glow(image_size=8, scales=2, steps_per_scale=2, hidden_channels=8)
+    x = torch.rand(6, 3, 8, 8) - 0.5
+    model.train()
+    with torch.no_grad():
+        model.encode(x)
+    perturb_parameters(model, 0.05)
+    return model.eval(), x
+
+
+def test_interpolation_endpoints_decode_to_the_two_inputs():
+    model, x = tiny_glow()
+    for spherical in (False, True):
+        frames = interpolate(model, x[:3], None, x[3:], None, steps=5, spherical=spherical)
+        assert len(frames) == 5
+        assert (frames[0] - x[:3]).abs().max() < 1e-4 and (frames[-1] - x[3:]).abs().max() < 1e-4
+        assert (frames[2] - x[:3]).abs().max() > 1e-2  # the middle is neither
+    cascade = tiny_cascade()
+    images, clean, _ = pyramid_batch(batch=2)
+    pick = lambda i: {r: v[i:i + 1] for r, v in images.items()}  # noqa: E731
+    frames = interpolate(cascade, pick(0), None, pick(1), None, steps=3)
+    for r in (8, 16, 32):
+        assert (frames[0][r] - images[r][:1]).abs().max() < 1e-4 and (frames[-1][r] - images[r][1:]).abs().max() < 1e-4
+
+
+def test_zeroing_every_scale_gives_the_decoded_prior_mean():
+    model, x = tiny_glow()
+    columns = cumulative_zeroing(model, x, None)
+    assert len(columns) == 1 + len(model.latent_shapes)
+    assert (columns[0] - x).abs().max() < 1e-4  # the reconstruction first
+    torch.manual_seed(7)
+    assert torch.allclose(columns[-1], model.sample(x.shape[0], None, 0.0), atol=1e-5)
+    assert not torch.allclose(columns[1], columns[0], atol=1e-3)  # zeroing the finest scale changes the image
+
+
+class IgnoresItsFinestLatent(FlowModel):
+    """A two-scale stand-in whose decoding does not depend on its first latent."""
+
+    in_channels, image_size = 1, 4
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(2.0))
+
+    def encode(self, x, cond=None):
+        return Encoding([x[:, :, :2], x[:, :, 2:]], torch.zeros(x.shape[0]), torch.zeros(x.shape[0]))
+
+    def decode(self, latents, cond=None, temperature=1.0):
+        coarse = latents[1] if latents[1] is not None else temperature * torch.randn(latents[0].shape)
+        return torch.cat([torch.zeros_like(coarse), self.scale * coarse], dim=2)
+
+
+def test_the_resampling_map_of_an_ignored_scale_is_zero():
+    model = IgnoresItsFinestLatent()
+    x = torch.rand(3, 1, 4, 4)
+    images_of = lambda decoded: {4: decoded}  # noqa: E731
+    ignored = resampling_std(model, x, None, 0, samples=8, images_of=images_of)[4]
+    used = resampling_std(model, x, None, 1, samples=8, images_of=images_of)[4]
+    assert torch.equal(ignored, torch.zeros(3, 4, 4))
+    assert (used[:, 2:] > 0.5).all() and torch.equal(used[:, :2], torch.zeros(3, 2, 4))
+
+
+def test_nearest_neighbour_of_a_training_image_is_itself():
+    training = torch.randint(0, 256, (50, 3, 8, 8), dtype=torch.uint8)
+    queries = training[[7, 31]]
+    distances, indices = nearest_neighbours(queries, training.split(16), k=3)
+    assert indices[:, 0].tolist() == [7, 31] and torch.equal(distances[:, 0], torch.zeros(2))
+    assert (distances[:, 1:] > 0).all() and (distances.diff(dim=1) >= 0).all()
+
+
+def test_the_noise_sweep_at_sigma_zero_reproduces_the_input():
+    module = GlowModule(flow=tiny_glow()[0], n_bits=5)
+    cascade = tiny_module(sr_stages=None)
+    data = tiny_data(top=16)
+    data.setup("fit")
+    batch = next(iter(data.val_dataloader()))
+    for m in (module, cascade):
+        m.eval()
+        prepared = m.prepare_batch({"images": batch["images"], "label": batch["label"]}, noise=False)
+        for r, recon in m.noisy_reconstructions(prepared, 0.0).items():
+            assert (recon.images - prepared.images[r]).abs().max() < 1e-4, (type(m).__name__, r)
+            assert recon.failure_rate == 0
+
+
+def test_variance_reading_of_sigma_uses_its_square_root():
+    assert tiny_module(sigma_is="variance").noise_std(0.25) == pytest.approx(0.5)
+    assert tiny_module().noise_std(0.25) == 0.25
+
+
+ALL = lambda: [TestMetrics(), LatentInterpolation(pairs=2, steps=4), LatentZeroing(images=2),  # noqa: E731
+               ResamplingMaps(images=2, samples=4), NearestNeighbours(samples=3, k=2, test_images=8),
+               NoiseSweep(images=3)]
+
+
+@pytest.mark.parametrize("family", ["glow", "cascade"])
+def test_lightning_test_writes_every_figure_and_its_numbers(family, tmp_path):
+    module = GlowModule(flow=Glow(image_size=16, scales=2, steps_per_scale=1, hidden_channels=8), n_bits=5) \
+        if family == "glow" else tiny_module()
+    run = trainer(tmp_path, limit_test_batches=1, callbacks=ALL())
+    run.test(module, tiny_data(top=16))
+    out = tmp_path / "analyses"
+    resolutions = [16] if family == "glow" else [8, 16]
+    for name in ("interpolation", "zeroing", "resampling", "noise_sweep"):
+        assert {p.name for p in out.glob(f"{name}_res*.png")} == {f"{name}_res{r}.png" for r in resolutions}
+        assert json.loads((out / f"{name}.json").read_text())
+    assert (out / "nearest_neighbours_res16.png").exists()
+    nn = json.loads((out / "nearest_neighbours.json").read_text())
+    assert nn["samples"]["count"] == 3 and nn["test_images"]["count"] == 8 and nn["test_images"]["mean"] > 0
+    interpolation = json.loads((out / "interpolation.json").read_text())
+    assert max(interpolation["endpoint_max_abs_error"].values()) < 1e-3
+    sweep = json.loads((out / "noise_sweep.json").read_text())
+    assert all(rates["0"] == 0.0 for rates in sweep["failure_rate"].values())
+    zeroing = json.loads((out / "zeroing.json").read_text())
+    assert zeroing["scales_finest_first"] == (["0", "1"] if family == "glow" else ["16", "8"])
