@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from flows import LABELS, Glow
+from flows import Glow
 from flows.model import Encoding, FlowModel
 from lightning_modules import (GlowModule, LatentInterpolation, LatentZeroing, NearestNeighbours, NoiseSweep,
                                ResamplingMaps, TestMetrics)
