@@ -194,19 +194,23 @@ def checkpoint_problem(path: Path) -> str | None:
     return f"it holds no {', '.join(missing)}" if missing else None
 
 
-def resume_checkpoint(root: str | Path) -> Path | None:
+def resume_checkpoint(root: str | Path, move_aside: bool = True) -> Path | None:
     """The ``ckpt_path: auto`` rule: the newest candidate (:func:`checkpoint_candidates`)
     that loads and holds a training state. A broken one is renamed aside
     (``<name>.broken-<time>``, kept for inspection) with a warning, and the next newest
-    is tried; None when there is none (a fresh start)."""
+    is tried; None when there is none (a fresh start). Only one process may rename
+    (the others of a multi-process job pass ``move_aside=False`` and skip)."""
     for candidate in checkpoint_candidates(root):
         problem = checkpoint_problem(candidate)
         if problem is None:
             return candidate
-        aside = candidate.with_name(f"{candidate.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}")
-        os.replace(candidate, aside)
-        warnings.warn(f"ckpt_path auto: {candidate} cannot resume the run ({problem}); moved it aside to "
-                      f"{aside.name} and trying the next newest checkpoint", stacklevel=2)
+        note = "skipping it"
+        if move_aside:
+            aside = candidate.with_name(f"{candidate.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(candidate, aside)
+            note = f"moved it aside to {aside.name}"
+        warnings.warn(f"ckpt_path auto: {candidate} cannot resume the run ({problem}); {note} and trying "
+                      "the next newest checkpoint", stacklevel=2)
     return None
 
 

@@ -92,7 +92,7 @@ class MsflowsCLI(LightningCLI):
             if class_path.endswith("WandbLogger") and not logger.init_args.get("id"):
                 logger.init_args["id"] = persistent_wandb_id(root)
         if config.get("ckpt_path") == "auto":
-            newest = resume_checkpoint(root)
+            newest = resume_checkpoint(root, move_aside=is_launch_process())
             config.ckpt_path = str(newest) if newest else None
             print(f"ckpt_path auto: {'resuming from ' + str(newest) if newest else 'no checkpoint, starting fresh'}",
                   file=sys.stderr)

@@ -149,7 +149,10 @@ def test_auto_resume_skips_a_truncated_newest_checkpoint_and_keeps_it_aside(glow
     os.utime(good, (1, 1))
     orphan = good.parent / ".last.ckpt.4242.tmp"
     orphan.write_bytes(b"partial")
-    with pytest.warns(UserWarning, match="cannot resume"):
+    with pytest.warns(UserWarning, match="skipping it"):  # a rank other than the launcher leaves files alone
+        assert resume_checkpoint(tmp_path, move_aside=False) == good
+    assert broken.exists() and empty.exists()
+    with pytest.warns(UserWarning, match="moved it aside"):
         assert resume_checkpoint(tmp_path) == good
     assert not broken.exists() and len(list(broken.parent.glob("last.ckpt.broken-*"))) == 1
     assert not empty.exists() and len(list(tmp_path.glob("hpc_ckpt_3.ckpt.broken-*"))) == 1
