@@ -128,6 +128,7 @@ def main(args=None) -> None:
     finally:
         if MsflowsCLI.run_lock is not None:
             MsflowsCLI.run_lock.release()
+            MsflowsCLI.run_lock = None
 
 
 def build_cli(args=None, run: bool = True) -> LightningCLI:
