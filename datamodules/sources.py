@@ -216,7 +216,8 @@ class ImageFolderSource(Dataset):
                     f"readable images: {listed}. Remove or repair them, or set "
                     "data.init_args.bad_images: skip to leave them out.")
             warnings.warn(f"leaving out {len(unreadable)} unreadable images under {root}: {listed}", stacklevel=2)
-            self.files = [p for p in self.files if p not in set(unreadable)]
+            unreadable_set = set(unreadable)
+            self.files = [p for p in self.files if p not in unreadable_set]
         if small:
             warnings.warn(f"{len(small)} of {len(self.files)} images under {root} are smaller than "
                           f"{image_size}x{image_size} and are upscaled (e.g. {small[0]})", stacklevel=2)

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from flows.nets import resize_features
+
 Condition = Any  # Mapping[str, Any] | Tensor (the feature map) | None
 
 LABELS = "labels"
@@ -71,8 +73,6 @@ def with_condition(cond: Condition, **named: Any) -> dict[str, Any]:
 
 def condition_features(cond: Condition, size: tuple[int, int], who: str) -> Tensor:
     """The feature map of ``cond`` resized to ``size``; a clear error when missing."""
-    from flows.nets import resize_features
-
     features = condition_value(cond, FEATURES)
     if features is None:
         raise ValueError(f"{who} is conditional: pass cond with a feature map "

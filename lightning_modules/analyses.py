@@ -100,10 +100,12 @@ def cumulative_zeroing(model, x, cond) -> list:
 
 
 @torch.no_grad()
-def resampling_std(model, x, cond, key, samples: int, images_of: Callable) -> dict[int, Tensor]:
+def resampling_std(model, x, cond, key, samples: int, images_of: Callable,
+                   latents: Latents | None = None) -> dict[int, Tensor]:
     """Pixel-wise std ([B, H, W], averaged over channels) of ``samples`` decodings with
-    the scale ``key`` drawn from its prior at temperature 1 and the others kept."""
-    latents = without(model.encode(x, cond).latents, [key])
+    the scale ``key`` drawn from its prior at temperature 1 and the others kept
+    (``latents``: x's encoding, when the caller already has it)."""
+    latents = without(model.encode(x, cond).latents if latents is None else latents, [key])
     n = next(iter(x.values())).shape[0] if isinstance(x, dict) else x.shape[0]
     draws = [images_of(decode_or_sample(model, latents, cond, 1.0, n)) for _ in range(samples)]
     return {r: torch.stack([d[r].float() for d in draws]).std(dim=0).mean(dim=1) for r in draws[0]}
@@ -251,8 +253,9 @@ class ResamplingMaps(Analysis):
     def analyse(self, trainer, pl_module) -> dict:
         batch = collate_test_images(trainer, pl_module, list(range(self.images)))
         x, cond = pl_module.model_input(batch)
-        keys = scale_keys(pl_module.model.encode(x, cond).latents)
-        maps = {key: resampling_std(pl_module.model, x, cond, key, self.samples, pl_module.images_of)
+        latents = pl_module.model.encode(x, cond).latents
+        keys = scale_keys(latents)
+        maps = {key: resampling_std(pl_module.model, x, cond, key, self.samples, pl_module.images_of, latents)
                 for key in keys}
         originals = pl_module.images_of(x)
         numbers = {}
