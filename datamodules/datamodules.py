@@ -88,6 +88,10 @@ class PyramidDataModule(pl.LightningDataModule):
         eval_batch_size: validation/test batch size (default: batch_size).
         num_workers: DataLoader worker processes.
         seed: seed of the train/val split.
+        horizontal_flip: flip each training image left-right with probability 1/2 (every
+            resolution of its pyramid alike; seed 001 App. G). The flips are drawn on the
+            training process's RNG after the batch reaches the device, like the
+            dequantization noise, so an exactly resumed run draws the same flips.
     """
 
     channels: int = 3
@@ -95,7 +99,8 @@ class PyramidDataModule(pl.LightningDataModule):
 
     def __init__(self, data_dir: str = "data", image_size: int = 32,
                  resolutions: list[int] | None = None, batch_size: int = 64,
-                 eval_batch_size: int | None = None, num_workers: int = 2, seed: int = 0) -> None:
+                 eval_batch_size: int | None = None, num_workers: int = 2, seed: int = 0,
+                 horizontal_flip: bool = False) -> None:
         super().__init__()
         self.data_dir = data_dir
         self.image_size = image_size
@@ -104,6 +109,7 @@ class PyramidDataModule(pl.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.seed = seed
+        self.horizontal_flip = horizontal_flip
         self.datasets: dict[str, Dataset] = {}
 
     @property
@@ -137,6 +143,14 @@ class PyramidDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
 
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if self.horizontal_flip and self.trainer is not None and self.trainer.training:
+            images = batch["images"]
+            first = next(iter(images.values()))
+            flip = torch.rand(first.shape[0], device=first.device) < 0.5
+            batch["images"] = {r: torch.where(flip[:, None, None, None], x.flip(-1), x) for r, x in images.items()}
+        return batch
+
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)
 
@@ -160,8 +174,10 @@ class CIFAR10DataModule(PyramidDataModule):
     def __init__(self, data_dir: str = "data", image_size: int = 32,
                  resolutions: list[int] | None = None, batch_size: int = 512,
                  eval_batch_size: int | None = None, num_workers: int = 4, seed: int = 0,
+                 horizontal_flip: bool = False,
                  val_per_class: int = 500, train_on_val: bool = False, download: bool = True) -> None:
-        super().__init__(data_dir, image_size, resolutions, batch_size, eval_batch_size, num_workers, seed)
+        super().__init__(data_dir, image_size, resolutions, batch_size, eval_batch_size, num_workers, seed,
+                         horizontal_flip)
         self.val_per_class = val_per_class
         self.train_on_val = train_on_val
         self.download = download
@@ -216,9 +232,11 @@ class CelebADataModule(PyramidDataModule):
     def __init__(self, data_dir: str = "data", image_size: int = 256,
                  resolutions: list[int] | None = None, batch_size: int = 128,
                  eval_batch_size: int | None = None, num_workers: int = 4, seed: int = 0,
+                 horizontal_flip: bool = False,
                  crop: Literal["landmark", "center148"] = "landmark",
                  landmark_crop_size: int = 178, download: bool = True) -> None:
-        super().__init__(data_dir, image_size, resolutions, batch_size, eval_batch_size, num_workers, seed)
+        super().__init__(data_dir, image_size, resolutions, batch_size, eval_batch_size, num_workers, seed,
+                         horizontal_flip)
         if crop not in ("landmark", "center148"):
             raise ValueError(f"crop must be 'landmark' or 'center148', got {crop!r}")
         self.crop = crop
@@ -258,8 +276,10 @@ class MNISTDataModule(PyramidDataModule):
     def __init__(self, data_dir: str = "data", image_size: int = 32,
                  resolutions: list[int] | None = None, batch_size: int = 256,
                  eval_batch_size: int | None = None, num_workers: int = 2, seed: int = 0,
+                 horizontal_flip: bool = False,
                  val_per_class: int = 500, fit_split: Literal["train", "test"] = "train") -> None:
-        super().__init__(data_dir, image_size, resolutions, batch_size, eval_batch_size, num_workers, seed)
+        super().__init__(data_dir, image_size, resolutions, batch_size, eval_batch_size, num_workers, seed,
+                         horizontal_flip)
         self.val_per_class = val_per_class
         self.fit_split = fit_split
 
@@ -287,10 +307,12 @@ class ImageFolderDataModule(PyramidDataModule):
     def __init__(self, data_dir: str = "data", image_size: int = 64,
                  resolutions: list[int] | None = None, batch_size: int = 64,
                  eval_batch_size: int | None = None, num_workers: int = 4, seed: int = 0,
+                 horizontal_flip: bool = False,
                  val_fraction: float = 0.05, test_dir: str | None = None, channels: int = 3,
                  labels_from_subfolders: bool = False, num_classes: int = 0,
                  bad_images: Literal["error", "skip"] = "error") -> None:
-        super().__init__(data_dir, image_size, resolutions, batch_size, eval_batch_size, num_workers, seed)
+        super().__init__(data_dir, image_size, resolutions, batch_size, eval_batch_size, num_workers, seed,
+                         horizontal_flip)
         self.bad_images = bad_images
         self.val_fraction = val_fraction
         self.test_dir = test_dir
@@ -323,8 +345,10 @@ class EmbeddedDataModule(PyramidDataModule):
     def __init__(self, data_dir: str = "data", image_size: int = 32,
                  resolutions: list[int] | None = None, batch_size: int = 64,
                  eval_batch_size: int | None = None, num_workers: int = 0, seed: int = 0,
+                 horizontal_flip: bool = False,
                  train_size: int = 4096, val_size: int = 512, channels: int = 3) -> None:
-        super().__init__(data_dir, image_size, resolutions, batch_size, eval_batch_size, num_workers, seed)
+        super().__init__(data_dir, image_size, resolutions, batch_size, eval_batch_size, num_workers, seed,
+                         horizontal_flip)
         self.train_size = train_size
         self.val_size = val_size
         self.channels = channels

@@ -3,8 +3,9 @@ from flows.base import FEATURES, LABELS, LOWRES, Bijection, FlowSequential
 from flows.cascade import Cascade
 from flows.distributions import GaussianPrior, GaussianSplitPrior, LatentPrior
 from flows.glow import Glow
+from flows.hierarchical import HierarchicalFlow, Level
 from flows.model import Encoding, FlowModel
 from flows.srflow import SRFlow
 
 __all__ = ["FEATURES", "LABELS", "LOWRES", "Bijection", "FlowSequential", "Cascade", "GaussianPrior",
-           "GaussianSplitPrior", "LatentPrior", "Glow", "Encoding", "FlowModel", "SRFlow"]
+           "GaussianSplitPrior", "LatentPrior", "Glow", "HierarchicalFlow", "Level", "Encoding", "FlowModel", "SRFlow"]

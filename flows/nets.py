@@ -1,6 +1,8 @@
 """Networks used inside flow layers. None of these need to be invertible."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -147,3 +149,120 @@ class RRDBEncoder(nn.Module):
         h = F.leaky_relu(self.upsample_conv(F.interpolate(trunk, scale_factor=2, mode="nearest")), 0.2)
         residual = self.conv_last(F.leaky_relu(self.hr_conv(h), 0.2))
         return F.interpolate(lr, scale_factor=2, mode="bicubic", align_corners=False) + residual
+
+
+# --- the hierarchical flow's networks (seed 001 App. E, Fig. 12) ----------------------------
+LEAKY_SLOPE = 0.1  # seed 001 Table 4: LeakyReLU slope 0.1
+
+
+def _blur_kernel(channels: int, like: Tensor) -> Tensor:
+    """The [1, 3, 3, 1] / 8 binomial filter as a 2-D depthwise kernel (the official
+    code's anti-aliasing filter): down- and upsampling without Glow's aliasing."""
+    taps = torch.tensor([1.0, 3.0, 3.0, 1.0], dtype=like.dtype, device=like.device) / 8.0
+    return (taps[:, None] * taps[None, :]).expand(channels, 1, 4, 4)
+
+
+def blur_downsample(x: Tensor) -> Tensor:
+    """Halve the resolution: low-pass with the binomial filter, then keep every second
+    pixel. Maps of 4 pixels or fewer are average-pooled (too small to reflect-pad)."""
+    if x.shape[-1] <= 4:
+        return F.avg_pool2d(x, 2)
+    channels = x.shape[1]
+    return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), _blur_kernel(channels, x), stride=2, groups=channels)
+
+
+def blur_upsample(x: Tensor) -> Tensor:
+    """Double the resolution: zero-insertion then the binomial filter (gain 4). Maps of
+    one pixel are repeated."""
+    if x.shape[-1] < 2:
+        return F.interpolate(x, scale_factor=2, mode="nearest")
+    batch, channels, height, width = x.shape
+    stuffed = x.new_zeros(batch, channels, 2 * height, 2 * width)
+    stuffed[:, :, 1::2, 1::2] = x
+    stuffed = F.pad(stuffed, (1, 2, 1, 2), mode="reflect")
+    return F.conv2d(stuffed, 4.0 * _blur_kernel(channels, x), groups=channels)
+
+
+class InstanceNorm(nn.Module):
+    """Instance normalization without affine parameters; the identity on 1x1 maps,
+    where there are no spatial statistics to take."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] * x.shape[-2] == 1:
+            return x
+        return F.instance_norm(x, eps=1e-5)
+
+
+def conv(in_channels: int, out_channels: int, kernel_size: int = 3) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
+
+
+def _leaky(x: Tensor) -> Tensor:
+    return F.leaky_relu(x, LEAKY_SLOPE)
+
+
+class ConvCouplingNet(nn.Module):
+    """The coupling network of channel splits (seed 001 App. E): ``num_convs`` convs, the
+    first with tanh and instance norm after it, the others LeakyReLU, then a
+    zero-initialized output conv. ``kernel_size`` 1 at 1x1 resolution."""
+
+    def __init__(self, in_channels: int, out_channels: int, hidden_channels: int, num_convs: int = 4,
+                 kernel_size: int = 3) -> None:
+        super().__init__()
+        if num_convs < 1:
+            raise ValueError(f"a coupling network needs num_convs >= 1, got {num_convs}")
+        self.first = conv(in_channels, hidden_channels, kernel_size)
+        self.norm = InstanceNorm()
+        self.hidden = nn.ModuleList(conv(hidden_channels, hidden_channels, kernel_size)
+                                    for _ in range(num_convs - 1))
+        self.out = ZeroConv2d(hidden_channels, out_channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.norm(torch.tanh(self.first(x)))
+        for layer in self.hidden:
+            h = _leaky(layer(h))
+        return self.out(h)
+
+
+class UNet(nn.Module):
+    """A U-Net on ``channels`` features with ``depth`` halvings (anti-aliased), two
+    LeakyReLU convs and instance norm per level, skips added and scaled by 1/sqrt(2)
+    so the variance does not grow with depth."""
+
+    def __init__(self, channels: int, depth: int) -> None:
+        super().__init__()
+        self.depth = depth
+        self.down = nn.ModuleList(nn.ModuleList([conv(channels, channels), conv(channels, channels)])
+                                  for _ in range(depth))
+        self.up = nn.ModuleList(conv(channels, channels) for _ in range(depth))
+        self.norm = InstanceNorm()
+
+    def forward(self, x: Tensor) -> Tensor:
+        skips, h = [], x
+        for first, second in self.down:
+            skips.append(h)
+            h = self.norm(_leaky(first(blur_downsample(h))))
+            h = _leaky(second(h))
+        for layer, skip in zip(self.up, reversed(skips)):
+            h = (_leaky(layer(blur_upsample(h))) + skip) / math.sqrt(2.0)
+        return h
+
+
+def unet_depth(resolution: int, max_depth: int = 4) -> int:
+    """Halvings a U-Net at ``resolution`` can take while keeping maps of >= 4 pixels."""
+    return max(0, min(max_depth, int(math.log2(max(resolution, 1))) - 2))
+
+
+class UNetCouplingNet(nn.Module):
+    """The coupling network of checkerboard splits and of the condition-only couplings
+    (seed 001 sec. 2.2 "U-Nets in normalizing flows", App. E): a tanh input conv, a
+    U-Net of ``depth`` levels, a zero-initialized output conv."""
+
+    def __init__(self, in_channels: int, out_channels: int, hidden_channels: int, depth: int = 2) -> None:
+        super().__init__()
+        self.first = conv(in_channels, hidden_channels)
+        self.unet = UNet(hidden_channels, depth)
+        self.out = ZeroConv2d(hidden_channels, out_channels, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.unet(torch.tanh(self.first(x))))

@@ -69,8 +69,8 @@ class LossOutput:
     batch_size: int | None = None
 
 
-def bpd_name(resolution: int, exact: bool) -> str:
-    return f"bpd_{resolution}" if exact else f"bpd_bound_{resolution}"
+def bpd_name(resolution: int, exact: bool, bound_metric: str = "bpd_bound") -> str:
+    return f"bpd_{resolution}" if exact else f"{bound_metric}_{resolution}"
 
 
 class FlowModule(pl.LightningModule):
@@ -127,6 +127,9 @@ class FlowModule(pl.LightningModule):
 
     # --- what a family implements -------------------------------------------------
     model: nn.Module
+    # The name of a bits-per-dim bound in the logs (``<bound_metric>_R``): the cascade's
+    # sum of stage likelihoods is ``bpd_bound``, a variational model's ELBO ``elbo_bpd``.
+    bound_metric: str = "bpd_bound"
 
     @property
     def resolutions(self) -> list[int]:
@@ -328,7 +331,7 @@ class FlowModule(pl.LightningModule):
         self.log(f"{split}/loss", out.loss.detach(), prog_bar=split == "train", **kwargs)
         for resolution, log_prob in out.log_prob.items():
             bpd = bits_per_dim(log_prob.detach(), out.dims[resolution], self.n_bits).mean()
-            name = bpd_name(resolution, out.exact.get(resolution, True))
+            name = bpd_name(resolution, out.exact.get(resolution, True), self.bound_metric)
             self.log(f"{split}/{name}", bpd, prog_bar=split != "train", **kwargs)
         for name, value in out.extra.items():
             self.log(f"{split}/{name}", value.detach(), **kwargs)

@@ -223,11 +223,11 @@ class TestMetrics(pl.Callback):
         if not trainer.is_global_zero:
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+        bound = f"test/{getattr(pl_module, 'bound_metric', 'bpd_bound')}_"
         table = {"model": name, "n_bits": getattr(pl_module, "n_bits", None),
                  "bpd": {k[len("test/bpd_"):]: v for k, v in metrics.items()
                          if k.startswith("test/bpd_") and not k.startswith("test/bpd_bound_")},
-                 "bpd_bound": {k[len("test/bpd_bound_"):]: v for k, v in metrics.items()
-                               if k.startswith("test/bpd_bound_")},
+                 "bpd_bound": {k[len(bound):]: v for k, v in metrics.items() if k.startswith(bound)},
                  "test_metrics": metrics, **table}
         out_dir = log_dir(trainer)
         if "temperature_sweep" in table:

@@ -14,6 +14,10 @@ Scale functions map the raw network output ``h`` to a positive scale:
 * ``"squish"``: sigmoid squishing ``(1 - a) * sigmoid(h) + a`` (seed 000 eq. 3.15,
   a = 0.5), which bounds the scale to ``[a, 1]`` so the inverse never divides by a
   tiny number.
+* ``"exp"``: ``exp(3 tanh(h / 3))``, a log-scale bounded to (-3, 3). Seed 001's
+  official code uses ``exp`` of a hard-clipped log-scale (+-3); the tanh is the smooth
+  version of that clip (a hard clip has no gradient outside it). A zero network output
+  is the identity, so the hierarchical flow's couplings start as identities.
 """
 from __future__ import annotations
 
@@ -28,7 +32,8 @@ from flows.base import (Bijection, Condition, at_least_float32, concat_features,
 from flows.layers.masks import ChannelMask, CouplingMask
 from flows.nets import CouplingNet
 
-ScaleFunction = Literal["glow", "squish"]
+ScaleFunction = Literal["glow", "squish", "exp"]
+EXP_LOG_SCALE_BOUND = 3.0
 NetFactory = Callable[[int, int, int], nn.Module]  # (in_channels, out_channels, hidden_channels)
 
 
@@ -37,8 +42,8 @@ class ScaleMap(nn.Module):
 
     def __init__(self, kind: ScaleFunction = "glow", squish_alpha: float = 0.5) -> None:
         super().__init__()
-        if kind not in ("glow", "squish"):
-            raise ValueError(f"scale function must be 'glow' or 'squish', got {kind!r}")
+        if kind not in ("glow", "squish", "exp"):
+            raise ValueError(f"scale function must be 'glow', 'squish' or 'exp', got {kind!r}")
         if kind == "squish" and not 0.0 < squish_alpha < 1.0:
             raise ValueError(f"squish_alpha must lie in (0, 1), got {squish_alpha}")
         self.kind = kind
@@ -48,6 +53,9 @@ class ScaleMap(nn.Module):
         raw = at_least_float32(raw)
         if self.kind == "glow":
             log_scale = F.logsigmoid(raw + 2.0)
+            return torch.exp(log_scale), log_scale
+        if self.kind == "exp":
+            log_scale = EXP_LOG_SCALE_BOUND * torch.tanh(raw / EXP_LOG_SCALE_BOUND)
             return torch.exp(log_scale), log_scale
         a = self.squish_alpha
         scale = (1.0 - a) * torch.sigmoid(raw) + a

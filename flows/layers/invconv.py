@@ -75,3 +75,25 @@ class InvertibleConv1x1LU(_InvertibleConv1x1Base):
         upper = upper + torch.diag(self.sign_s.double() * torch.exp(self.log_s.double()))
         matrix = self.permutation.double() @ lower @ upper
         return matrix, self.log_s.double().sum()
+
+
+class OrthogonalConv1x1(_InvertibleConv1x1Base):
+    """Orthogonal ("unitary", seed 001 Table 4) weight W = exp(A - A^T): a rotation for
+    any A, so log|det W| = 0 and the inverse is W^T. The hierarchical flow uses it at
+    resolution 1, where a free-form matrix over hundreds of channels would let the
+    flow's log-det drift (the official code's ``UnitaryPermute``). Starts at a random
+    rotation."""
+
+    def __init__(self, num_channels: int, init_scale: float = 1.0) -> None:
+        super().__init__()
+        self.generator = nn.Parameter(init_scale * torch.randn(num_channels, num_channels))
+
+    def weight_and_logabsdet(self) -> tuple[Tensor, Tensor]:
+        a = self.generator.double()
+        matrix = torch.linalg.matrix_exp(a - a.T)
+        return matrix, torch.zeros((), dtype=torch.float64, device=matrix.device)
+
+    def inverse(self, z: Tensor, cond: Condition = None) -> tuple[Tensor, Tensor]:
+        matrix, _ = self.weight_and_logabsdet()
+        return self._conv1x1(z, matrix.T), torch.zeros(z.shape[0], device=z.device,
+                                                      dtype=torch.promote_types(z.dtype, torch.float32))

@@ -1,0 +1,140 @@
+"""The hierarchical conditional flow of seed 001 as a LightningModule.
+
+Logged (``train/``, ``val/``, ``test/``):
+
+* ``loss``: eq. 12 with Table 4's weights, sum_i w_i (-log p(y_i | y_>i)) in bits. It
+  is what the model minimizes, not a likelihood.
+* ``elbo_bpd_R``: the honest number, the unweighted single-sample ELBO of the images
+  in bits per dim, entropy of q included (sec. 2.2): an upper bound on the negative
+  log-likelihood (the model contract marks it a bound; seed 001 Table 1 reports it
+  as "<="). In evaluation q uses the running sigma(X) and one draw of y (see
+  ``flows/hierarchical.py``), and the images carry only the uniform dequantization
+  noise, so it bounds the discrete data's bits per dim.
+* ``level_bpd_<R>`` / ``level_bpd_prior``: -log p(y_i | y_>i) per dimension of y_i, in
+  bits (the terms of eq. 12, unweighted); ``entropy_bpd``: the entropy of q per image
+  dimension; ``sigma_<R>``: sigma(X) of eq. 11 per level.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from flows.hierarchical import HierarchicalFlow
+from lightning_modules.base import Batch, FlowModule, LossOutput
+from lightning_modules.errors import ConfigurationError
+from lightning_modules.parts import Freeze, OptimizerSettings, Part
+
+LN2 = math.log(2.0)
+
+
+def seed_encoder_optimizer() -> OptimizerSettings:
+    """Seed 001 Table 2: Adam (0.9, 0.999), lr 5e-4, x0.92 per epoch."""
+    return OptimizerSettings(algorithm="adam", lr=5e-4, betas=(0.9, 0.999), weight_decay=0.0,
+                             warmup_epochs=0.0, epoch_decay=0.92)
+
+
+def seed_decoder_optimizer() -> OptimizerSettings:
+    """Seed 001 Table 2: lr 2e-3, x0.95 per epoch."""
+    return OptimizerSettings(algorithm="adam", lr=2e-3, betas=(0.9, 0.999), weight_decay=0.0,
+                             warmup_epochs=0.0, epoch_decay=0.95)
+
+
+def seed_flow_optimizer() -> OptimizerSettings:
+    """Seed 001 Table 2: lr 5e-3, x0.95 per epoch."""
+    return OptimizerSettings(algorithm="adam", lr=5e-3, betas=(0.9, 0.999), weight_decay=0.0,
+                             warmup_epochs=0.0, epoch_decay=0.95)
+
+
+class HierarchicalModule(FlowModule):
+    """Seed 001's model with its three parameter groups (Table 2).
+
+    Args:
+        flow: the :class:`~flows.hierarchical.HierarchicalFlow` (``class_path`` with its
+            levels; Config A in ``experiments/hierarchical_celebahq256.yaml``).
+        encoder_optimizer, decoder_optimizer, flow_optimizer: the groups' settings (the
+            official code's grouping: encoders, decoders, and the flows).
+        freeze_encoders_at_epoch: the encoders stop training from this epoch (Table 2: 60);
+            None: never.
+        train_noise_std: std of the Gaussian noise added to the dequantized training
+            images (App. G: 5e-3, on [0, 1] images: the same number on our [-0.5, 0.5]).
+            Evaluation leaves it out so ``elbo_bpd`` bounds the discrete data.
+    The remaining args are :class:`FlowModule`'s (Table 2: gradient clipping 50).
+    """
+
+    bound_metric = "elbo_bpd"
+
+    def __init__(self, *, flow: HierarchicalFlow, encoder_optimizer: OptimizerSettings | None = None,
+                 decoder_optimizer: OptimizerSettings | None = None,
+                 flow_optimizer: OptimizerSettings | None = None,
+                 freeze_encoders_at_epoch: int | None = 60, train_noise_std: float = 5e-3,
+                 n_bits: int = 8, grad_clip_norm: float | None = 50.0, evaluation_seed: int = 1234,
+                 channels_last: bool = False, compile: bool = False, max_skipped_steps: int = 100) -> None:
+        super().__init__(n_bits=n_bits, grad_clip_norm=grad_clip_norm, evaluation_seed=evaluation_seed,
+                         channels_last=channels_last, compile=compile, max_skipped_steps=max_skipped_steps)
+        self.save_config()
+        if train_noise_std < 0:
+            raise ConfigurationError(f"train_noise_std must be >= 0, got {train_noise_std}")
+        if freeze_encoders_at_epoch is not None and freeze_encoders_at_epoch < 0:
+            raise ConfigurationError(f"freeze_encoders_at_epoch must be >= 0 or null, got {freeze_encoders_at_epoch}")
+        self.model = flow
+        self.settings = {"encoders": encoder_optimizer or seed_encoder_optimizer(),
+                         "decoders": decoder_optimizer or seed_decoder_optimizer(),
+                         "flows": flow_optimizer or seed_flow_optimizer()}
+        self.freeze_encoders_at_epoch = freeze_encoders_at_epoch
+        self.train_noise_std = train_noise_std
+        self.load_parts()
+
+    def parts(self) -> list[Part]:
+        encoders = self.model.encoders
+        return [Part("encoders", encoders, self.settings["encoders"], ["model.encoders."],
+                     freezes=[Freeze(encoders, from_epoch=self.freeze_encoders_at_epoch)]),
+                Part("decoders", self.model.decoders, self.settings["decoders"], ["model.decoders."]),
+                Part("flows", self.model.flows, self.settings["flows"], ["model.flows."])]
+
+    @property
+    def resolution(self) -> int:
+        return self.model.image_size
+
+    @property
+    def resolutions(self) -> list[int]:
+        return [self.resolution]
+
+    @property
+    def model_name(self) -> str:
+        return f"HierarchicalFlow{self.resolution}"
+
+    def level_names(self) -> list[str]:
+        levels = self.model.levels
+        return [str(level.resolution) for level in levels[:-1]] + ["prior"]
+
+    def compute_losses(self, batch: Batch) -> LossOutput:
+        x = batch.images[self.resolution]
+        if self.training and self.train_noise_std:
+            x = x + self.train_noise_std * torch.randn_like(x)
+        encoding = self.model.encode(x)
+        weighted, extra = 0.0, {}
+        for name, level, level_log_prob, sigma in zip(self.level_names(), self.model.levels,
+                                                      encoding.level_log_probs, encoding.sigmas):
+            level_bits = -level_log_prob / LN2
+            weighted = weighted + level.loss_weight * level_bits
+            dims = level.channels * level.resolution ** 2
+            extra[f"level_bpd_{name}"] = (level_bits / dims).mean()
+            if sigma is not None:
+                extra[f"sigma_{name}"] = sigma.detach().mean()
+        extra["entropy_bpd"] = (encoding.entropy / (self.model.dims * LN2)).mean()
+        return LossOutput(weighted.mean(), {self.resolution: encoding.log_prob}, {self.resolution: self.model.dims},
+                          {self.resolution: False}, extra)
+
+    def check_temperature(self, temperature) -> None:
+        self.model.temperatures(temperature)
+
+    def sample_images(self, n: int, temperature: float | list[float]) -> dict[int, Tensor]:
+        return {self.resolution: self.model.sample(n, None, temperature)}
+
+    def model_input(self, batch: Batch) -> tuple[Tensor, None]:
+        return batch.images[self.resolution], None
+
+    def images_of(self, decoded: Tensor) -> dict[int, Tensor]:
+        return {self.resolution: decoded}
