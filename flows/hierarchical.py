@@ -40,7 +40,7 @@ two differ it says so here:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Literal
 
@@ -250,14 +250,15 @@ class Decoder(nn.Module):
         return self.cond(h), None if self.skip is None else self.skip(h)
 
 
-def level_flow(level: Level, scale_fn: str = "exp") -> FlowSequential:
+def level_flow(level: Level, scale_fn: str = "exp", unets: bool = True) -> FlowSequential:
     """The flow of one level: no squeeze and no split (sec. 2.2). K steps of ActNorm,
     1x1 conv and affine coupling; a conditional flow starts and ends with affine layers
-    computed from the condition only (App. E: "completely mask out the flow-input")."""
+    computed from the condition only (App. E: "completely mask out the flow-input").
+    ``unets=False`` gives every coupling the convolutional network (Config D)."""
     resolution = level.resolution
     kernel = 3 if resolution > 1 else 1
     conv_net = partial(ConvCouplingNet, num_convs=level.coupling_convs, kernel_size=kernel)
-    unet_net = partial(UNetCouplingNet, depth=unet_depth(resolution))
+    unet_net = partial(UNetCouplingNet, depth=unet_depth(resolution)) if unets else conv_net
     condition_net = unet_net if level.conditioning_unet and resolution >= 8 else conv_net
     layers = []
     if level.cond_channels:
@@ -285,10 +286,12 @@ def level_flow(level: Level, scale_fn: str = "exp") -> FlowSequential:
 class HierarchicalEncoding(Encoding):
     """An :class:`Encoding` whose ``log_prob`` is the single-sample ELBO:
     ``log_prior + logdet + entropy`` (sec. 2.2). ``level_log_probs``: log p(y_i | y_>i)
-    in nats per level (fine to coarse, the prior last), the terms of eq. 12. ``ys``: the
+    in nats per level (fine to coarse, the prior last), the terms of eq. 12.
+    ``log_posterior``: log q(y|x) of the drawn y's (whose expectation is -entropy). ``ys``: the
     y-variables the flows saw. ``sigmas``: sigma(X) per level [B] (None at the image)."""
 
     entropy: Tensor | None = None
+    log_posterior: Tensor | None = None
     level_log_probs: list[Tensor] = field(default_factory=list)
     ys: list[Tensor] = field(default_factory=list)
     sigmas: list[Tensor | None] = field(default_factory=list)
@@ -304,7 +307,10 @@ class HierarchicalFlow(FlowModel):
             seed 001 Table 4, Config A in ``experiments/hierarchical_celebahq256.yaml``).
         var_batch_size: images per sub-batch of the sigma(X) estimate (Table 2: 4).
         skip_channels: channels of the skip features from a decoder to the next finer one.
-        decoder_unet: the residual U-Net at the start of each upscaler (Fig. 12).
+        unets: U-Nets in the checkerboard and condition-only couplings and at the start
+            of each upscaler (Fig. 12); False is Config D of Fig. 7a (none anywhere).
+        noise_multiplier: scales every level's alphas: 0 makes the encoders deterministic
+            (Config B of Fig. 7a), > 1 is "high noise" (Config C; the seed gives no value).
         stop_gradient: ``all`` (the official code) or ``prior`` (eq. 5): whose flow
             inputs are detached from the encoders.
         top_temperature: levels at resolution 1 are sampled at this temperature whatever
@@ -315,11 +321,15 @@ class HierarchicalFlow(FlowModel):
     """
 
     def __init__(self, *, levels: list[Level], var_batch_size: int = 4, skip_channels: int = 32,
-                 decoder_unet: bool = True, stop_gradient: Literal["all", "prior"] = "all",
+                 unets: bool = True, noise_multiplier: float = 1.0, stop_gradient: Literal["all", "prior"] = "all",
                  top_temperature: float | None = 1.0, sigma_momentum: float = 0.01,
                  scale_fn: Literal["glow", "squish", "exp"] = "exp") -> None:
         super().__init__()
         levels = [Level(**level) if isinstance(level, dict) else level for level in levels]
+        if noise_multiplier < 0:
+            raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
+        levels = [replace(level, alpha_flow=level.alpha_flow * noise_multiplier,
+                          alpha_decoder=level.alpha_decoder * noise_multiplier) for level in levels]
         self.in_channels, self.image_size = levels[0].channels, levels[0].resolution
         validate_levels(levels, self.image_size, self.in_channels)
         if var_batch_size < 2:
@@ -333,7 +343,7 @@ class HierarchicalFlow(FlowModel):
         self.stop_gradient = stop_gradient
         self.top_temperature = top_temperature
         self.sigma_momentum = sigma_momentum
-        self.flows = nn.ModuleList(level_flow(level, scale_fn) for level in levels)
+        self.flows = nn.ModuleList(level_flow(level, scale_fn, unets) for level in levels)
         self.encoders = nn.ModuleList()
         channels = self.in_channels
         for finer, level in zip(levels[:-1], levels[1:]):
@@ -349,7 +359,7 @@ class HierarchicalFlow(FlowModel):
             self.decoders.append(Decoder(coarser.channels, skip_in, level.decoder_hidden, level.cond_channels,
                                          skip_channels if i > 0 else 0,
                                          downsampling_steps(level.resolution, coarser.resolution),
-                                         coarser.resolution, decoder_unet and skip_in > 0))
+                                         coarser.resolution, unets and skip_in > 0))
         # Running sigma(X) per encoded level, for evaluation (see the module docstring).
         self.register_buffer("running_sigma", torch.ones(len(levels) - 1))
         self.register_buffer("sigma_initialized", torch.tensor(False))
@@ -400,9 +410,13 @@ class HierarchicalFlow(FlowModel):
         mus = self.encode_means(x)
         sigmas = self._sigmas(mus)
         noisy = []
+        log_posterior = torch.zeros(x.shape[0], device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
         for mu, sigma, level in zip(mus, sigmas, self.levels[1:]):
-            scale = (level.alpha_flow * sigma).view(-1, *[1] * (mu.dim() - 1)).to(mu.dtype)
-            noisy.append(mu + scale * torch.randn_like(mu))
+            std = level.alpha_flow * sigma.to(log_posterior.dtype)
+            eps = torch.randn_like(mu)
+            noisy.append(mu + std.view(-1, *[1] * (mu.dim() - 1)).to(mu.dtype) * eps)
+            # log q(y|x) of this draw: what an importance-weighted bound needs.
+            log_posterior = log_posterior + standard_normal_log_prob(eps) - mu[0].numel() * torch.log(std)
         flow_inputs = [x] + noisy
         if self.training:
             decoder_inputs = [x]
@@ -427,8 +441,22 @@ class HierarchicalFlow(FlowModel):
         for mu, sigma, level in zip(mus, sigmas, self.levels[1:]):
             entropy = entropy + gaussian_entropy(mu[0].numel(), level.alpha_flow * sigma.to(entropy.dtype))
         return HierarchicalEncoding(latents, logdet, log_prior, exact=False, entropy=entropy.detach(),
-                                    level_log_probs=level_log_probs, ys=flow_inputs,
-                                    sigmas=[None] + list(sigmas))
+                                    log_posterior=log_posterior.detach(), level_log_probs=level_log_probs,
+                                    ys=flow_inputs, sigmas=[None] + list(sigmas))
+
+    @torch.no_grad()
+    def importance_weighted_log_prob(self, x: Tensor, samples: int) -> Tensor:
+        """log (1/K) sum_k p(x, y_k) / q(y_k|x) with K = ``samples`` draws y_k ~ q(y|x)
+        (Burda et al.'s bound): a lower bound on log p(x) that tightens as K grows, and
+        whose K = 1 expectation is the ELBO. Needs evaluation mode (q fixed per image)."""
+        if self.training:
+            raise RuntimeError("importance_weighted_log_prob needs model.eval(): in training q(y|x) "
+                               "depends on the batch through sigma(X)")
+        log_weights = []
+        for _ in range(samples):
+            encoding = self.encode(x)
+            log_weights.append(encoding.log_prior + encoding.logdet - encoding.log_posterior)
+        return torch.logsumexp(torch.stack(log_weights), dim=0) - math.log(samples)
 
     # --- p(x, y) -------------------------------------------------------------------
     def temperatures(self, temperature: float | list[float]) -> list[float]:

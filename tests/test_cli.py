@@ -206,8 +206,29 @@ def test_quick_cascade_as_shipped_trains_samples_and_reports_fid(tmp_path):
     assert set(table["temperature_sweep"]) == {"0.5", "0.7", "0.9", "1"}
 
 
+@pytest.mark.slow
+def test_quick_hierarchical_as_shipped_improves_its_elbo_and_writes_samples(tmp_path):
+    import json
+
+    config = str(REPO / "experiments/quick_hierarchical.yaml")
+    fit = run_cli("fit", "--config", config, "--trainer.enable_progress_bar", "false", cwd=tmp_path, timeout=1500)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    run_dir = tmp_path / "runs/quick_hierarchical/hierarchical"
+    elbo = read_val_bpd(run_dir / "version_0/metrics.csv", "elbo_bpd_32")
+    print("val/elbo_bpd_32 per epoch:", elbo)
+    assert elbo[-1] < elbo[0] - 1.0, elbo
+    assert len(list((run_dir / "version_0/samples").glob("*_res32_t0.7.png"))) == 8
+    test = run_cli("test", "--config", config, "--trainer.enable_progress_bar", "false",
+                   "--ckpt_path", str(run_dir / "version_0/checkpoints/last.ckpt"), cwd=tmp_path, timeout=900)
+    assert test.returncode == 0, test.stderr[-3000:]
+    table = json.loads((run_dir / "version_1/metrics.json").read_text())
+    assert table["model"] == "HierarchicalFlow32" and set(table["bpd_bound"]) == {"32"}
+    assert table["bpd"] == {}  # the ELBO is a bound: nothing is reported as exact
+    assert abs(table["bpd_bound"]["32"] - elbo[-1]) < 0.2  # the EMA weights were saved
+
+
 OVERRIDE_BASES = {"celeba_": "celeba_cascade.yaml", "cifar10_": "cifar10_cascade.yaml",
-                  "quick_": "quick_cascade.yaml"}
+                  "quick_": "quick_cascade.yaml", "hierarchical_": "hierarchical_celebahq256.yaml"}
 
 
 @pytest.mark.parametrize("override", sorted(p.name for p in (REPO / "experiments/overrides").glob("*.yaml")))
@@ -215,7 +236,7 @@ def test_every_override_parses_on_top_of_its_config(override, capsys):
     base = next(config for prefix, config in OVERRIDE_BASES.items() if override.startswith(prefix))
     result = print_config(capsys, "--config", f"experiments/{base}", "--config", f"experiments/overrides/{override}")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "sigma:" in result.stdout
+    assert ("levels:" if base.startswith("hierarchical") else "sigma:") in result.stdout
 
 
 TINY_QUICKSTART = ["--model.init_args.flow.init_args.image_size", "16",

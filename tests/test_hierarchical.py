@@ -1,0 +1,285 @@
+"""The hierarchical conditional flow of seed 001: exact inversion, per-flow log-dets,
+the stop-gradient, the ELBO as a true bound, eq. 11's sigma, the entropy of q, the
+sampling temperatures, bad settings, and its module's parameter groups."""
+import math
+
+import pytest
+import torch
+
+from flows.base import FEATURES
+from flows.hierarchical import (HierarchicalFlow, Level, gaussian_entropy, level_flow, minibatch_sigma,
+                                validate_levels)
+from lightning_modules import HierarchicalModule
+from tests.conftest import perturb_parameters
+
+
+def tiny_levels(overrides=None):
+    levels = [
+        dict(resolution=8, channels=3, couplings=["C", "S2"], coupling_hidden=6, cond_channels=4,
+             decoder_hidden=6),
+        dict(resolution=4, channels=4, couplings=["C", "S2"], coupling_hidden=6, cond_channels=4,
+             alpha_flow=0.4, alpha_decoder=0.3, conditioning_unet=True, encoder_hidden=6, decoder_hidden=6),
+        dict(resolution=1, channels=6, couplings=["C", "C"], coupling_hidden=6, cond_channels=3,
+             alpha_flow=0.3, alpha_decoder=0.5, invconv="unitary", encoder_hidden=8, decoder_hidden=4),
+        dict(resolution=1, channels=2, couplings=["C", "C"], coupling_hidden=4, alpha_flow=0.3,
+             alpha_decoder=0.5, invconv="unitary"),
+    ]
+    for i, changes in (overrides or {}).items():
+        levels[i].update(changes)
+    return [Level(**level) for level in levels]
+
+
+def tiny_model(n=8, **kwargs) -> tuple[HierarchicalFlow, torch.Tensor]:
+    torch.manual_seed(0)
+    model = HierarchicalFlow(levels=tiny_levels(), skip_channels=3, **kwargs)
+    x = torch.rand(n, 3, 8, 8) - 0.5
+    model.train()
+    with torch.no_grad():
+        model.encode(x)  # ActNorm initialization and the running sigma
+    perturb_parameters(model, 0.05)
+    return model.eval(), x
+
+
+def test_decode_of_encode_is_exact_given_the_encoded_latents():
+    model, x = tiny_model()
+    with torch.no_grad():
+        encoding = model.encode(x)
+        back = model.decode(encoding.latents)
+    assert (back - x).abs().max() < 1e-5
+    # Each y, too: the flows invert exactly given their conditions (eq. 8-9).
+    assert encoding.exact is False and model.exact is False
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_each_level_flow_log_det_is_the_brute_force_jacobian(index):
+    model, x = tiny_model()
+    model = model.double()
+    flow = model.flows[index]
+    level = model.levels[index]
+    y = torch.randn(2, level.channels, level.resolution, level.resolution, dtype=torch.float64)
+    cond = None
+    if level.cond_channels:
+        cond = {FEATURES: torch.randn(2, level.cond_channels, level.resolution, level.resolution,
+                                      dtype=torch.float64)}
+    _, logdet = flow(y, cond)
+    for i in range(2):
+        ci = None if cond is None else {FEATURES: cond[FEATURES][i:i + 1]}
+
+        def forward(v, i=i, ci=ci):
+            return flow(v.reshape(1, *y.shape[1:]), ci)[0].flatten()
+
+        jacobian = torch.autograd.functional.jacobian(forward, y[i].flatten())
+        assert torch.allclose(logdet[i], torch.linalg.slogdet(jacobian).logabsdet, atol=1e-8)
+
+
+def test_level_flows_keep_resolution_and_round_trip():
+    level = tiny_levels()[1]
+    flow = level_flow(level).eval()
+    perturb_parameters(flow, 0.1)
+    y = torch.randn(3, 4, 4, 4)
+    cond = {FEATURES: torch.randn(3, 4, 4, 4)}
+    with torch.no_grad():
+        z, logdet = flow(y, cond)
+        back, inverse_logdet = flow.inverse(z, cond)
+    assert z.shape == y.shape  # no squeeze, no split (sec. 2.2)
+    assert (back - y).abs().max() < 1e-5
+    assert torch.allclose(logdet + inverse_logdet, torch.zeros(3), atol=1e-4)
+
+
+def encoder_gradients(model: HierarchicalFlow, loss) -> list[torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return [p.grad for p in model.encoders.parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+
+
+def test_the_prior_flow_sends_no_gradient_into_the_encoders():
+    model, x = tiny_model()
+    model.train()
+    encoding = model.encode(x)
+    # eq. 5: L_prior(SG[y]): the prior flow's loss leaves every encoder weight alone...
+    assert encoder_gradients(model, -encoding.level_log_probs[-1].sum()) == []
+    # ...which it would not without the stop-gradient: the same loss on the encoder's y.
+    y_prior = model.encode_means(x)[-1]
+    z, logdet = model.flows[-1](y_prior)
+    assert len(encoder_gradients(model, -(logdet - 0.5 * (z ** 2).flatten(1).sum(1)).sum())) > 0
+    # The encoders still learn, through the conditions of the finer flows.
+    encoding = model.encode(x)
+    assert len(encoder_gradients(model, -encoding.level_log_probs[0].sum())) > 0
+
+
+def test_stop_gradient_prior_only_lets_the_finer_flows_shape_their_y():
+    def head_gradient(stop_gradient):
+        model, x = tiny_model(stop_gradient=stop_gradient)
+        model.train()
+        model.zero_grad(set_to_none=True)
+        # y_4's flow loss; encoders[0].head makes y_4 (its trunk also feeds the coarser
+        # encoders, whose y's condition this flow, so only the head tells the paths apart).
+        (-model.encode(x).level_log_probs[1].sum()).backward()
+        return sum(p.grad.abs().sum() for p in model.encoders[0].head.parameters() if p.grad is not None)
+
+    assert head_gradient("prior") > 0  # eq. 5 as printed: only the prior's input is detached
+    assert head_gradient("all") == 0  # the official code: every flow's input is
+
+
+def test_minibatch_sigma_is_eq_11_by_hand():
+    torch.manual_seed(1)
+    mu = torch.randn(10, 2, 3, 3) * torch.linspace(0.5, 2.0, 18).view(1, 2, 3, 3)
+    sigma = minibatch_sigma(mu, var_batch_size=4)
+    # Sub-batches [0:4], [4:8], [8:10]; per element the unbiased std over the sub-batch,
+    # then the mean over the 18 dimensions: one scalar per sub-batch.
+    expected = []
+    for start, end in ((0, 4), (4, 8), (8, 10)):
+        values = mu[start:end].reshape(end - start, 18)
+        mean = values.sum(0) / (end - start)
+        std = (((values - mean) ** 2).sum(0) / (end - start - 1)).sqrt()
+        expected += [std.sum() / 18] * (end - start)
+    assert torch.allclose(sigma, torch.stack(expected), atol=1e-6)
+    # A trailing single image joins the sub-batch before it.
+    assert torch.allclose(minibatch_sigma(mu[:9], 4)[4:], minibatch_sigma(mu[4:9], 5))
+
+
+def test_entropy_is_the_closed_form_of_the_gaussian_q():
+    std = torch.tensor([0.05, 0.4, 2.0])
+    closed = torch.distributions.Normal(torch.zeros(3), std).entropy() * 17
+    assert torch.allclose(gaussian_entropy(17, std), closed, atol=1e-5)
+    model, x = tiny_model()
+    with torch.no_grad():
+        encodings = [model.encode(x) for _ in range(100)]
+    expected = sum(gaussian_entropy(level.channels * level.resolution ** 2, level.alpha_flow * model.running_sigma[i])
+                   for i, level in enumerate(model.levels[1:]))
+    assert torch.allclose(encodings[0].entropy, expected.expand(x.shape[0]), atol=1e-4)
+    # and the Monte Carlo -E[log q(y|x)] of the drawn y's agrees with it
+    # (72 dimensions: -log q has std 6 per draw, 0.21 over these 800 draws).
+    monte_carlo = -torch.stack([e.log_posterior for e in encodings]).mean()
+    assert abs(monte_carlo - encodings[0].entropy[0]) < 0.7
+
+
+def test_the_elbo_is_below_importance_weighted_bounds_that_grow_with_k():
+    model, x = tiny_model(n=16)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        elbo = torch.stack([model.encode(x).log_prob for _ in range(64)]).mean(0)
+        bounds = {k: torch.stack([model.importance_weighted_log_prob(x, k) for _ in range(max(1, 64 // k))]).mean(0)
+                  for k in (1, 8, 64)}
+    means = {k: v.mean().item() for k, v in bounds.items()}
+    # K = 1 is the ELBO in expectation (same draws' distribution, estimated apart)
+    assert abs(means[1] - elbo.mean().item()) < 0.05 * abs(elbo.mean().item())
+    assert elbo.mean() <= means[8] <= means[64]
+    assert means[64] - means[1] > 0.5  # nats: a visible gap for this q
+
+
+def test_sampling_temperatures_follow_fig_4():
+    model, _ = tiny_model()
+    assert model.temperatures(0.7) == [0.7, 0.7, 1.0, 1.0]  # resolution-1 levels at 1.0
+    assert HierarchicalFlow(levels=tiny_levels(), top_temperature=None).temperatures(0.7) == [0.7] * 4
+    assert model.temperatures([0.1, 0.2, 0.3, 0.4]) == [0.1, 0.2, 0.3, 0.4]
+    with pytest.raises(ValueError, match="one temperature per level"):
+        model.temperatures([0.7, 1.0])
+    torch.manual_seed(0)
+    a = model.sample(2, None, [0.0, 0.0, 0.0, 0.0])
+    b = model.sample(2, None, [0.0, 0.0, 0.0, 0.0])
+    assert torch.equal(a, b)
+
+
+def test_evaluation_uses_the_running_sigma_not_the_batch():
+    model, x = tiny_model()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        alone = model.encode(x[:1]).entropy
+        together = model.encode(x).entropy[:1]
+    assert torch.allclose(alone, together)
+
+
+@pytest.mark.parametrize("changes, key", [
+    ({1: dict(resolution=3)}, r"levels\[1\]\.resolution"),
+    ({1: dict(couplings=["C", "S4"])}, r"levels\[1\]\.couplings.*4x4 checkerboard S4"),
+    ({2: dict(alpha_flow=-0.1)}, r"levels\[2\]\.alpha"),
+    ({1: dict(couplings=["X"])}, r"levels\[1\]\.couplings.*'X'"),
+    ({3: dict(cond_channels=2)}, r"levels\[3\]\.cond_channels"),
+])
+def test_bad_levels_are_clear_errors_naming_the_key(changes, key):
+    with pytest.raises(ValueError, match=key):
+        validate_levels(tiny_levels(changes), 8, 3)
+
+
+def test_module_has_the_three_parameter_groups_of_table_2():
+    model, _ = tiny_model()
+    module = HierarchicalModule(flow=model)
+    groups = {g.name: g for g in module.optimizer_groups()}
+    assert set(groups) == {"encoders", "decoders", "flows"}
+    assert {n: g.settings.lr for n, g in groups.items()} == {"encoders": 5e-4, "decoders": 2e-3, "flows": 5e-3}
+    assert {n: g.settings.epoch_decay for n, g in groups.items()} == {"encoders": 0.92, "decoders": 0.95,
+                                                                      "flows": 0.95}
+    total = sum(p.numel() for g in groups.values() for p in g.params)
+    assert total == sum(p.numel() for p in model.parameters())  # every parameter in one group
+    freeze = module.parts()[0].freezes[0]
+    assert not freeze.frozen(step=10_000, epoch=59) and freeze.frozen(step=10_000, epoch=60)
+
+
+def test_the_loss_is_the_weighted_sum_and_the_elbo_is_logged_as_a_bound():
+    model, x = tiny_model()
+    weights = [0.5, 2.0, 0.25, 4.0]
+    for level, w in zip(model.levels, weights):
+        level.loss_weight = w
+    module = HierarchicalModule(flow=model).eval()
+    from lightning_modules.base import Batch
+    batch = Batch({8: x}, {8: x}, torch.zeros(x.shape[0], dtype=torch.long))
+    torch.manual_seed(5)
+    out = module.compute_losses(batch)
+    torch.manual_seed(5)
+    encoding = model.encode(x)
+    expected = sum(w * -lp / math.log(2) for w, lp in zip(weights, encoding.level_log_probs)).mean()
+    assert torch.allclose(out.loss, expected)
+    assert out.exact == {8: False} and module.bound_metric == "elbo_bpd"
+    assert torch.allclose(out.log_prob[8], encoding.log_prob)
+
+
+def test_print_config_shows_table_4_and_table_2(capsys):
+    from tests.test_cli import print_config
+    result = print_config(capsys, "--config", "experiments/hierarchical_celebahq256.yaml")
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    for line in ("class_path: flows.HierarchicalFlow", "var_batch_size: 4", "resolution: 256", "channels: 508",
+                 "alpha_decoder: 0.075", "alpha_flow: 0.4", "coupling_hidden: 128", "cond_channels: 128",
+                 "encoder_hidden: 512", "decoder_hidden: 512", "invconv: unitary", "- S8", "lr: 0.005",
+                 "epoch_decay: 0.92", "freeze_encoders_at_epoch: 60", "grad_clip_norm: 50.0",
+                 "horizontal_flip: true", "num_samples: 30000", "decay: 0.995"):
+        assert line in out, line
+
+
+def test_config_a_has_the_latent_size_of_table_4():
+    import yaml
+
+    from tests.conftest import REPO
+    config = yaml.safe_load((REPO / "experiments/hierarchical_celebahq256.yaml").read_text())
+    levels = [Level(**level) for level in config["model"]["init_args"]["flow"]["init_args"]["levels"]]
+    assert sum(level.channels * level.resolution ** 2 for level in levels) == 271_360  # |y|, Table 4
+    assert [level.resolution for level in levels] == [256, 128, 32, 8, 1, 1]
+    assert [len(level.couplings) for level in levels] == [4, 8, 8, 8, 8, 8]  # flow lengths K
+
+
+def test_per_epoch_decay_multiplies_the_rate_once_per_epoch():
+    from lightning_modules.parts import OptimizerSettings, lr_factor
+    factor = lr_factor(OptimizerSettings(warmup_epochs=0, epoch_decay=0.9), lambda: 10)
+    assert [round(factor(s), 6) for s in (0, 9, 10, 25)] == [1.0, 1.0, 0.9, 0.81]
+
+
+def test_horizontal_flips_mirror_every_resolution_alike_and_only_in_training():
+    from types import SimpleNamespace
+
+    from datamodules import EmbeddedDataModule
+    data = EmbeddedDataModule(image_size=8, resolutions=[8, 4], horizontal_flip=True)
+    images = {8: torch.arange(64 * 6, dtype=torch.float32).view(6, 1, 8, 8),
+              4: torch.arange(16 * 6, dtype=torch.float32).view(6, 1, 4, 4)}
+    data.trainer = SimpleNamespace(training=False)
+    batch = data.on_after_batch_transfer({"images": dict(images)}, 0)
+    assert all(torch.equal(batch["images"][r], images[r]) for r in images)
+    data.trainer = SimpleNamespace(training=True)
+    torch.manual_seed(0)
+    batch = data.on_after_batch_transfer({"images": dict(images)}, 0)
+    flipped = [not torch.equal(batch["images"][8][i], images[8][i]) for i in range(6)]
+    assert any(flipped) and not all(flipped)
+    for i, was_flipped in enumerate(flipped):
+        for r in images:
+            expected = images[r][i].flip(-1) if was_flipped else images[r][i]
+            assert torch.equal(batch["images"][r][i], expected)
