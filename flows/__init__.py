@@ -1,11 +1,12 @@
 """Invertible layers and flow models in pure PyTorch (no Lightning imports)."""
 from flows.base import FEATURES, LABELS, LOWRES, Bijection, FlowSequential
 from flows.cascade import Cascade
+from flows.diffusion import DiffusionPrior, PixelDiffusion
 from flows.distributions import GaussianPrior, GaussianSplitPrior, LatentPrior
 from flows.glow import Glow
 from flows.hierarchical import HierarchicalFlow, Level
 from flows.model import Encoding, FlowModel
 from flows.srflow import SRFlow
 
-__all__ = ["FEATURES", "LABELS", "LOWRES", "Bijection", "FlowSequential", "Cascade", "GaussianPrior",
+__all__ = ["FEATURES", "LABELS", "LOWRES", "Bijection", "FlowSequential", "Cascade", "DiffusionPrior", "PixelDiffusion", "GaussianPrior",
            "GaussianSplitPrior", "LatentPrior", "Glow", "HierarchicalFlow", "Level", "Encoding", "FlowModel", "SRFlow"]

@@ -11,6 +11,12 @@ Priors are arguments: ``top_prior`` and ``split_prior`` are factories (a class, 
 Gaussian priors of ``flows/distributions.py``. A DDPM or a flow over the top latent
 plugs in there; its ``exact`` flag carries through to :class:`~flows.model.Encoding`.
 
+``joint_prior`` instead models every latent at once: the split-off latents and the top
+latent are gathered into one tensor of the image's shape (each put back where its
+squeezes took it from, so neighbouring pixels stay neighbours) and one prior, e.g. the
+DDPM of ``flows/diffusion.py``, models it (seed 003's diffusion-augmented flow: the
+DDPM Gaussianizes the *whole* latent z_0 = f(x), not only its coarsest part).
+
 Conditions (``cond``): ``"labels"`` for a class-conditional prior (``num_classes > 0``),
 ``"features"`` for the conditional couplings, injectors and priors
 (``cond_channels > 0``), which is how SRFlow is built on Glow (``flows/srflow.py``).
@@ -36,7 +42,8 @@ class Glow(FlowModel):
         in_channels, image_size: the images modelled.
         scales, steps_per_scale: L and K.
         hidden_channels: width of the coupling networks.
-        invconv: "lu" or "full" 1x1 convolutions. coupling: "affine" or "additive".
+        invconv: "lu" or "full" 1x1 convolutions. coupling: "affine", "additive" or "spline"
+            (rational-quadratic splines: the Neural Spline Flow of seed 003 sec. 3.2.2.b).
         scale_fn: "glow" (sigmoid(h + 2)) or "squish" (seed 000 eq. 3.15); squish_alpha: its a.
         learn_top_prior: learn the default top prior's mean and log-std.
         num_classes: > 0 makes the default top prior class-conditional and adds Glow's
@@ -46,7 +53,12 @@ class Glow(FlowModel):
         top_prior: factory (latent shape) -> LatentPrior; default GaussianPrior.
         split_prior: factory (kept channels, latent shape) -> LatentPrior; default
             GaussianSplitPrior.
+        joint_prior: factory (image shape (C, H, W)) -> LatentPrior over all latents
+            gathered into one tensor (:meth:`gather_latents`); replaces top_prior and
+            split_prior.
         coupling_net: factory (in, out, hidden) -> nn.Module of the couplings.
+        num_bins, tail_bound: the spline couplings' bins K and interval [-B, B] (identity
+            outside); only used with coupling "spline".
     """
 
     def __init__(self, *, in_channels: int = 3, image_size: int = 32, scales: int = 3,
@@ -57,7 +69,9 @@ class Glow(FlowModel):
                  cond_channels: int = 0, affine_injector: bool = False,
                  top_prior: TopPriorFactory | None = None,
                  split_prior: SplitPriorFactory | None = None,
-                 coupling_net: NetFactory = CouplingNet) -> None:
+                 joint_prior: TopPriorFactory | None = None,
+                 coupling_net: NetFactory = CouplingNet, num_bins: int = 8,
+                 tail_bound: float = 3.0) -> None:
         super().__init__()
         if scales < 1 or steps_per_scale < 1:
             raise ValueError("Glow needs scales >= 1 and steps_per_scale >= 1")
@@ -68,6 +82,12 @@ class Glow(FlowModel):
         self.in_channels = in_channels
         self.image_size = image_size
         self.num_classes = num_classes
+        self.coupling = coupling
+        if joint_prior is not None and (top_prior is not None or split_prior is not None or num_classes
+                                        or cond_channels):
+            raise ValueError("joint_prior models every latent: it replaces top_prior and split_prior, and "
+                             "takes no labels or condition features (num_classes = cond_channels = 0)")
+        self.num_splits = scales - 1
         self.scales = nn.ModuleList()
         self.split_priors = nn.ModuleList()
         self.latent_shapes: list[tuple[int, int, int]] = []
@@ -77,21 +97,27 @@ class Glow(FlowModel):
             steps = [flow_step(channels, hidden_channels, invconv=invconv, coupling=coupling,
                                scale_fn=scale_fn, squish_alpha=squish_alpha,
                                cond_channels=cond_channels, affine_injector=affine_injector,
-                               net=coupling_net)
+                               net=coupling_net, num_bins=num_bins, tail_bound=tail_bound)
                      for _ in range(steps_per_scale)]
             self.scales.append(FlowSequential(Squeeze(), *steps))
             if scale < scales - 1:
                 kept = channels // 2
                 latent_shape = (channels - kept, size, size)
-                self.split_priors.append(
-                    split_prior(kept, latent_shape) if split_prior is not None
-                    else GaussianSplitPrior(kept, channels - kept, cond_channels))
+                if joint_prior is None:
+                    self.split_priors.append(
+                        split_prior(kept, latent_shape) if split_prior is not None
+                        else GaussianSplitPrior(kept, channels - kept, cond_channels))
                 self.latent_shapes.append(latent_shape)
                 channels = kept
         top_shape = (channels, size, size)
         self.latent_shapes.append(top_shape)
-        self.top_prior: LatentPrior = (top_prior(top_shape) if top_prior is not None else
-                                       GaussianPrior(top_shape, learn_top_prior, num_classes, cond_channels))
+        self.joint_prior: LatentPrior | None = None
+        self.top_prior: LatentPrior | None = None
+        if joint_prior is not None:
+            self.joint_prior = joint_prior((in_channels, image_size, image_size))
+        else:
+            self.top_prior = (top_prior(top_shape) if top_prior is not None else
+                              GaussianPrior(top_shape, learn_top_prior, num_classes, cond_channels))
         self.class_head = None
         if num_classes:
             # Glow's class-logits head on the top latent (seed 000 sec. 4.3.1).
@@ -101,6 +127,8 @@ class Glow(FlowModel):
 
     @property
     def exact(self) -> bool:
+        if self.joint_prior is not None:
+            return self.joint_prior.exact
         return self.top_prior.exact and all(prior.exact for prior in self.split_priors)
 
     def _check_input(self, x: Tensor) -> None:
@@ -109,21 +137,59 @@ class Glow(FlowModel):
             raise ValueError(f"Glow expects images of shape [B, {expected[0]}, {expected[1]}, "
                              f"{expected[2]}], got {list(x.shape)}")
 
-    def encode(self, x: Tensor, cond: Condition = None) -> Encoding:
+    def transform(self, x: Tensor, cond: Condition = None) -> tuple[list[Tensor], list[Tensor], Tensor]:
+        """The flow alone, no prior: (latents, kept, logdet). ``latents`` as in
+        :meth:`encode`; ``kept[i]``: the half kept at split i (what split prior i
+        conditions on); ``logdet``: log|det d latents / dx| per sample."""
         self._check_input(x)
-        logdet, log_prior = zero_logdet(x), zero_logdet(x)
-        latents = []
+        logdet = zero_logdet(x)
+        latents, kept = [], []
         h = x
         for index, scale in enumerate(self.scales):
             h, scale_logdet = scale(h, cond)
             logdet = logdet + scale_logdet
-            if index < len(self.split_priors):
+            if index < self.num_splits:
                 kept_channels = h.shape[1] // 2
                 h, latent = h[:, :kept_channels], h[:, kept_channels:]
-                log_prior = log_prior + self.split_priors[index].log_prob(latent, with_condition(cond, **{KEPT: h}))
                 latents.append(latent)
-        log_prior = log_prior + self.top_prior.log_prob(h, cond)
+                kept.append(h)
         latents.append(h)
+        return latents, kept, logdet
+
+    def gather_latents(self, latents: list[Tensor]) -> Tensor:
+        """All latents as one tensor of the image's shape: the inverse of the squeezes
+        and splits alone (the flow steps left out), so each latent entry sits at the
+        pixels it was squeezed from."""
+        z = latents[-1]
+        for index in reversed(range(len(self.scales))):
+            if index < self.num_splits:
+                z = torch.cat([z, latents[index]], dim=1)
+            z = self._squeeze.inverse(z)[0]
+        return z
+
+    def scatter_latents(self, z: Tensor) -> list[Tensor]:
+        """The inverse of :meth:`gather_latents`."""
+        latents = []
+        for index in range(len(self.scales)):
+            z = self._squeeze(z)[0]
+            if index < self.num_splits:
+                kept_channels = z.shape[1] // 2
+                z, latent = z[:, :kept_channels], z[:, kept_channels:]
+                latents.append(latent)
+        latents.append(z)
+        return latents
+
+    _squeeze = Squeeze()
+
+    def encode(self, x: Tensor, cond: Condition = None) -> Encoding:
+        latents, kept, logdet = self.transform(x, cond)
+        h = latents[-1]
+        if self.joint_prior is not None:
+            log_prior = self.joint_prior.log_prob(self.gather_latents(latents), cond)
+        else:
+            log_prior = self.top_prior.log_prob(h, cond)
+            for index, prior in enumerate(self.split_priors):
+                log_prior = log_prior + prior.log_prob(latents[index], with_condition(cond, **{KEPT: kept[index]}))
         class_logits = None
         if self.class_head is not None:
             class_logits = self.class_head(h.to(self.class_head.weight.dtype).mean(dim=(2, 3)))
@@ -146,12 +212,18 @@ class Glow(FlowModel):
             n = known[0].shape[0] if known else (labels.shape[0] if labels is not None else None)
         if n is None:
             raise ValueError("pass n (or a latent or labels) to fix the batch size")
+        if self.joint_prior is not None:
+            if all(z is None for z in latents):
+                latents = self.scatter_latents(self.joint_prior.sample(n, cond, temperature))
+            elif any(z is None for z in latents):
+                raise ValueError("a Glow with a joint prior draws all latents together: pass every latent, "
+                                 "or none (a joint prior cannot draw some latents given the others)")
         h = latents[-1]
         if h is None:
             h = self.top_prior.sample(n, cond, temperature)
         logdet = zero_logdet(h)
         for index in reversed(range(len(self.scales))):
-            if index < len(self.split_priors):
+            if index < self.num_splits:
                 latent = latents[index]
                 if latent is None:
                     latent = self.split_priors[index].sample(n, with_condition(cond, **{KEPT: h}), temperature)

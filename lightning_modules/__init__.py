@@ -5,13 +5,16 @@ from lightning_modules.analyses import (LatentInterpolation, LatentZeroing, Near
 from lightning_modules.base import Batch, FlowModule, LossOutput
 from lightning_modules.callbacks import ExactResume, SampleGrids, TestMetrics, ValidationFID
 from lightning_modules.cascade_module import CascadeModule, GlowStage, SRFlowStage
+from lightning_modules.diffusion_module import DiffusionFlowModule, PixelDiffusionModule
 from lightning_modules.glow_module import GlowModule
 from lightning_modules.hierarchical_module import HierarchicalModule
 from lightning_modules.metrics import FIDSettings
+from lightning_modules.mnist_classifier import LeNetFeatures, MNISTClassifierModule
 from lightning_modules.parts import Freeze, OptimizerSettings, Part
 from lightning_modules.rrdb_module import RRDBPretrainModule
 
 __all__ = ["Batch", "FlowModule", "LossOutput", "ExactResume", "SampleGrids", "TestMetrics", "ValidationFID",
-           "CascadeModule", "GlowStage", "SRFlowStage", "GlowModule", "HierarchicalModule", "FIDSettings", "Freeze",
-           "OptimizerSettings", "Part", "RRDBPretrainModule", "LatentInterpolation", "LatentZeroing",
-           "NearestNeighbours", "NoiseSweep", "ResamplingMaps"]
+           "CascadeModule", "DiffusionFlowModule", "PixelDiffusionModule", "GlowStage", "SRFlowStage", "GlowModule",
+           "HierarchicalModule", "FIDSettings", "Freeze", "OptimizerSettings", "Part", "RRDBPretrainModule",
+           "LatentInterpolation", "LatentZeroing", "NearestNeighbours", "NoiseSweep", "ResamplingMaps", "LeNetFeatures",
+           "MNISTClassifierModule"]

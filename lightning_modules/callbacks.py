@@ -5,8 +5,9 @@
   saved as PNG and sent to every logger (W&B, TensorBoard).
 * :class:`ValidationFID`: ``val/fid_R`` curves (torchmetrics) during training.
 * :class:`TestMetrics`: at ``lightning test``, the metrics table ``metrics.json``
-  (model name, bits per dim per resolution, exact or bound) and, given FID settings,
-  FID/KID per resolution (torch-fidelity) and the FID-vs-temperature sweep.
+  (model name, bits per dim per resolution, exact or bound, the time to draw 25
+  samples) and, given FID settings, FID/KID per resolution (torch-fidelity) and the
+  FID-vs-temperature sweep.
 * :class:`ExactResume`: RNG states of every process in each checkpoint, and a run
   resumed mid-epoch continues with the batches an uninterrupted run would draw. The
   ``lightning`` command adds it to every run.
@@ -28,9 +29,9 @@ from datamodules.datamodules import ResumableSampler
 from flows.quantization import reduce_bits, to_uint8
 from lightning_modules.checkpointing import RNG_KEY, gather_rng_states, restore_rng_states
 from lightning_modules.errors import ConfigurationError
-from lightning_modules.metrics import (FIDSettings, ImagesAtResolution, TensorImages, as_rgb, fidelity,
-                                       generate_uint8, in_loop_fid, plot_temperature_sweep, settings_dict,
-                                       write_metrics_table)
+from lightning_modules.metrics import (FIDSettings, ImagesAtResolution, TensorImages, as_rgb, feature_cache_tag,
+                                       fidelity, generate_uint8, in_loop_fid, plot_temperature_sweep, settings_dict,
+                                       time_sampling, write_metrics_table)
 
 
 def log_dir(trainer: pl.Trainer) -> Path:
@@ -197,10 +198,16 @@ class TestMetrics(pl.Callback):
     FID and KID per resolution against the test split at that resolution (seed 000
     sec. 4.2; samples split over the processes, scored once) and, with
     ``fid.sweep_temperatures``, the FID-vs-temperature sweep of seed 000 Fig. 4.4
-    (``temperature_sweep.json`` and ``.png``)."""
+    (``temperature_sweep.json`` and ``.png``).
 
-    def __init__(self, fid: FIDSettings | None = None) -> None:
+    ``sampling_time_samples``: time one ``sample_images(n, temperature)`` call for that
+    many samples after a warm-up call (seed 003 Tables 5.3/5.4: seconds for 25 samples),
+    at ``fid.temperature`` (1.0 without fid settings), on process 0; printed, logged as
+    ``test/sampling_time_s`` and written as ``sampling_time_s`` (None: not timed)."""
+
+    def __init__(self, fid: FIDSettings | None = None, sampling_time_samples: int | None = 25) -> None:
         self.fid = fid
+        self.sampling_time_samples = sampling_time_samples
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self.fid is not None:
@@ -229,6 +236,14 @@ class TestMetrics(pl.Callback):
                          if k.startswith("test/bpd_") and not k.startswith("test/bpd_bound_")},
                  "bpd_bound": {k[len(bound):]: v for k, v in metrics.items() if k.startswith(bound)},
                  "test_metrics": metrics, **table}
+        if self.sampling_time_samples and getattr(pl_module, "sample_images", None) is not None:
+            n = self.sampling_time_samples
+            seconds = self.sampling_time(pl_module, n)
+            table["sampling_time_s"] = seconds
+            table["sampling_time_samples"] = n
+            pl_module.print(f"sampling time for {n} samples: {seconds:.4g} s")
+            for logger in trainer.loggers:
+                logger.log_metrics({"test/sampling_time_s": seconds}, step=trainer.global_step)
         out_dir = log_dir(trainer)
         if "temperature_sweep" in table:
             write_metrics_table(out_dir / "temperature_sweep.json", table["temperature_sweep"])
@@ -240,6 +255,22 @@ class TestMetrics(pl.Callback):
                 logger.log_metrics(flat, step=trainer.global_step)
         write_metrics_table(out_dir / "metrics.json", table)
         pl_module.print(f"metrics table: {out_dir / 'metrics.json'}")
+
+    @torch.no_grad()
+    def sampling_time(self, pl_module: pl.LightningModule, n: int) -> float:
+        """Seconds for one ``sample_images(n, temperature)`` call (after a warm-up call), in
+        eval mode and on a forked RNG (the test's random stream is left as it was)."""
+        temperature = self.fid.temperature if self.fid is not None else 1.0
+        sample = _sampler_of(pl_module)
+        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(self.fid.seed if self.fid is not None else 0)
+                return time_sampling(lambda k: sample(k, temperature), n, pl_module.device)
+        finally:
+            pl_module.train(was_training)
 
     @torch.no_grad()
     def generate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, temperature) -> dict[int, Tensor]:
@@ -268,11 +299,12 @@ class TestMetrics(pl.Callback):
             return {}
         results = {}
         n_bits = pl_module.n_bits
+        features = feature_cache_tag(settings)  # extractor, layer (FID-192 vs 2048), weights
         for resolution, images in fakes.items():
             cache_name = "-".join(str(part) for part in (
                 type(datamodule).__name__, Path(str(datamodule.data_dir)).name or "data",
                 datamodule.image_size, getattr(datamodule, "seed", 0), "test", len(real_split),
-                resolution, n_bits, settings.feature_extractor))
+                resolution, n_bits, features))
             results[resolution] = fidelity(TensorImages(images), ImagesAtResolution(real_split, resolution, n_bits),
                                            settings, cache_name, cuda=pl_module.device.type == "cuda")
             pl_module.print(f"{getattr(pl_module, 'model_name', '')} at {resolution}px, temperature {temperature}: "

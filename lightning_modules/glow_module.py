@@ -43,7 +43,9 @@ class GlowModule(FlowModule):
 
     @property
     def model_name(self) -> str:
-        return f"Glow{'CC' if self.model.num_classes else ''}{self.resolution}"
+        # Spline couplings make the flow the Neural Spline Flow baseline (seed 003).
+        family = "NSF" if getattr(self.model, "coupling", "affine") == "spline" else "Glow"
+        return f"{family}{'CC' if self.model.num_classes else ''}{self.resolution}"
 
     @property
     def resolutions(self) -> list[int]:

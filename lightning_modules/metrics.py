@@ -12,11 +12,25 @@ that fails the error names the file and where to put its path.
 ``random-conv`` is a small fixed, seeded random conv net registered as a torch-fidelity
 feature extractor: for tests and offline smoke runs only. Its FIDs are not comparable
 with published ones.
+
+Seed 003's evaluation (sec. 5.2, Tables 5.2-5.4) differs in three ways, all available here:
+
+* FID-192: FID on the 192-dim features of Inception's first pooling block
+  (``FIDSettings(feature_layer="192")``) instead of the usual 2048-dim pool features.
+  FID-192 values are not comparable with the usual FID (nor with other layers').
+* MNIST FIDs on the features of a custom-trained MNIST classifier
+  (``feature_extractor="mnist-lenet"``, ``feature_weights=<its export file>``; see
+  ``lightning_modules/mnist_classifier.py`` and ``experiments/mnist_classifier.yaml``).
+* Sampling time: seconds to draw 25 samples (:func:`time_sampling`, reported by
+  ``TestMetrics`` as ``sampling_time_s``).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import statistics
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -40,8 +54,16 @@ class FIDSettings:
     temperature: one sampling temperature, or one per cascade stage (seed 000 sec. 4.4:
         0.8 for CelebA, 0.9 for CIFAR-10).
     feature_extractor: a torch-fidelity extractor name ("inception-v3-compat" for the
-        reported numbers; "random-conv" for tests and smoke runs).
-    inception_weights: local path of torch-fidelity's Inception file (``INCEPTION_FILE``).
+        reported numbers; "mnist-lenet" for seed 003's MNIST FIDs on a trained MNIST
+        classifier; "random-conv" for tests and smoke runs).
+    feature_layer: the extractor's feature layer for FID and KID (None: its default,
+        "2048" for Inception; an int is read as its string). Seed 003 sec. 5.2.1 reports
+        FID on the 192-dim Inception features ("192", "FID-192"), which is not comparable
+        with the usual 2048-dim FID.
+    inception_weights: local path of the extractor's weights: torch-fidelity's Inception
+        file (``INCEPTION_FILE``), or the classifier file for "mnist-lenet".
+    feature_weights: the same as ``inception_weights`` under a general name (wins when both
+        are set).
     kid_subset_size: KID subset size (capped by the number of images).
     batch_size: images per sampling and feature-extraction batch.
     cache_dir: torch-fidelity's cache of real statistics (default: its own).
@@ -58,6 +80,17 @@ class FIDSettings:
     cache_dir: str | None = None
     sweep_temperatures: list[float] = field(default_factory=list)
     seed: int = 2024
+    feature_layer: str | int | None = None
+    feature_weights: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.feature_layer is not None:  # YAML's `feature_layer: 192` is an int
+            self.feature_layer = str(self.feature_layer)
+
+    @property
+    def weights_path(self) -> str | None:
+        """The extractor's weights file: ``feature_weights``, else ``inception_weights``."""
+        return self.feature_weights or self.inception_weights
 
 
 class RandomConvFeatures(nn.Module):
@@ -151,22 +184,72 @@ def as_rgb(image: Tensor) -> Tensor:
     return image.expand(3, -1, -1) if image.shape[0] == 1 else image
 
 
-def fidelity(fake: Dataset, real: Dataset, settings: FIDSettings, real_cache_name: str | None,
-             cuda: bool) -> dict[str, float]:
-    """FID and KID of two uint8 image datasets with torch-fidelity."""
-    import torch_fidelity
+def register_feature_extractors() -> None:
+    """This project's torch-fidelity extractors: "random-conv" and "mnist-lenet"."""
+    from lightning_modules.mnist_classifier import register_mnist_lenet
 
     _register_random_conv()
+    register_mnist_lenet()
+
+
+def _missing_weights(settings: FIDSettings, path: Path) -> FileNotFoundError:
+    if settings.feature_extractor == "mnist-lenet":
+        from lightning_modules.mnist_classifier import missing_weights_error
+
+        return missing_weights_error(path)
+    if settings.feature_extractor.startswith("inception"):
+        return FileNotFoundError(f"inception_weights {str(path)!r} does not exist. Download {INCEPTION_URL} on a "
+                                 "machine with internet and copy it there.")
+    return FileNotFoundError(f"feature extractor weights {str(path)!r} ({settings.feature_extractor}) do not exist")
+
+
+def resolved_feature_layer(settings: FIDSettings, metric: str = "fid") -> str:
+    """The feature layer FID (or KID) uses: ``settings.feature_layer`` or the extractor's default."""
+    if settings.feature_layer is not None:
+        return str(settings.feature_layer)
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    register_feature_extractors()
+    if settings.feature_extractor not in FEATURE_EXTRACTORS_REGISTRY:
+        raise ValueError(f"unknown feature extractor {settings.feature_extractor!r}; torch-fidelity knows "
+                         f"{sorted(FEATURE_EXTRACTORS_REGISTRY)}")
+    return str(FEATURE_EXTRACTORS_REGISTRY[settings.feature_extractor].get_default_feature_layer_for_metric(metric))
+
+
+def feature_cache_tag(settings: FIDSettings) -> str:
+    """What the real-statistics cache name needs to know about the features: extractor,
+    layer (a 2048 cache never serves FID-192) and, for trained extractors other than
+    Inception, a digest of the weights file (another classifier, other statistics)."""
+    parts = [settings.feature_extractor, resolved_feature_layer(settings, "fid")]
+    kid_layer = resolved_feature_layer(settings, "kid")
+    if kid_layer != parts[-1]:
+        parts.append(f"kid{kid_layer}")
+    weights = settings.weights_path
+    if weights and not settings.feature_extractor.startswith("inception"):
+        path = Path(weights).expanduser()
+        if path.is_file():
+            parts.append(hashlib.sha256(path.read_bytes()).hexdigest()[:12])
+    return "-".join(parts)
+
+
+def fidelity(fake: Dataset, real: Dataset, settings: FIDSettings, real_cache_name: str | None,
+             cuda: bool) -> dict[str, float]:
+    """FID and KID of two uint8 image datasets with torch-fidelity, on the features of
+    ``settings.feature_extractor`` at ``settings.feature_layer`` (FID-192: "192")."""
+    import torch_fidelity
+
+    register_feature_extractors()
     kwargs = dict(input1=fake, input2=real, fid=True, kid=True, cuda=cuda, verbose=False,
                   feature_extractor=settings.feature_extractor, batch_size=settings.batch_size,
                   kid_subset_size=min(settings.kid_subset_size, len(fake), len(real)),
                   save_cpu_ram=True)
-    if settings.inception_weights:
-        path = Path(settings.inception_weights).expanduser()
+    if settings.feature_layer is not None:
+        kwargs["feature_layer_fid"] = str(settings.feature_layer)
+        kwargs["feature_layer_kid"] = str(settings.feature_layer)
+    if settings.weights_path:
+        path = Path(settings.weights_path).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(
-                f"inception_weights {str(path)!r} does not exist. Download {INCEPTION_URL} on a "
-                "machine with internet and copy it there.")
+            raise _missing_weights(settings, path)
         kwargs["feature_extractor_weights_path"] = str(path)
     if settings.cache_dir:
         kwargs["cache_root"] = settings.cache_dir
@@ -177,7 +260,7 @@ def fidelity(fake: Dataset, real: Dataset, settings: FIDSettings, real_cache_nam
     try:
         metrics = torch_fidelity.calculate_metrics(**kwargs)
     except (OSError, RuntimeError) as error:  # urllib's URLError is an OSError
-        if settings.feature_extractor.startswith("inception") and not settings.inception_weights:
+        if settings.feature_extractor.startswith("inception") and not settings.weights_path:
             raise RuntimeError(
                 f"FID needs torch-fidelity's Inception weights and they could not be downloaded "
                 f"({error}). Fetch {INCEPTION_URL} on a machine with internet, copy it here and "
@@ -190,18 +273,32 @@ def fidelity(fake: Dataset, real: Dataset, settings: FIDSettings, real_cache_nam
 
 
 def in_loop_fid(settings: FIDSettings):
-    """A torchmetrics FID for validation curves, on the extractor ``settings`` names.
-    Real features are kept across resets (they are fixed for a run)."""
+    """A torchmetrics FID for validation curves, on the extractor (and Inception layer,
+    ``feature_layer``) ``settings`` names. Real features are kept across resets (they are
+    fixed for a run)."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    if settings.feature_extractor == "random-conv":
-        return FrechetInceptionDistance(feature=RandomConvFeatures(), reset_real_features=False)
+    layer = settings.feature_layer
+    if settings.feature_extractor in ("random-conv", "mnist-lenet"):
+        if layer not in (None, "features"):
+            raise ValueError(f"in-loop FID on {settings.feature_extractor} uses its 'features' layer, "
+                             f"not {layer!r}")
+        if settings.feature_extractor == "random-conv":
+            network = RandomConvFeatures()
+        else:
+            from lightning_modules.mnist_classifier import load_lenet_features
+
+            network = load_lenet_features(settings.weights_path)
+        return FrechetInceptionDistance(feature=network, reset_real_features=False)
     if not settings.feature_extractor.startswith("inception"):
-        raise ValueError(f"in-loop FID supports inception-v3-compat and random-conv, not "
+        raise ValueError(f"in-loop FID supports inception-v3-compat, mnist-lenet and random-conv, not "
                          f"{settings.feature_extractor!r}")
+    if layer is not None and not layer.isdigit():
+        raise ValueError(f"in-loop FID on Inception takes a feature size (64, 192, 768, 2048), not {layer!r}")
     try:
-        return FrechetInceptionDistance(feature=2048, reset_real_features=False,
-                                        feature_extractor_weights_path=settings.inception_weights)
+        return FrechetInceptionDistance(feature=int(layer) if layer is not None else 2048,
+                                        reset_real_features=False,
+                                        feature_extractor_weights_path=settings.weights_path)
     except (OSError, RuntimeError) as error:
         raise RuntimeError(
             f"in-loop FID needs the Inception weights ({error}). Fetch {INCEPTION_URL} and set "
@@ -219,6 +316,30 @@ def generate_uint8(sample: Callable[[int], dict[int, Tensor]], num_samples: int,
             chunks.setdefault(resolution, []).append(to_uint8(images.cpu()))
         remaining -= n
     return {r: torch.cat(c) for r, c in chunks.items()}
+
+
+def time_sampling(sample_fn: Callable[[int], object], n: int, device: torch.device | str | None = None,
+                  repeats: int = 1) -> float:
+    """Seconds one ``sample_fn(n)`` call takes (seed 003 Tables 5.3/5.4: 25 samples): one
+    warm-up call, then the median of ``repeats`` timed calls, with CUDA synchronized
+    around each on a GPU ``device``."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    cuda = device is not None and torch.device(device).type == "cuda"
+
+    def synchronize() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    sample_fn(n)
+    times = []
+    for _ in range(repeats):
+        synchronize()
+        start = time.perf_counter()
+        sample_fn(n)
+        synchronize()
+        times.append(time.perf_counter() - start)
+    return float(statistics.median(times))
 
 
 def write_metrics_table(path: Path, table: dict) -> None:

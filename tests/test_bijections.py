@@ -4,7 +4,8 @@ import torch
 
 from flows.base import FlowSequential
 from flows.layers import (ActNorm, AdditiveCoupling, AffineCoupling, AffineInjector, CheckerboardMask,
-                          InvertibleConv1x1, InvertibleConv1x1LU, Squeeze, flow_step)
+                          InvertibleConv1x1, InvertibleConv1x1LU, SplineCoupling, Squeeze, flow_step)
+from flows.nets import ResNetCouplingNet
 from tests.conftest import perturb_parameters
 
 C, H, W, COND_C = 4, 4, 4, 3
@@ -31,6 +32,14 @@ CASES = {
     "odd_channels_coupling": (lambda: AffineCoupling(3, 8), False),
     "conditional_coupling": (lambda: AffineCoupling(C, 8, cond_channels=COND_C, scale_fn="squish"), True),
     "affine_injector": (lambda: AffineInjector(C, COND_C, 8, scale_fn="squish"), True),
+    # Neural Spline Flow couplings (seed 003 sec. 3.2.2.b); a small tail bound puts
+    # inputs both inside the spline and on the identity tails.
+    "spline_coupling": (lambda: SplineCoupling(C, 8, num_bins=4, tail_bound=1.5), False),
+    "spline_coupling_resnet": (lambda: SplineCoupling(C, 8, num_bins=4, tail_bound=1.5, net=ResNetCouplingNet),
+                               False),
+    "conditional_spline_coupling": (lambda: SplineCoupling(C, 8, cond_channels=COND_C, num_bins=3,
+                                                           tail_bound=1.5), True),
+    "flow_step_spline": (lambda: flow_step(C, 8, coupling="spline", num_bins=4, tail_bound=1.5), False),
     "squeeze": (lambda: Squeeze(), False),
     "flow_step": (lambda: flow_step(C, 8), False),
     "flow_step_full_additive": (lambda: flow_step(C, 8, invconv="full", coupling="additive"), False),
@@ -44,10 +53,17 @@ CASES = {
 }
 
 
+# Perturbation scales other than the default 0.2 (0.05 for the sequential cases). The
+# 3x3 convs of a residual net amplify noise of 0.2 on every weight (~sqrt(72) * 0.2 per
+# conv) into raw spline parameters of ~20, i.e. slopes of e^-10 that no float32 inverse
+# resolves to 1e-4; 0.1 still gives log-dets of several nats per sample.
+PERTURBATION = {"spline_coupling_resnet": 0.1}
+
+
 def build(name):
     factory, conditional = CASES[name]
     layer = factory()
-    perturb_parameters(layer, 0.05 if name.endswith("sequential") else 0.2)
+    perturb_parameters(layer, PERTURBATION.get(name, 0.05 if name.endswith("sequential") else 0.2))
     layer.eval()
     channels = 3 if name == "odd_channels_coupling" else C
     x = torch.randn(5, channels, H, W)
@@ -96,7 +112,7 @@ def test_logdet_matches_brute_force_jacobian(name):
 
 
 @pytest.mark.parametrize("name", ["conditional_coupling", "affine_injector", "conditional_flow_step",
-                                  "conditional_checkerboard_coupling"])
+                                  "conditional_checkerboard_coupling", "conditional_spline_coupling"])
 def test_conditional_layers_depend_on_condition_and_require_it(name):
     layer, x, cond, _ = build(name)
     with torch.no_grad():

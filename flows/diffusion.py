@@ -1,0 +1,463 @@
+"""A DDPM as a latent prior (seed 003 sec. 3.3 and ch. 4; Ho et al. 2020; Nichol &
+Dhariwal 2021, "improved DDPM"), in pure PyTorch.
+
+:class:`DiffusionPrior` is a :class:`~flows.distributions.LatentPrior`: a Glow takes it
+as ``joint_prior`` (the diffusion-augmented flow of seed 003) and the pixel DDPM
+baseline (:class:`PixelDiffusion`) is the same prior on images with the discretized
+decoder. Time steps are 0-based in the code: index ``t`` in ``0 .. T-1`` is the paper's
+step ``t + 1``.
+
+Forward process (eq. 3.12): q(z_t | z_0) = N(sqrt(abar_t) z_0, (1 - abar_t) I) with
+alpha_t = 1 - beta_t and **abar_t = prod_{s<=t} alpha_s**. Seed 003 eq. 4.3 prints abar
+as the *average* (1/t) sum alpha_s; that is wrong (the closed form of eq. 3.12 is the
+product), and it also drops the square roots of eq. 4.5; we implement the product
+with the square roots.
+
+Reverse process (eq. 3.13): the denoiser predicts eps and, with a learned variance,
+v in [-1, 1] that interpolates the log-variance between log beta_t and log
+beta-tilde_t (improved DDPM eq. 15): log Sigma = v' log beta + (1 - v') log beta-tilde,
+v' = (v + 1) / 2 (the network's raw output is used unclipped, as in improved-diffusion).
+
+The bound, per sample in nats (``negative_elbo``):
+
+    -log p(z_0) <= L_T + sum_{t=1}^{T-1} L_t + L_0
+    L_T = KL(q(z_T | z_0) || N(0, I))                                  (the prior term)
+    L_t = KL(q(z_{t-1} | z_t, z_0) || p(z_{t-1} | z_t))             (Gaussian KLs)
+    L_0 = -log p(z_0 | z_1)
+
+L_0 is a **continuous** Gaussian density of z_0 for latents (``decoder="continuous"``: a
+flow's latent is not 8-bit pixels) and improved DDPM's discretized Gaussian for pixels
+(``decoder="discretized"``: the probability of the pixel's bin). L_T depends on z_0, so
+it stays in the loss whenever z_0 comes from a flow that trains.
+
+Sampling: ancestral (all T steps) or DDIM (Song et al. 2021; ermongroup/ddim) with S
+evenly spaced steps and ``eta`` (0: deterministic ODE, 1 with S = T: the ancestral
+sampler with variance beta-tilde). Predicted z_0 are never clipped: latents do not live
+in [-1, 1].
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Literal
+
+import torch
+from torch import Tensor, nn
+
+from flows.base import Condition, zero_logdet
+from flows.distributions import LOG_2PI, LatentPrior
+from flows.model import Encoding, FlowModel
+from flows.quantization import bin_log_volume, check_n_bits, snap_to_bins
+
+Schedule = Literal["linear", "cosine"]
+VarianceKind = Literal["learned", "fixed_small", "fixed_large"]
+DecoderKind = Literal["continuous", "discretized"]
+# (in_channels, out_channels, image_size) -> the denoiser eps_theta(z_t, t)
+DenoiserFactory = Callable[[int, int, int], nn.Module]
+
+
+# --- schedules -------------------------------------------------------------------------
+def linear_betas(timesteps: int) -> Tensor:
+    """DDPM's linear schedule, 1e-4 .. 0.02 at T = 1000, scaled by 1000 / T so other T
+    keep the same total noise (improved-diffusion's ``get_named_beta_schedule``). Below
+    T = 50 the scaled betas would pass 1 (abar_T = 0, a division by zero); they are
+    clipped at 0.999 like the cosine schedule's."""
+    scale = 1000.0 / timesteps
+    return torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64).clamp(max=0.999)
+
+
+def cosine_betas(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
+    """Improved DDPM's cosine schedule (eq. 17): abar(t) = cos(((t/T + s) / (1 + s)) pi/2)^2,
+    beta_t = min(1 - abar(t+1)/abar(t), 0.999)."""
+    def abar(u: float) -> float:
+        return math.cos((u + s) / (1.0 + s) * math.pi / 2.0) ** 2
+
+    betas = [min(1.0 - abar((i + 1) / timesteps) / abar(i / timesteps), max_beta) for i in range(timesteps)]
+    return torch.tensor(betas, dtype=torch.float64)
+
+
+def make_betas(schedule: Schedule, timesteps: int) -> Tensor:
+    if timesteps < 2:
+        raise ValueError(f"a diffusion needs timesteps >= 2, got {timesteps}")
+    if schedule == "linear":
+        return linear_betas(timesteps)
+    if schedule == "cosine":
+        return cosine_betas(timesteps)
+    raise ValueError(f"schedule must be 'linear' or 'cosine', got {schedule!r}")
+
+
+def ddim_timesteps(timesteps: int, steps: int) -> list[int]:
+    """S time indices from T-1 down to 0, evenly spaced (all of them when S = T)."""
+    if not 1 <= steps <= timesteps:
+        raise ValueError(f"DDIM steps must lie in [1, {timesteps}] (the timesteps), got {steps}")
+    if steps == 1:
+        return [timesteps - 1]
+    indices = torch.linspace(timesteps - 1, 0, steps, dtype=torch.float64).round().long().tolist()
+    return sorted(set(indices), reverse=True)
+
+
+# --- Gaussian densities ------------------------------------------------------------------
+def normal_kl(mean1: Tensor, log_var1: Tensor, mean2: Tensor, log_var2: Tensor) -> Tensor:
+    """KL(N(mean1, e^log_var1) || N(mean2, e^log_var2)), elementwise, in nats."""
+    return 0.5 * (log_var2 - log_var1 + torch.exp(log_var1 - log_var2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-log_var2) - 1.0)
+
+
+def gaussian_log_density(x: Tensor, mean: Tensor, log_var: Tensor) -> Tensor:
+    """log N(x; mean, e^log_var), elementwise, in nats."""
+    return -0.5 * (LOG_2PI + log_var + (x - mean) ** 2 * torch.exp(-log_var))
+
+
+def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_var: Tensor, bins: int) -> Tensor:
+    """log P(bin of x) under N(mean, e^log_var), elementwise, for data in [-1, 1] with
+    ``bins`` equal bins (x at the bin centres): the edge bins take the tails
+    (improved-diffusion's decoder, with exact normal CDFs and our bin layout)."""
+    half_width = 1.0 / bins
+    inv_std = torch.exp(-0.5 * log_var)
+    upper = torch.special.ndtr((x - mean + half_width) * inv_std)
+    lower = torch.special.ndtr((x - mean - half_width) * inv_std)
+    # log(1 - Phi(a)) = log Phi(-a) and log Phi(b) via log_ndtr keep the tails accurate.
+    log_upper_tail = torch.special.log_ndtr(-(x - mean - half_width) * inv_std)
+    log_lower_tail = torch.special.log_ndtr((x - mean + half_width) * inv_std)
+    log_middle = torch.log((upper - lower).clamp(min=1e-12))
+    first = x < -1.0 + 1.5 * half_width
+    last = x > 1.0 - 1.5 * half_width
+    return torch.where(first, log_lower_tail, torch.where(last, log_upper_tail, log_middle))
+
+
+def _sum(x: Tensor) -> Tensor:
+    return x.flatten(1).sum(dim=1)
+
+
+# --- the diffusion prior -------------------------------------------------------------------
+class DiffusionPrior(LatentPrior):
+    """p(z) of a DDPM over tensors of ``shape`` (C, H, W); ``log_prob`` is the
+    variational bound (``exact = False``).
+
+    Args:
+        shape: the modelled tensor's shape (a Glow's whole latent: the image's shape).
+        denoiser: factory (in_channels, out_channels, image_size) -> eps_theta(z_t, t);
+            default :class:`~flows.denoiser.TimeConditionedUNet`.
+        timesteps: T (seed 003 Table 5.1: 500; DDPM: 1000).
+        schedule: "linear" (DDPM, scaled by 1000 / T) or "cosine" (improved DDPM).
+        variance: "learned" (improved DDPM's interpolation; seed 003 Alg. 1 trains it
+            with the hybrid loss), "fixed_small" (beta-tilde_t) or "fixed_large" (beta_t).
+        decoder: "continuous" (L_0 a Gaussian density, for latents) or "discretized"
+            (L_0 the probability of a pixel's bin, data in [-1, 1] with ``bins`` bins).
+        sampling_steps: None: ancestral sampling over all T steps; S: DDIM with S steps.
+        eta: DDIM's eta (0: deterministic).
+        clip_denoised: clip the predicted z_0 to [-1, 1] when sampling and evaluating the
+            bound (pixels, as improved-diffusion; never for latents, which are unbounded).
+    """
+
+    exact = False
+
+    def __init__(self, shape: tuple[int, int, int], denoiser: DenoiserFactory | None = None,
+                 timesteps: int = 1000, schedule: Schedule = "linear", variance: VarianceKind = "learned",
+                 decoder: DecoderKind = "continuous", bins: int = 256, sampling_steps: int | None = None,
+                 eta: float = 0.0, clip_denoised: bool = False) -> None:
+        super().__init__()
+        if variance not in ("learned", "fixed_small", "fixed_large"):
+            raise ValueError(f"variance must be 'learned', 'fixed_small' or 'fixed_large', got {variance!r}")
+        if decoder not in ("continuous", "discretized"):
+            raise ValueError(f"decoder must be 'continuous' or 'discretized', got {decoder!r}")
+        if sampling_steps is not None:
+            ddim_timesteps(timesteps, sampling_steps)  # fails early on a bad S
+        if eta < 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
+        self.shape = tuple(int(s) for s in shape)
+        self.timesteps = timesteps
+        self.schedule = schedule
+        self.variance = variance
+        self.decoder = decoder
+        self.bins = bins
+        self.sampling_steps = sampling_steps
+        self.eta = eta
+        self.clip_denoised = clip_denoised
+        channels, size = self.shape[0], self.shape[1]
+        out_channels = 2 * channels if variance == "learned" else channels
+        if denoiser is None:
+            from flows.denoiser import TimeConditionedUNet
+            denoiser = TimeConditionedUNet
+        self.denoiser = denoiser(channels, out_channels, size)
+
+        betas = make_betas(schedule, timesteps)
+        alphas = 1.0 - betas
+        abar = torch.cumprod(alphas, dim=0)  # a product (seed 003 eq. 4.3 prints an average)
+        abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+        posterior_variance = betas * (1.0 - abar_prev) / (1.0 - abar)
+        schedule_buffers = {
+            "betas": betas, "abar": abar, "abar_prev": abar_prev,
+            "sqrt_abar": abar.sqrt(), "sqrt_one_minus_abar": (1.0 - abar).sqrt(),
+            # beta-tilde_0 is 0; improved-diffusion clips its log to beta-tilde_1's.
+            "posterior_log_variance": torch.log(torch.cat([posterior_variance[1:2], posterior_variance[1:]])),
+            "posterior_mean_z0": betas * abar_prev.sqrt() / (1.0 - abar),
+            "posterior_mean_zt": (1.0 - abar_prev) * alphas.sqrt() / (1.0 - abar),
+            "log_betas": torch.log(betas),
+        }
+        for name, value in schedule_buffers.items():
+            # float64, not saved: a function of the settings, and immune to .half().
+            self.register_buffer(name, value, persistent=False)
+
+    # --- pieces ---------------------------------------------------------------------------
+    def compute_dtype(self) -> torch.dtype:
+        """float32, or float64 for a float64 model: the bound's terms never run in half
+        precision (the denoiser itself may, under autocast)."""
+        return torch.promote_types(next(self.denoiser.parameters()).dtype, torch.float32)
+
+    def _at(self, name: str, t: Tensor) -> Tensor:
+        """Schedule entry ``name`` at indices ``t`` [B], shaped [B, 1, 1, 1]."""
+        value = getattr(self, name).to(t.device)[t].to(self.compute_dtype())
+        return value.view(-1, *([1] * len(self.shape)))
+
+    def _timesteps(self, t: int | Tensor, n: int, device) -> Tensor:
+        if isinstance(t, Tensor):
+            return t.to(device=device, dtype=torch.long)
+        return torch.full((n,), int(t), device=device, dtype=torch.long)
+
+    def q_sample(self, z0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps."""
+        return self._at("sqrt_abar", t) * z0 + self._at("sqrt_one_minus_abar", t) * noise
+
+    def q_posterior(self, z0: Tensor, zt: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and log-variance of q(z_{t-1} | z_t, z_0)."""
+        mean = self._at("posterior_mean_z0", t) * z0 + self._at("posterior_mean_zt", t) * zt
+        return mean, self._at("posterior_log_variance", t).expand_as(zt)
+
+    def predict_z0(self, zt: Tensor, t: Tensor, eps: Tensor, clip: bool = False) -> Tensor:
+        z0 = (zt - self._at("sqrt_one_minus_abar", t) * eps) / self._at("sqrt_abar", t)
+        return z0.clamp(-1.0, 1.0) if clip else z0
+
+    def denoise(self, zt: Tensor, t: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(eps, v): the denoiser's outputs in float32 (v None without a learned variance)."""
+        out = self.denoiser(zt, t).to(self.compute_dtype())
+        if self.variance == "learned":
+            eps, v = out.chunk(2, dim=1)
+            return eps, v
+        return out, None
+
+    def reverse_log_variance(self, v: Tensor | None, t: Tensor, like: Tensor) -> Tensor:
+        small = self._at("posterior_log_variance", t)
+        large = self._at("log_betas", t)
+        if self.variance == "fixed_small":
+            return small.expand_as(like)
+        if self.variance == "fixed_large":
+            # DDPM's fixed_large uses beta-tilde_1 at t = 0 (beta_0 would give an L_0 too wide).
+            large = torch.where((t == 0).view_as(large), small, large)
+            return large.expand_as(like)
+        fraction = (v + 1.0) / 2.0
+        return fraction * large + (1.0 - fraction) * small
+
+    def p_mean_variance(self, zt: Tensor, t: Tensor, eps: Tensor, v: Tensor | None,
+                        clip: bool = False) -> tuple[Tensor, Tensor]:
+        """Mean and log-variance of p(z_{t-1} | z_t) from the denoiser's outputs."""
+        mean, _ = self.q_posterior(self.predict_z0(zt, t, eps, clip), zt, t)
+        return mean, self.reverse_log_variance(v, t, zt)
+
+    def prior_term(self, z0: Tensor) -> Tensor:
+        """L_T = KL(q(z_T | z_0) || N(0, I)) per sample, nats."""
+        t = self._timesteps(self.timesteps - 1, z0.shape[0], z0.device)
+        mean = self._at("sqrt_abar", t) * z0.to(self.compute_dtype())
+        log_var = torch.log(1.0 - self._at("abar", t)).expand_as(mean)
+        return _sum(normal_kl(mean, log_var, torch.zeros_like(mean), torch.zeros_like(mean)))
+
+    def _term(self, z0: Tensor, zt: Tensor, t: Tensor, mean: Tensor, log_var: Tensor) -> Tensor:
+        """L_t per sample in nats: the KL for t > 0, -log p(z_0 | z_1) for t = 0."""
+        true_mean, true_log_var = self.q_posterior(z0, zt, t)
+        kl = _sum(normal_kl(true_mean, true_log_var, mean, log_var))
+        if self.decoder == "continuous":
+            nll = -_sum(gaussian_log_density(z0, mean, log_var))
+        else:
+            nll = -_sum(discretized_gaussian_log_likelihood(z0, mean, log_var, self.bins))
+        return torch.where(t == 0, nll, kl)
+
+    def training_terms(self, z0: Tensor, t: Tensor | None = None, noise: Tensor | None = None) -> dict[str, Tensor]:
+        """One random time step per sample (uniform), one denoiser pass. Per sample:
+
+        * ``mse``: L_simple, ||eps - eps_theta||^2 averaged over dimensions;
+        * ``vlb_term``: L_t in nats (gradients to the denoiser's eps and v, and to z_0);
+        * ``vlb_term_frozen_mean``: the same with eps_theta detached, so it trains only
+          the variance (improved DDPM's hybrid loss, which keeps L_simple in charge of
+          the mean);
+        * ``prior``: L_T in nats;
+        * ``t``: the time indices.
+        ``T * vlb_term + prior`` is an unbiased estimate of the negative ELBO."""
+        z0 = z0.to(self.compute_dtype())
+        n = z0.shape[0]
+        if t is None:
+            t = torch.randint(0, self.timesteps, (n,), device=z0.device)
+        noise = torch.randn_like(z0) if noise is None else noise
+        zt = self.q_sample(z0, t, noise)
+        eps, v = self.denoise(zt, t)
+        mean, log_var = self.p_mean_variance(zt, t, eps, v)
+        frozen_mean, _ = self.p_mean_variance(zt, t, eps.detach(), v)
+        return {"mse": (noise - eps).pow(2).flatten(1).mean(dim=1),
+                "vlb_term": self._term(z0, zt, t, mean, log_var),
+                "vlb_term_frozen_mean": self._term(z0, zt, t, frozen_mean, log_var),
+                "prior": self.prior_term(z0), "t": t}
+
+    def negative_elbo(self, z0: Tensor, per_term: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """The full bound L_T + sum_t L_t per sample in nats, each L_t with its own draw of
+        z_t ~ q(z_t | z_0) (T denoiser passes: for evaluation; improved-diffusion's
+        ``calc_bpd_loop``). With ``per_term``, also the [B, T] terms."""
+        z0 = z0.to(self.compute_dtype())
+        terms = []
+        for index in reversed(range(self.timesteps)):
+            t = self._timesteps(index, z0.shape[0], z0.device)
+            zt = self.q_sample(z0, t, torch.randn_like(z0))
+            eps, v = self.denoise(zt, t)
+            mean, log_var = self.p_mean_variance(zt, t, eps, v, self.clip_denoised)
+            terms.append(self._term(z0, zt, t, mean, log_var))
+        terms = torch.stack(terms[::-1], dim=1)
+        total = terms.sum(dim=1) + self.prior_term(z0)
+        return (total, terms) if per_term else total
+
+    # --- the prior protocol ----------------------------------------------------------------
+    def log_prob(self, z: Tensor, cond: Condition = None) -> Tensor:
+        """The variational lower bound on log p(z), nats per sample (the discretized
+        decoder's: a lower bound on the log-probability of the bins)."""
+        self._check_shape(z)
+        return -self.negative_elbo(z)
+
+    def sample(self, n: int, cond: Condition = None, temperature: float = 1.0) -> Tensor:
+        """n draws: DDIM with ``sampling_steps`` (and ``eta``) when set, else ancestral.
+        ``temperature`` scales z_T and every step's noise."""
+        if self.sampling_steps is not None:
+            return self.sample_ddim(n, self.sampling_steps, self.eta, temperature)
+        return self.sample_ancestral(n, temperature)
+
+    def _check_shape(self, z: Tensor) -> None:
+        if tuple(z.shape[1:]) != self.shape:
+            raise ValueError(f"this diffusion prior models tensors of shape [B, {', '.join(map(str, self.shape))}], "
+                             f"got {list(z.shape)}")
+
+    def _noise(self, n: int) -> Tensor:
+        return torch.randn(n, *self.shape, device=self._device(), dtype=self.compute_dtype())
+
+    @torch.no_grad()
+    def sample_ancestral(self, n: int, temperature: float = 1.0, z_T: Tensor | None = None) -> Tensor:
+        """Seed 003 Alg. 2: z_T ~ N(0, I), then z_{t-1} ~ p(z_{t-1} | z_t) for t = T..1
+        (no noise at the last step, whose mean is the sample)."""
+        z = temperature * self._noise(n) if z_T is None else z_T.to(self.compute_dtype())
+        for index in reversed(range(self.timesteps)):
+            t = self._timesteps(index, n, z.device)
+            eps, v = self.denoise(z, t)
+            mean, log_var = self.p_mean_variance(z, t, eps, v, self.clip_denoised)
+            if index > 0:
+                z = mean + temperature * torch.exp(0.5 * log_var) * torch.randn_like(z)
+            else:
+                z = mean
+        return z
+
+    def _ddim_step(self, z: Tensor, t: int, t_next: int, eta: float, temperature: float) -> Tensor:
+        n = z.shape[0]
+        t_tensor = self._timesteps(t, n, z.device)
+        eps, _ = self.denoise(z, t_tensor)
+        abar = float(self.abar[t])
+        abar_next = float(self.abar[t_next]) if t_next >= 0 else 1.0
+        z0 = (z - math.sqrt(1.0 - abar) * eps) / math.sqrt(abar)
+        if self.clip_denoised:  # and the eps that the clipped z_0 implies (improved-diffusion)
+            z0 = z0.clamp(-1.0, 1.0)
+            eps = (z - math.sqrt(abar) * z0) / math.sqrt(1.0 - abar)
+        sigma = eta * math.sqrt((1.0 - abar_next) / (1.0 - abar) * (1.0 - abar / abar_next))
+        z_next = math.sqrt(abar_next) * z0 + math.sqrt(max(1.0 - abar_next - sigma ** 2, 0.0)) * eps
+        if sigma > 0:
+            z_next = z_next + temperature * sigma * torch.randn_like(z)
+        return z_next
+
+    @torch.no_grad()
+    def sample_ddim(self, n: int, steps: int, eta: float = 0.0, temperature: float = 1.0,
+                    z_T: Tensor | None = None) -> Tensor:
+        """DDIM (Song et al. 2021 eq. 12) over S evenly spaced steps. eta = 0: the
+        deterministic ODE sampler; eta = 1 and S = T: ancestral sampling with variance
+        beta-tilde (same noise, same samples)."""
+        z = temperature * self._noise(n) if z_T is None else z_T.to(self.compute_dtype())
+        sequence = ddim_timesteps(self.timesteps, steps)
+        for t, t_next in zip(sequence, sequence[1:] + [-1]):
+            z = self._ddim_step(z, t, t_next, eta, temperature)
+        return z
+
+    @torch.no_grad()
+    def ddim_encode(self, z0: Tensor, steps: int) -> Tensor:
+        """z_0 -> z_T along the deterministic DDIM ODE (eta = 0), S steps: the inverse of
+        ``sample_ddim(eta=0, z_T=...)`` up to the discretization error. Each step uses
+        eps_theta at the point it starts from and the time it goes to."""
+        z = z0.to(self.compute_dtype())
+        sequence = ddim_timesteps(self.timesteps, steps)[::-1]
+        previous = -1
+        for t in sequence:
+            t_tensor = self._timesteps(t, z.shape[0], z.device)
+            eps, _ = self.denoise(z, t_tensor)
+            abar_prev = float(self.abar[previous]) if previous >= 0 else 1.0
+            abar = float(self.abar[t])
+            z0_pred = (z - math.sqrt(1.0 - abar_prev) * eps) / math.sqrt(abar_prev)
+            z = math.sqrt(abar) * z0_pred + math.sqrt(1.0 - abar) * eps
+            previous = t
+        return z
+
+    def extra_repr(self) -> str:
+        return (f"shape={self.shape}, timesteps={self.timesteps}, schedule={self.schedule}, "
+                f"variance={self.variance}, decoder={self.decoder}, sampling_steps={self.sampling_steps}, "
+                f"eta={self.eta}")
+
+
+def hybrid_loss(terms: dict[str, Tensor], timesteps: int, dims: int, vlb_weight: float) -> Tensor:
+    """Improved DDPM's L_hybrid = L_simple + lambda L_vlb per sample (seed 003 Alg. 1,
+    lambda = 0.001), on one scale: L_simple is the squared error per dimension and L_vlb
+    the unbiased one-step estimate T L_t + L_T of the whole bound, in bits per dimension
+    (improved-diffusion's ``vb`` times T / 1000 at lambda = 0.001 is the same number).
+    L_t uses the detached eps, so L_vlb trains the variance and L_simple the mean."""
+    vlb_bpd = (timesteps * terms["vlb_term_frozen_mean"] + terms["prior"]) / (dims * math.log(2.0))
+    return terms["mse"] + vlb_weight * vlb_bpd
+
+
+class PixelDiffusion(FlowModel):
+    """The pixel-space DDPM baseline of seed 003 Tables 5.3/5.4 under the whole-model
+    contract: a DDPM on images scaled to [-1, 1], with improved DDPM's discretized
+    Gaussian decoder, so its bound is on the probability of the image's bins.
+
+    ``encode(x)``: x (dequantized, in [-0.5, 0.5]) is its own latent (log-det 0), and
+    ``log_prior`` is the bound on log P(bins of x) plus D n_bits log 2: the log-density
+    of the model's uniformly dequantized form, so Glow's bits-per-dim formula gives the
+    bound on the discrete data's bits per dim. ``exact`` is False.
+
+    Args:
+        in_channels, image_size, n_bits: the images (n_bits must match the module's).
+        denoiser: factory (in_channels, out_channels, image_size) -> eps_theta.
+        timesteps, schedule, variance, sampling_steps, eta: :class:`DiffusionPrior`'s
+            (DDPM: T = 1000, linear, fixed_large).
+        clip_denoised: clip predicted images to [-1, 1] when sampling and evaluating.
+    """
+
+    def __init__(self, *, in_channels: int = 3, image_size: int = 32, n_bits: int = 8,
+                 denoiser: DenoiserFactory | None = None, timesteps: int = 1000, schedule: Schedule = "linear",
+                 variance: VarianceKind = "fixed_large", sampling_steps: int | None = None, eta: float = 0.0,
+                 clip_denoised: bool = True) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.image_size = image_size
+        self.n_bits = check_n_bits(n_bits)
+        self.diffusion = DiffusionPrior((in_channels, image_size, image_size), denoiser, timesteps, schedule,
+                                        variance, "discretized", 2 ** n_bits, sampling_steps, eta, clip_denoised)
+
+    @property
+    def exact(self) -> bool:
+        return False
+
+    def to_diffusion_space(self, x: Tensor) -> Tensor:
+        """[-0.5, 0.5] model space -> the centres of the n-bit bins in [-1, 1]."""
+        return 2.0 * snap_to_bins(x, self.n_bits)
+
+    def encode(self, x: Tensor, cond: Condition = None) -> Encoding:
+        self.diffusion._check_shape(x)
+        log_bins = -self.diffusion.negative_elbo(self.to_diffusion_space(x))
+        log_density = log_bins - bin_log_volume(self.dims, self.n_bits)
+        return Encoding([x], zero_logdet(x), log_density, exact=False)
+
+    def decode(self, latents: list[Tensor | None], cond: Condition = None, temperature: float = 1.0) -> Tensor:
+        if latents[0] is None:
+            raise ValueError("a pixel DDPM's latent is the image itself; use sample(n) to draw one")
+        return latents[0]
+
+    @torch.no_grad()
+    def sample(self, n: int, cond: Condition = None, temperature: float = 1.0) -> Tensor:
+        return self.diffusion.sample(n, cond, temperature) / 2.0

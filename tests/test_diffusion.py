@@ -1,0 +1,316 @@
+"""The DDPM prior of seed 003 (flows/diffusion.py): schedules, the bound against a known
+likelihood, the t = 1 densities, DDIM against ancestral sampling, the DDIM ODE's round
+trip, gathered latents, and the diffusion modules' honest figures."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from flows.base import FlowSequential
+from flows.denoiser import TimeConditionedUNet
+from flows.diffusion import (DiffusionPrior, PixelDiffusion, cosine_betas, ddim_timesteps,
+                             discretized_gaussian_log_likelihood, hybrid_loss, linear_betas)
+from flows.glow import Glow
+from flows.layers import Squeeze
+from flows.quantization import bits_per_dim, dequantize
+from tests.conftest import perturb_parameters
+
+MEAN, STD = 0.3, 0.5  # the Gaussian "data" of the bound test
+
+
+class OptimalGaussianDenoiser(nn.Module):
+    """The exact optimal denoiser when z_0 ~ N(MEAN, STD^2) per dimension. z_t is
+    Gaussian with mean sqrt(abar) MEAN and variance abar STD^2 + 1 - abar, and jointly
+    Gaussian with eps and z_0, so
+
+        E[eps | z_t] = sqrt(1 - abar) (z_t - sqrt(abar) MEAN) / Var(z_t),
+        Var(z_0 | z_t) = STD^2 (1 - abar) / Var(z_t),
+
+    and the true reverse step q(z_{t-1} | z_t) is Gaussian with variance
+    beta-tilde_t + c_t^2 Var(z_0 | z_t) (c_t the posterior mean's z_0 coefficient;
+    Var(z_0 | z_1) itself at t = 1). With ``learned`` variance it also outputs the v
+    that puts the interpolated log-variance exactly there."""
+
+    def __init__(self, in_channels, out_channels, image_size):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(()))  # the prior reads the dtype from a parameter
+        self.learned = out_channels == 2 * in_channels
+        self.prior = None
+
+    def forward(self, zt, t):
+        def at(name):
+            return getattr(self.prior, name).to(zt.device)[t].to(zt.dtype).view(-1, 1, 1, 1)
+
+        abar = at("abar")
+        variance = abar * STD ** 2 + 1.0 - abar
+        eps = torch.sqrt(1.0 - abar) * (zt - abar.sqrt() * MEAN) / variance + 0 * self.dummy
+        if not self.learned:
+            return eps
+        z0_variance = STD ** 2 * (1.0 - abar) / variance
+        small, large = at("posterior_log_variance"), at("log_betas")
+        step_variance = torch.exp(small) + at("posterior_mean_z0") ** 2 * z0_variance
+        reverse_variance = torch.where((t == 0).view(-1, 1, 1, 1), z0_variance, step_variance)
+        fraction = (torch.log(reverse_variance) - small) / (large - small)
+        return torch.cat([eps, (2 * fraction - 1).expand_as(zt)], dim=1)
+
+
+def gaussian_prior(timesteps, schedule="linear", shape=(1, 4, 4), variance="learned", **kwargs):
+    prior = DiffusionPrior(shape, OptimalGaussianDenoiser, timesteps=timesteps, schedule=schedule,
+                           variance=variance, **kwargs).double()
+    object.__setattr__(prior.denoiser, "prior", prior)  # a reference, not a submodule
+    return prior
+
+
+def tiny_unet(in_channels, out_channels, image_size):
+    return TimeConditionedUNet(in_channels, out_channels, image_size, base_channels=8, channel_mults=(1, 2),
+                               num_res_blocks=1, attention_resolutions=(4,), dropout=0.0, num_heads=2)
+
+
+# --- schedules --------------------------------------------------------------------------
+def test_abar_is_the_product_of_the_alphas_not_their_average():
+    prior = DiffusionPrior((1, 4, 4), tiny_unet, timesteps=50)
+    alphas = 1.0 - prior.betas
+    product = torch.tensor([math.prod(alphas[: t + 1].tolist()) for t in range(50)], dtype=torch.float64)
+    assert torch.allclose(prior.abar, product, rtol=1e-12)
+    average = torch.cumsum(alphas, 0) / torch.arange(1, 51)  # seed 003 eq. 4.3 as printed
+    assert (prior.abar[-1] - average[-1]).abs() > 0.5  # the printed form would leave z_T mostly signal
+
+
+def test_cosine_schedule_matches_improved_ddpm_formula():
+    T, s = 1000, 0.008
+    steps = torch.arange(T + 1, dtype=torch.float64) / T
+    f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+    expected = (1 - f[1:] / f[:-1]).clamp(max=0.999)
+    assert torch.allclose(cosine_betas(T), expected, atol=1e-6, rtol=0)
+    assert cosine_betas(T)[-1] == pytest.approx(0.999)  # the clipped last beta
+
+
+def test_linear_schedule_is_ddpms_at_1000_steps_and_scaled_otherwise():
+    assert linear_betas(1000)[0].item() == pytest.approx(1e-4)
+    assert linear_betas(1000)[-1].item() == pytest.approx(0.02)
+    assert linear_betas(500)[-1].item() == pytest.approx(0.04)
+    assert linear_betas(10).max().item() <= 0.999
+
+
+def test_ddim_timesteps_cover_the_chain():
+    assert ddim_timesteps(10, 10) == list(range(9, -1, -1))
+    sequence = ddim_timesteps(1000, 50)
+    assert sequence[0] == 999 and sequence[-1] == 0 and len(sequence) == 50
+    with pytest.raises(ValueError, match="DDIM steps"):
+        ddim_timesteps(10, 11)
+
+
+# --- the bound ------------------------------------------------------------------------------
+@pytest.mark.parametrize("timesteps,variance", [(10, "learned"), (1000, "learned"), (1000, "fixed_small")])
+def test_negative_elbo_bounds_the_true_nll_and_is_tight_for_large_T(timesteps, variance):
+    """z_0 ~ N(MEAN, STD^2) with the exact optimal denoiser (mean and variance): E[-ELBO]
+    >= the entropy (the expected true -log p), and within a small gap of it for T = 1000.
+    With beta-tilde as the variance the model is worse, and the bound still holds."""
+    torch.manual_seed(0)
+    prior = gaussian_prior(timesteps, variance=variance)
+    z0 = MEAN + STD * torch.randn(2048, 1, 4, 4, dtype=torch.float64)
+    dims = 16
+    true_nll = -(-0.5 * math.log(2 * math.pi * STD ** 2) - (z0 - MEAN) ** 2 / (2 * STD ** 2)).flatten(1).sum(1)
+    with torch.no_grad():
+        bound = prior.negative_elbo(z0)
+    gap = (bound - true_nll) / dims  # nats per dimension, per sample
+    standard_error = gap.std() / math.sqrt(len(gap))
+    assert gap.mean() > -3 * standard_error, "the bound fell below the true NLL"
+    if variance == "learned" and timesteps == 1000:
+        assert gap.mean() < 0.01, f"gap {gap.mean():.4f} nats/dim is not small at T = 1000"
+    if variance == "fixed_small":
+        assert gap.mean() > 0.1  # beta-tilde is far below the true reverse variance at small t
+
+
+def test_training_terms_average_to_the_full_bound():
+    """T L_t + L_T at a uniform t is an unbiased estimate of the full bound: the mean of
+    the per-step terms of negative_elbo over t, times T, plus L_T, is the bound."""
+    torch.manual_seed(0)
+    prior = gaussian_prior(20)
+    z0 = MEAN + STD * torch.randn(8, 1, 4, 4, dtype=torch.float64)
+    noise = torch.randn(20, 8, 1, 4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        terms = [prior.training_terms(z0, torch.full((8,), t), noise[t]) for t in range(20)]
+        estimate = torch.stack([20 * term["vlb_term"] + term["prior"] for term in terms]).mean(0)
+        torch.manual_seed(1)
+        _, per_step = prior.negative_elbo(z0, per_term=True)
+    full = torch.stack([term["vlb_term"] for term in terms], dim=1).sum(1) + terms[0]["prior"]
+    assert torch.allclose(estimate, full)
+    assert per_step.shape == (8, 20)
+
+
+def test_the_continuous_t1_term_is_a_density():
+    """-L_0 = log p(z_0 | z_1) integrates to 1 over z_0 (1-D, trapezoid)."""
+    prior = gaussian_prior(50, shape=(1, 1, 1))
+    grid = torch.linspace(-3, 3, 20001, dtype=torch.float64).view(-1, 1, 1, 1)
+    t = torch.zeros(len(grid), dtype=torch.long)
+    zt = torch.full_like(grid, 0.2)
+    eps, v = prior.denoise(zt, t)
+    mean, log_var = prior.p_mean_variance(zt, t, eps, v)
+    density = torch.exp(-prior._term(grid, zt, t, mean, log_var))
+    assert torch.trapezoid(density.flatten(), grid.flatten()).item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_the_discretized_decoder_sums_to_one_over_the_bins():
+    bins = 32
+    centres = (torch.arange(bins, dtype=torch.float64) * 2 + 1) / bins - 1
+    for mean, log_var in [(0.1, -6.0), (-0.95, -3.0), (0.99, -1.0)]:
+        log_p = discretized_gaussian_log_likelihood(centres, torch.tensor(mean, dtype=torch.float64),
+                                                    torch.tensor(log_var, dtype=torch.float64), bins)
+        assert torch.exp(log_p).sum().item() == pytest.approx(1.0, abs=1e-9)
+
+
+def test_kl_terms_are_non_negative():
+    torch.manual_seed(0)
+    prior = gaussian_prior(100)
+    z0 = MEAN + STD * torch.randn(64, 1, 4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        _, terms = prior.negative_elbo(z0, per_term=True)
+    assert (terms[:, 1:] >= -1e-9).all()
+
+
+# --- sampling ----------------------------------------------------------------------------------
+def trained_looking_unet_prior(timesteps=12, **kwargs):
+    torch.manual_seed(0)
+    prior = DiffusionPrior((2, 8, 8), tiny_unet, timesteps=timesteps, schedule="cosine", **kwargs)
+    perturb_parameters(prior, 0.2)  # non-zero outputs: zero-init layers would hide mistakes
+    return prior.double().eval()
+
+
+def test_ddim_with_all_steps_and_eta_1_is_ancestral_sampling_with_beta_tilde():
+    prior = trained_looking_unet_prior(variance="fixed_small")
+    torch.manual_seed(5)
+    ancestral = prior.sample_ancestral(4)
+    torch.manual_seed(5)
+    ddim = prior.sample_ddim(4, steps=prior.timesteps, eta=1.0)
+    assert ancestral.abs().mean() > 0.1
+    assert torch.allclose(ancestral, ddim, atol=1e-8), (ancestral - ddim).abs().max()
+
+
+def test_ddim_with_eta_0_is_deterministic_and_inverts_along_the_ode():
+    """Encode with the DDIM ODE and decode back: the round trip error shrinks with S
+    (the optimal Gaussian denoiser, T = 1000)."""
+    torch.manual_seed(0)
+    prior = gaussian_prior(1000)
+    z0 = MEAN + STD * torch.randn(16, 1, 4, 4, dtype=torch.float64)
+    errors = {}
+    for steps in (50, 500):
+        z_T = prior.ddim_encode(z0, steps)
+        assert torch.equal(prior.sample_ddim(16, steps, eta=0.0, z_T=z_T),
+                           prior.sample_ddim(16, steps, eta=0.0, z_T=z_T))
+        errors[steps] = (prior.sample_ddim(16, steps, eta=0.0, z_T=z_T) - z0).abs().max().item()
+    # First order in the step (measured: 0.10 at S = 50, 0.010 at S = 500; z_0 has std 0.5).
+    assert errors[500] < 0.02 and errors[500] < errors[50] / 5, errors
+
+
+def test_temperature_zero_sampling_is_the_reverse_mean_path():
+    prior = trained_looking_unet_prior()
+    torch.manual_seed(1)
+    a = prior.sample(3, temperature=0.0)
+    torch.manual_seed(2)
+    assert torch.equal(a, prior.sample(3, temperature=0.0))
+
+
+def test_a_latent_of_the_wrong_shape_is_refused():
+    prior = trained_looking_unet_prior()
+    with pytest.raises(ValueError, match=r"shape \[B, 2, 8, 8\]"):
+        prior.log_prob(torch.zeros(2, 3, 8, 8, dtype=torch.float64))
+
+
+# --- the diffusion-augmented flow --------------------------------------------------------------
+def test_gathered_latents_sit_at_the_pixels_they_came_from():
+    """With the flow steps removed, the squeezes and splits alone gathered back are the
+    identity: each latent entry returns to its pixel."""
+    glow = Glow(image_size=8, scales=3, steps_per_scale=1, hidden_channels=4,
+                joint_prior=lambda shape: DiffusionPrior(shape, tiny_unet, timesteps=4))
+    glow.scales = nn.ModuleList(FlowSequential(Squeeze()) for _ in glow.scales)
+    x = torch.randn(2, 3, 8, 8)
+    latents, _, logdet = glow.transform(x)
+    assert torch.equal(glow.gather_latents(latents), x)
+    assert all(torch.equal(a, b) for a, b in zip(glow.scatter_latents(x), latents))
+
+
+def test_a_joint_prior_refuses_partial_latents_and_other_priors():
+    glow = Glow(image_size=8, scales=2, steps_per_scale=1, hidden_channels=4,
+                joint_prior=lambda shape: DiffusionPrior(shape, tiny_unet, timesteps=4))
+    latents, _, _ = glow.transform(torch.rand(2, 3, 8, 8) - 0.5)
+    with pytest.raises(ValueError, match="every latent, or none"):
+        glow.decode([latents[0], None])
+    with pytest.raises(ValueError, match="replaces top_prior"):
+        Glow(image_size=8, scales=2, steps_per_scale=1, hidden_channels=4, num_classes=3,
+             joint_prior=lambda shape: DiffusionPrior(shape, tiny_unet, timesteps=4))
+
+
+def make_module(loss_mode="bound"):
+    from lightning_modules.diffusion_module import DiffusionFlowModule
+
+    torch.manual_seed(0)
+    glow = Glow(image_size=8, scales=2, steps_per_scale=1, hidden_channels=8,
+                joint_prior=lambda shape: DiffusionPrior(shape, tiny_unet, timesteps=8, schedule="cosine"))
+    return DiffusionFlowModule(flow=glow, loss_mode=loss_mode, n_bits=5)
+
+
+def batch_of(x):
+    from lightning_modules.base import Batch
+    return Batch({8: x}, {8: x}, torch.zeros(len(x), dtype=torch.long))
+
+
+def test_the_evaluated_nll_is_the_flow_log_det_plus_the_full_ddpm_bound():
+    module = make_module().eval()
+    x = dequantize(torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8), 5)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        out = module.compute_losses(batch_of(x))
+        torch.manual_seed(3)
+        latents, _, logdet = module.model.transform(x)
+        for _ in range(2):  # the same draws as the loss's two hybrid passes
+            module.diffusion.training_terms(module.model.gather_latents(latents))
+        expected = logdet - module.diffusion.negative_elbo(module.model.gather_latents(latents))
+    assert out.exact == {8: False}  # logged as val/nll_bpd_8, a bound
+    assert torch.allclose(out.log_prob[8], expected)
+    assert module.bound_metric == "nll_bpd"
+
+
+@pytest.mark.parametrize("loss_mode", ["seed", "bound"])
+def test_the_losses_put_minus_log_det_in(loss_mode):
+    """Doubling the top latent (its last ActNorm's scale) lowers -log|det| by log 2 per
+    top entry: the logdet_bpd term of both losses must fall by that much in bits per
+    image dimension (the printed +log|det| would raise it)."""
+    module = make_module(loss_mode).train()
+    x = dequantize(torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8), 5)
+    with torch.no_grad():
+        module.model.transform(x)  # ActNorm initialization
+        torch.manual_seed(0)
+        before = module.compute_losses(batch_of(x))
+        actnorm = module.model.scales[-1].layers[1].layers[0]
+        actnorm.log_scale.add_(math.log(2.0))  # the last scale's latents doubled
+        torch.manual_seed(0)
+        after = module.compute_losses(batch_of(x))
+    top_dims = module.model.latent_shapes[-1]
+    expected_drop = math.prod(top_dims) / module.model.dims  # bits per dim: log2(2) per top entry
+    drop = before.extra["logdet_bpd"] - after.extra["logdet_bpd"]
+    assert drop.item() == pytest.approx(expected_drop, rel=1e-4)
+
+
+def test_hybrid_loss_weights_the_bound_estimate_in_bits_per_dim():
+    terms = {"mse": torch.tensor([0.5]), "vlb_term_frozen_mean": torch.tensor([2.0]), "prior": torch.tensor([4.0])}
+    loss = hybrid_loss(terms, timesteps=100, dims=8, vlb_weight=0.001)
+    assert loss.item() == pytest.approx(0.5 + 0.001 * (100 * 2.0 + 4.0) / (8 * math.log(2)))
+
+
+def test_the_pixel_ddpm_bound_is_a_bound_on_a_probability():
+    """The discretized decoder bounds the probability of the bins: bits per dim >= 0
+    for any denoiser, and the same bins give the same bound wherever x lies in them."""
+    torch.manual_seed(0)
+    model = PixelDiffusion(in_channels=1, image_size=8, n_bits=3, denoiser=tiny_unet, timesteps=10)
+    perturb_parameters(model, 0.3)
+    uint8 = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
+    dequantized, centres = dequantize(uint8, 3), dequantize(uint8, 3, noise=False)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        bpd = bits_per_dim(model.log_prob(dequantized), model.dims, 3)
+        torch.manual_seed(1)
+        bpd_centres = bits_per_dim(model.log_prob(centres), model.dims, 3)
+    assert (bpd >= 0).all()
+    assert torch.allclose(bpd, bpd_centres)
