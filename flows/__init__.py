@@ -8,5 +8,6 @@ from flows.hierarchical import HierarchicalFlow, Level
 from flows.model import Encoding, FlowModel
 from flows.srflow import SRFlow
 
-__all__ = ["FEATURES", "LABELS", "LOWRES", "Bijection", "FlowSequential", "Cascade", "DiffusionPrior", "PixelDiffusion", "GaussianPrior",
-           "GaussianSplitPrior", "LatentPrior", "Glow", "HierarchicalFlow", "Level", "Encoding", "FlowModel", "SRFlow"]
+__all__ = ["FEATURES", "LABELS", "LOWRES", "Bijection", "FlowSequential", "Cascade", "DiffusionPrior",
+           "PixelDiffusion", "GaussianPrior", "GaussianSplitPrior", "LatentPrior", "Glow", "HierarchicalFlow", "Level",
+           "Encoding", "FlowModel", "SRFlow"]

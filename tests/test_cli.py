@@ -227,16 +227,20 @@ def test_quick_hierarchical_as_shipped_improves_its_elbo_and_writes_samples(tmp_
     assert abs(table["bpd_bound"]["32"] - elbo[-1]) < 0.2  # the EMA weights were saved
 
 
-OVERRIDE_BASES = {"celeba_": "celeba_cascade.yaml", "cifar10_": "cifar10_cascade.yaml",
-                  "quick_": "quick_cascade.yaml", "hierarchical_": "hierarchical_celebahq256.yaml"}
+# override name prefix: (the config it goes on, a line the merged config must show); the
+# first matching prefix wins.
+OVERRIDE_BASES = {"celeba_": ("celeba_cascade.yaml", "sigma:"), "cifar10_": ("cifar10_cascade.yaml", "sigma:"),
+                  "quick_nsf": ("quickstart.yaml", "coupling: spline"), "quick_": ("quick_cascade.yaml", "sigma:"),
+                  "hierarchical_": ("hierarchical_celebahq256.yaml", "levels:"),
+                  "diffusion_flow_": ("diffusion_flow_mnist.yaml", "loss_mode: seed")}
 
 
 @pytest.mark.parametrize("override", sorted(p.name for p in (REPO / "experiments/overrides").glob("*.yaml")))
 def test_every_override_parses_on_top_of_its_config(override, capsys):
-    base = next(config for prefix, config in OVERRIDE_BASES.items() if override.startswith(prefix))
+    base, expected = next(pair for prefix, pair in OVERRIDE_BASES.items() if override.startswith(prefix))
     result = print_config(capsys, "--config", f"experiments/{base}", "--config", f"experiments/overrides/{override}")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert ("levels:" if base.startswith("hierarchical") else "sigma:") in result.stdout
+    assert expected in result.stdout
 
 
 TINY_QUICKSTART = ["--model.init_args.flow.init_args.image_size", "16",
@@ -274,3 +278,26 @@ def test_wandb_offline_run_holds_config_metrics_images_and_a_relaunch_reuses_its
     assert "resuming from" in second.stderr and "last.ckpt" in second.stderr
     assert len(list((tmp_path / "run" / "wandb").glob(f"offline-run-*-{run_id}"))) == 2
     assert (tmp_path / "run" / "wandb_run_id.txt").read_text().strip() == run_id
+
+
+@pytest.mark.slow
+def test_quick_diffusion_flow_as_shipped_improves_its_bound_and_writes_ddim_samples(tmp_path):
+    """Seed 003's quick config: val/nll_bpd_16 (the bound) falls, DDIM sample grids are
+    written, and `lightning test` reports the bound (never as exact) and the time for
+    25 samples."""
+    import json
+
+    config = str(REPO / "experiments/quick_diffusion_flow.yaml")
+    fit = run_cli("fit", "--config", config, "--trainer.enable_progress_bar", "false", cwd=tmp_path, timeout=1500)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    run_dir = tmp_path / "runs/quick_diffusion_flow/diffusion_flow"
+    nll = read_val_bpd(run_dir / "version_0/metrics.csv", "nll_bpd_16")
+    print("val/nll_bpd_16 per epoch:", nll)
+    assert nll[-1] < nll[0] - 0.5, nll
+    assert len(list((run_dir / "version_0/samples").glob("*_res16_t1.png"))) == 8
+    test = run_cli("test", "--config", config, "--trainer.enable_progress_bar", "false",
+                   "--ckpt_path", str(run_dir / "version_0/checkpoints/last.ckpt"), cwd=tmp_path, timeout=900)
+    assert test.returncode == 0, test.stderr[-3000:]
+    table = json.loads((run_dir / "version_1/metrics.json").read_text())
+    assert table["model"] == "DiffusionFlow16" and table["bpd"] == {} and set(table["bpd_bound"]) == {"16"}
+    assert table["sampling_time_s"] > 0 and table["sampling_time_samples"] == 25
