@@ -19,6 +19,7 @@ is the module's business (one per cascade stage, for instance).
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -68,22 +69,30 @@ def _sampler_of(pl_module: pl.LightningModule):
     return sample
 
 
-@torch.no_grad()
-def draw_samples(pl_module: pl.LightningModule, n: int, temperature, seed: int,
-                 batch_size: int | None = None) -> dict[int, Tensor]:
-    """n uint8 samples per resolution (CPU), in eval mode, from a forked RNG seeded with
-    ``seed``: the training RNG stream is untouched and draws repeat."""
-    sample = _sampler_of(pl_module)
+@contextmanager
+def sampling_mode(pl_module: pl.LightningModule, seed: int):
+    """Eval mode and a forked RNG seeded with ``seed``: the training RNG stream is
+    untouched and draws repeat; the module's mode is restored afterwards."""
     devices = [pl_module.device] if pl_module.device.type == "cuda" else []
     was_training = pl_module.training
     pl_module.eval()
     try:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            return generate_uint8(lambda k: sample(k, temperature), n, batch_size or n,
-                                  lambda x: to_uint8(x, pl_module.n_bits))
+            yield
     finally:
         pl_module.train(was_training)
+
+
+@torch.no_grad()
+def draw_samples(pl_module: pl.LightningModule, n: int, temperature, seed: int,
+                 batch_size: int | None = None) -> dict[int, Tensor]:
+    """n uint8 samples per resolution (CPU), in eval mode, from a forked RNG seeded with
+    ``seed`` (:func:`sampling_mode`)."""
+    sample = _sampler_of(pl_module)
+    with sampling_mode(pl_module, seed):
+        return generate_uint8(lambda k: sample(k, temperature), n, batch_size or n,
+                              lambda x: to_uint8(x, pl_module.n_bits))
 
 
 def send_image(trainer: pl.Trainer, key: str, grid: Tensor) -> None:
@@ -262,15 +271,8 @@ class TestMetrics(pl.Callback):
         eval mode and on a forked RNG (the test's random stream is left as it was)."""
         temperature = self.fid.temperature if self.fid is not None else 1.0
         sample = _sampler_of(pl_module)
-        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(self.fid.seed if self.fid is not None else 0)
-                return time_sampling(lambda k: sample(k, temperature), n, pl_module.device)
-        finally:
-            pl_module.train(was_training)
+        with sampling_mode(pl_module, self.fid.seed if self.fid is not None else 0):
+            return time_sampling(lambda k: sample(k, temperature), n, pl_module.device)
 
     @torch.no_grad()
     def generate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, temperature) -> dict[int, Tensor]:
