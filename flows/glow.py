@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flows.base import LABELS, Condition, FlowSequential, condition_value, with_condition, zero_logdet
+from flows.base import LABELS, Condition, condition_value, with_condition, zero_logdet
 from flows.distributions import (KEPT, GaussianPrior, GaussianSplitPrior, LatentPrior,
                                  SplitPriorFactory, TopPriorFactory)
 from flows.layers import Squeeze, flow_step
@@ -35,6 +35,7 @@ from flows.layers.coupling import NetFactory, ScaleFunction
 from flows.layers.flow_step import CouplingKind, InvConvKind
 from flows.model import Encoding, FlowModel
 from flows.nets import CouplingNet
+from flows.reversible import sequential_for
 
 
 class Glow(FlowModel):
@@ -59,6 +60,10 @@ class Glow(FlowModel):
         coupling_net: factory (in, out, hidden) -> nn.Module of the couplings.
         num_bins, tail_bound: the spline couplings' bins K and interval [-B, B] (identity
             outside); only used with coupling "spline".
+        memory_efficient: train without storing the flow steps' activations: backward
+            recomputes each step's input from its output with the inverse
+            (:class:`~flows.reversible.ReversibleSequential`), so memory stays flat in K.
+        activation_checkpointing: instead, checkpoint every step (keeps each step's input).
     """
 
     def __init__(self, *, in_channels: int = 3, image_size: int = 32, scales: int = 3,
@@ -71,7 +76,8 @@ class Glow(FlowModel):
                  split_prior: SplitPriorFactory | None = None,
                  joint_prior: TopPriorFactory | None = None,
                  coupling_net: NetFactory = CouplingNet, num_bins: int = 8,
-                 tail_bound: float = 3.0) -> None:
+                 tail_bound: float = 3.0, memory_efficient: bool = False,
+                 activation_checkpointing: bool = False) -> None:
         super().__init__()
         if scales < 1 or steps_per_scale < 1:
             raise ValueError("Glow needs scales >= 1 and steps_per_scale >= 1")
@@ -88,6 +94,7 @@ class Glow(FlowModel):
             raise ValueError("joint_prior models every latent: it replaces top_prior and split_prior, and "
                              "takes no labels or condition features (num_classes = cond_channels = 0)")
         self.num_splits = scales - 1
+        composition = sequential_for(memory_efficient, activation_checkpointing)
         self.scales = nn.ModuleList()
         self.split_priors = nn.ModuleList()
         self.latent_shapes: list[tuple[int, int, int]] = []
@@ -99,7 +106,7 @@ class Glow(FlowModel):
                                cond_channels=cond_channels, affine_injector=affine_injector,
                                net=coupling_net, num_bins=num_bins, tail_bound=tail_bound)
                      for _ in range(steps_per_scale)]
-            self.scales.append(FlowSequential(Squeeze(), *steps))
+            self.scales.append(composition(Squeeze(), *steps))
             if scale < scales - 1:
                 kept = channels // 2
                 latent_shape = (channels - kept, size, size)

@@ -8,16 +8,51 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def edge_indicator(height: int, width: int, pad: int, like: Tensor) -> Tensor:
+    """[1, 1, H + 2 pad, W + 2 pad]: 1 on the zero padding, 0 on the image."""
+    indicator = torch.ones(1, 1, height + 2 * pad, width + 2 * pad, device=like.device, dtype=like.dtype)
+    indicator[:, :, pad:pad + height, pad:pad + width] = 0
+    return indicator
+
+
+class EdgePadding(nn.Module):
+    """Zero padding plus an indicator channel that is 1 on the padded border (openai/glow's
+    ``edge_bias``): a convolution can then tell an image edge from a dark pixel, which
+    plain zero padding hides. Adds one input channel to the convolution that follows."""
+
+    def __init__(self, pad: int) -> None:
+        super().__init__()
+        self.pad = pad
+
+    def forward(self, x: Tensor) -> Tensor:
+        padded = F.pad(x, (self.pad,) * 4)
+        indicator = edge_indicator(x.shape[2], x.shape[3], self.pad, x).expand(x.shape[0], -1, -1, -1)
+        return torch.cat([padded, indicator], dim=1)
+
+
+def same_conv2d(in_channels: int, out_channels: int, kernel_size: int, edge_padding: bool = False,
+                bias: bool = True) -> nn.Module:
+    """A size-preserving convolution, with zero padding or with edge-indicator padding."""
+    if not edge_padding or kernel_size == 1:
+        return nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
+    return nn.Sequential(EdgePadding(kernel_size // 2), nn.Conv2d(in_channels + 1, out_channels, kernel_size,
+                                                                   bias=bias))
+
+
+def _conv_of(module: nn.Module) -> nn.Conv2d:
+    return module if isinstance(module, nn.Conv2d) else module[-1]
+
+
 class ZeroConv2d(nn.Module):
     """Convolution whose weights, bias and output log-scale start at zero (Glow's
     ``conv2d_zeros``), so couplings and priors start as identity / standard normal."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3,
-                 log_scale_factor: float = 3.0) -> None:
+                 log_scale_factor: float = 3.0, edge_padding: bool = False) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
-        nn.init.zeros_(self.conv.weight)
-        nn.init.zeros_(self.conv.bias)
+        self.conv = same_conv2d(in_channels, out_channels, kernel_size, edge_padding)
+        nn.init.zeros_(_conv_of(self.conv).weight)
+        nn.init.zeros_(_conv_of(self.conv).bias)
         self.log_scale = nn.Parameter(torch.zeros(1, out_channels, 1, 1))
         self.log_scale_factor = log_scale_factor
 
@@ -25,26 +60,51 @@ class ZeroConv2d(nn.Module):
         return self.conv(x) * torch.exp(self.log_scale * self.log_scale_factor)
 
 
+class ActNormLayer(nn.Module):
+    """ActNorm as a plain layer of a network (its output only), with the same
+    data-dependent initialization on the first training batch."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        from flows.layers.actnorm import ActNorm  # flows.layers imports this module
+        self.actnorm = ActNorm(channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.actnorm(x)[0]
+
+
 class CouplingNet(nn.Module):
     """Glow's coupling network: conv3x3 - ReLU - conv1x1 - ReLU - zero-init conv3x3
     (seed 004 sec. 2.1; seed 000 sec. 4.3.1 uses 512 hidden channels for Glow, 64 for
-    SRFlow)."""
+    SRFlow).
 
-    def __init__(self, in_channels: int, out_channels: int, hidden_channels: int) -> None:
+    Options from openai/glow's code (``model.py``: ``conv2d`` with ``do_actnorm`` and
+    ``edge_bias``), measured in ``benchmarks/learning_curves.py``:
+
+    * ``actnorm``: the two hidden convolutions are followed by ActNorm (data-dependent
+      initialization) instead of a bias, so the hidden activations start at unit scale
+      whatever the input's scale;
+    * ``edge_padding``: the 3x3 convolutions pad with zeros plus an edge-indicator channel
+      (:class:`EdgePadding`).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, hidden_channels: int, actnorm: bool = False,
+                 edge_padding: bool = False) -> None:
         super().__init__()
-        self.layers = nn.Sequential(
-            nn.Conv2d(in_channels, hidden_channels, 3, padding=1),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(hidden_channels, hidden_channels, 1),
-            nn.ReLU(inplace=True),
-            ZeroConv2d(hidden_channels, out_channels, 3),
-        )
+        self.actnorm = actnorm
+        self.edge_padding = edge_padding
+        first = same_conv2d(in_channels, hidden_channels, 3, edge_padding, bias=not actnorm)
+        second = nn.Conv2d(hidden_channels, hidden_channels, 1, bias=not actnorm)
+        layers = [first, *([ActNormLayer(hidden_channels)] if actnorm else []), nn.ReLU(inplace=True),
+                  second, *([ActNormLayer(hidden_channels)] if actnorm else []), nn.ReLU(inplace=True),
+                  ZeroConv2d(hidden_channels, out_channels, 3, edge_padding=edge_padding)]
+        self.layers = nn.Sequential(*layers)
         # Small random first layers as in Glow (std 0.05); the zero last layer makes
         # the coupling start as a fixed, well-conditioned map.
-        for module in self.layers:
-            if isinstance(module, nn.Conv2d):
-                nn.init.normal_(module.weight, std=0.05)
-                nn.init.zeros_(module.bias)
+        for conv in (_conv_of(first), second):
+            nn.init.normal_(conv.weight, std=0.05)
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.layers(x)

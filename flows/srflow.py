@@ -29,7 +29,9 @@ class SRFlow(FlowModel):
     """Args: as :class:`~flows.glow.Glow` (seed 000 sec. 4.3.1 defaults: L=4, K=16, 64
     hidden, affine injectors, squishing a = 0.5), plus the RRDB encoder's
     ``rrdb_features``, ``rrdb_blocks`` (23), ``rrdb_growth`` and ``rrdb_feature_blocks``
-    (the tapped blocks; SRFlow's 1, 8, 15, 22 by default)."""
+    (the tapped blocks; SRFlow's 1, 8, 15, 22 by default). ``memory_efficient`` and
+    ``activation_checkpointing``: the flow's memory options (:class:`~flows.glow.Glow`);
+    the RRDB features get their gradients from every recomputed step."""
 
     def __init__(self, *, in_channels: int = 3, image_size: int = 32, scales: int = 4,
                  steps_per_scale: int = 16, hidden_channels: int = 64,
@@ -37,7 +39,8 @@ class SRFlow(FlowModel):
                  scale_fn: ScaleFunction = "squish", squish_alpha: float = 0.5,
                  affine_injector: bool = True, learn_top_prior: bool = True,
                  num_classes: int = 0, rrdb_features: int = 64, rrdb_blocks: int = 23,
-                 rrdb_growth: int = 32, rrdb_feature_blocks: list[int] | None = None) -> None:
+                 rrdb_growth: int = 32, rrdb_feature_blocks: list[int] | None = None,
+                 memory_efficient: bool = False, activation_checkpointing: bool = False) -> None:
         super().__init__()
         if image_size % 2:
             raise ValueError(f"SRFlow doubles the resolution: image_size must be even, got {image_size}")
@@ -52,7 +55,8 @@ class SRFlow(FlowModel):
                          invconv=invconv, coupling=coupling, scale_fn=scale_fn,
                          squish_alpha=squish_alpha, learn_top_prior=learn_top_prior,
                          num_classes=num_classes, cond_channels=self.encoder.out_channels,
-                         affine_injector=affine_injector)
+                         affine_injector=affine_injector, memory_efficient=memory_efficient,
+                         activation_checkpointing=activation_checkpointing)
 
     @property
     def exact(self) -> bool:

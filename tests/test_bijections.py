@@ -1,11 +1,13 @@
 """Generic properties every Bijection must satisfy, parametrized over all layers."""
+from functools import partial
+
 import pytest
 import torch
 
 from flows.base import FlowSequential
 from flows.layers import (ActNorm, AdditiveCoupling, AffineCoupling, AffineInjector, CheckerboardMask,
                           InvertibleConv1x1, InvertibleConv1x1LU, SplineCoupling, Squeeze, flow_step)
-from flows.nets import ResNetCouplingNet
+from flows.nets import CouplingNet, ResNetCouplingNet
 from tests.conftest import perturb_parameters
 
 C, H, W, COND_C = 4, 4, 4, 3
@@ -41,6 +43,12 @@ CASES = {
                                                            tail_bound=1.5), True),
     "flow_step_spline": (lambda: flow_step(C, 8, coupling="spline", num_bins=4, tail_bound=1.5), False),
     "squeeze": (lambda: Squeeze(), False),
+    # openai/glow's coupling-net options (benchmarks/learning_curves.py measures them).
+    "flow_step_edge_padding": (lambda: flow_step(C, 8, net=partial(CouplingNet, edge_padding=True)), False),
+    "flow_step_net_actnorm": (lambda: flow_step(C, 8, net=partial(CouplingNet, actnorm=True)), False),
+    "conditional_coupling_edge_padding_actnorm": (lambda: AffineCoupling(
+        C, 8, cond_channels=COND_C, scale_fn="squish", net=partial(CouplingNet, edge_padding=True, actnorm=True)),
+        True),
     "flow_step": (lambda: flow_step(C, 8), False),
     "flow_step_full_additive": (lambda: flow_step(C, 8, invconv="full", coupling="additive"), False),
     "conditional_flow_step": (lambda: flow_step(C, 8, cond_channels=COND_C, affine_injector=True,

@@ -1,7 +1,16 @@
 """Invertible 1x1 convolutions (Glow; seed 000 sec. 2.2.3.2, seed 004 sec. 2.1).
 
-The log-determinant and the inverse of the weight are computed in float64 whatever
-the input precision: they are the numerically fragile part of the flow.
+Precision: the inverse of the weight, and the slogdet of a full weight, are computed
+in float64 whatever the input precision: they are the numerically fragile part of the
+flow. The LU weight needs neither: its log-det is sum(log_s) and its product P L U is
+computed in the parameters' precision (float32 or wider), which keeps tiny float64
+kernels off the training step (on a GPU each is a launch, times every step of flow).
+
+Cache: sampling, evaluation and FID push many batches through a model whose
+parameters do not change. Without gradients, the weight, its inverse and log|det|
+are cached and reused until a parameter changes (an optimizer step or a
+``load_state_dict`` bumps the tensor's version counter, a ``.to()`` moves its
+storage: either invalidates the cache).
 """
 from __future__ import annotations
 
@@ -19,27 +28,56 @@ def random_rotation(num_channels: int, generator: torch.Generator | None = None)
 
 
 class _InvertibleConv1x1Base(Bijection):
+    def __init__(self) -> None:
+        super().__init__()
+        self._cache: dict = {}
+
     def weight_and_logabsdet(self) -> tuple[Tensor, Tensor]:
-        """(W as float64 [C, C], log|det W| as float64 scalar)."""
+        """(W [C, C], log|det W| as a scalar), float32 or wider."""
         raise NotImplementedError
 
-    def _conv1x1(self, x: Tensor, matrix64: Tensor) -> Tensor:
+    def inverse_weight(self, matrix: Tensor) -> Tensor:
+        return torch.linalg.inv(matrix.double())
+
+    def _state_key(self) -> tuple:
+        return tuple((t.data_ptr(), t._version, t.dtype) for t in (*self.parameters(), *self.buffers()))
+
+    def _frozen(self) -> bool:
+        return not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
+
+    def _weights(self, inverse: bool) -> tuple[Tensor, Tensor]:
+        """(W or W^-1, log|det W|); from the cache when nothing can change them."""
+        if not self._frozen():
+            self._cache.clear()
+            matrix, logabsdet = self.weight_and_logabsdet()
+            return (self.inverse_weight(matrix) if inverse else matrix), logabsdet
+        key = self._state_key()
+        if self._cache.get("key") != key:
+            with torch.no_grad():
+                matrix, logabsdet = self.weight_and_logabsdet()
+            self._cache = {"key": key, "matrix": matrix, "logabsdet": logabsdet}
+        if inverse and "inverse" not in self._cache:
+            with torch.no_grad():
+                self._cache["inverse"] = self.inverse_weight(self._cache["matrix"])
+        return self._cache["inverse" if inverse else "matrix"], self._cache["logabsdet"]
+
+    def _conv1x1(self, x: Tensor, matrix: Tensor) -> Tensor:
         # Under autocast conv2d would drop to low precision anyway; do the 1x1 conv in
         # the input's dtype with a weight cast once.
-        weight = matrix64.to(x.dtype)[:, :, None, None]
+        weight = matrix.to(x.dtype)[:, :, None, None]
         return F.conv2d(x, weight)
 
+    def _logdet(self, logabsdet: Tensor, like: Tensor) -> Tensor:
+        pixels = like.shape[2] * like.shape[3]
+        return (logabsdet * pixels).to(torch.promote_types(like.dtype, torch.float32)).expand(like.shape[0])
+
     def forward(self, x: Tensor, cond: Condition = None) -> tuple[Tensor, Tensor]:
-        matrix, logabsdet = self.weight_and_logabsdet()
-        pixels = x.shape[2] * x.shape[3]
-        logdet = (logabsdet * pixels).to(torch.promote_types(x.dtype, torch.float32)).expand(x.shape[0])
-        return self._conv1x1(x, matrix), logdet
+        matrix, logabsdet = self._weights(inverse=False)
+        return self._conv1x1(x, matrix), self._logdet(logabsdet, x)
 
     def inverse(self, z: Tensor, cond: Condition = None) -> tuple[Tensor, Tensor]:
-        matrix, logabsdet = self.weight_and_logabsdet()
-        pixels = z.shape[2] * z.shape[3]
-        logdet = (-logabsdet * pixels).to(torch.promote_types(z.dtype, torch.float32)).expand(z.shape[0])
-        return self._conv1x1(z, torch.linalg.inv(matrix)), logdet
+        inverse_matrix, logabsdet = self._weights(inverse=True)
+        return self._conv1x1(z, inverse_matrix), -self._logdet(logabsdet, z)
 
 
 class InvertibleConv1x1(_InvertibleConv1x1Base):
@@ -55,7 +93,8 @@ class InvertibleConv1x1(_InvertibleConv1x1Base):
 
 
 class InvertibleConv1x1LU(_InvertibleConv1x1Base):
-    """LU-decomposed weight W = P L (U + diag(sign * exp(log_s))): log|det| = sum(log_s)."""
+    """LU-decomposed weight W = P L (U + diag(sign * exp(log_s))): log|det| = sum(log_s),
+    all in the parameters' precision (no float64 on the training path)."""
 
     def __init__(self, num_channels: int) -> None:
         super().__init__()
@@ -63,18 +102,18 @@ class InvertibleConv1x1LU(_InvertibleConv1x1Base):
         diagonal = torch.diagonal(upper)
         self.register_buffer("permutation", permutation.float())
         self.register_buffer("sign_s", torch.sign(diagonal).float())
+        # Unused since the masks became tril/triu; kept so earlier checkpoints still load.
         self.register_buffer("lower_mask", torch.tril(torch.ones(num_channels, num_channels), -1))
         self.lower = nn.Parameter(lower.float())
         self.upper = nn.Parameter(torch.triu(upper, 1).float())
         self.log_s = nn.Parameter(torch.log(diagonal.abs()).float())
 
     def weight_and_logabsdet(self) -> tuple[Tensor, Tensor]:
-        eye = torch.eye(self.lower.shape[0], dtype=torch.float64, device=self.lower.device)
-        lower = self.lower.double() * self.lower_mask.double() + eye
-        upper = self.upper.double() * self.lower_mask.T.double()
-        upper = upper + torch.diag(self.sign_s.double() * torch.exp(self.log_s.double()))
-        matrix = self.permutation.double() @ lower @ upper
-        return matrix, self.log_s.double().sum()
+        lower = torch.tril(self.lower, -1) + torch.eye(self.lower.shape[0], dtype=self.lower.dtype,
+                                                        device=self.lower.device)
+        upper = torch.triu(self.upper, 1) + torch.diag(self.sign_s * torch.exp(self.log_s))
+        matrix = self.permutation @ (lower @ upper)
+        return matrix, self.log_s.sum()
 
 
 class OrthogonalConv1x1(_InvertibleConv1x1Base):
@@ -93,7 +132,5 @@ class OrthogonalConv1x1(_InvertibleConv1x1Base):
         matrix = torch.linalg.matrix_exp(a - a.T)
         return matrix, torch.zeros((), dtype=torch.float64, device=matrix.device)
 
-    def inverse(self, z: Tensor, cond: Condition = None) -> tuple[Tensor, Tensor]:
-        matrix, _ = self.weight_and_logabsdet()
-        return self._conv1x1(z, matrix.T), torch.zeros(z.shape[0], device=z.device,
-                                                      dtype=torch.promote_types(z.dtype, torch.float32))
+    def inverse_weight(self, matrix: Tensor) -> Tensor:
+        return matrix.T

@@ -1,0 +1,345 @@
+"""Our Glow against normflows' Glow of the same architecture (``benchmarks/peers.py``):
+training step time, sampling time and peak memory, side by side.
+
+    python -m benchmarks.versus_peers                              # CUDA if present, else CPU
+    python -m benchmarks.versus_peers --device cuda --configs 8x128,32x512 --precision bf16 \
+        --variant additive='{"coupling": "additive"}' --out versus_peers.md
+
+Every configuration is a multi-scale Glow on 32x32x3 images with L=3 scales and
+``KxHIDDEN`` from ``--configs`` (K steps per scale, coupling networks HIDDEN wide). Rows:
+``ours`` (``flows.Glow(**base, **ours_kwargs)``), one ``ours[NAME]`` row per ``--variant
+NAME=JSON`` (``flows.Glow(**base, **JSON)``), and ``normflows``.
+
+Method:
+
+* **A fresh subprocess per measurement** (one configuration, one implementation):
+  no allocator caches, compiled kernels or memory peaks carry over from one
+  implementation to the next, and the peak memory is that implementation's alone.
+* **Training step**: mean negative log-likelihood (nats per image) of a fixed batch of
+  uniform x in [-0.5, 0.5), backward, Adam step. Both models are in training mode, and
+  the first step initializes their ActNorms from the data. Each step is timed on its own
+  (``time.perf_counter``; on CUDA with ``torch.cuda.synchronize()`` before and after),
+  and the table gives the **median** of ``--iterations`` steps after ``--warmup``
+  untimed ones (the median ignores the odd slow step: a page fault, another process).
+* **Sampling**: one batch of ``--batch`` images from the prior at temperature 1, in
+  eval mode without gradients, timed and summarized the same way.
+* **Peak memory**: on CUDA, ``torch.cuda.max_memory_allocated()`` over the worker's whole
+  run (parameters, Adam state, activations of the training steps, sampling): the
+  tensors themselves, not the CUDA context or the allocator's cached blocks. On CPU,
+  the peak resident set of the worker process (``getrusage(RUSAGE_SELF).ru_maxrss``),
+  which includes the Python interpreter and the torch libraries (a few hundred MiB,
+  the same for both implementations: the JSON gives it as ``rss_before_model_mib``).
+* ``--precision bf16`` runs the loss and sampling under ``torch.autocast(bfloat16)`` for
+  both implementations (ours keeps log-dets and priors in float32; normflows
+  accumulates log-dets in bf16, see ``benchmarks/peers.py``).
+* Threads: torch's default (all cores); printed, and recorded by every worker.
+
+Prints one markdown table (with a header: date, machine, exact command); ``--out
+FILE.md`` also writes it there and the raw numbers (every timed step) to ``FILE.json``.
+Not a test: numbers depend on the machine and on what else runs on it.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGE_SHAPE = (3, 32, 32)
+SCALES = 3
+LEARNING_RATE = 1e-4
+SEED = 0
+# The worker prints its result on one stdout line with this prefix, so that anything
+# else a library prints cannot be mistaken for it.
+RESULT_PREFIX = "VERSUS_PEERS_RESULT "
+NORMFLOWS = "normflows"
+
+
+# --- command line -----------------------------------------------------------------------------
+def parse_configs(text: str) -> list[tuple[int, int]]:
+    """``"8x128,32x512"`` -> [(8, 128), (32, 512)] (K steps per scale, hidden channels)."""
+    configs = []
+    for item in text.split(","):
+        try:
+            steps, hidden = (int(part) for part in item.strip().lower().split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"a configuration is KxHIDDEN, e.g. 8x128; got {item!r}") from None
+        if steps < 1 or hidden < 1:
+            raise argparse.ArgumentTypeError(f"K and HIDDEN must be positive, got {item!r}")
+        configs.append((steps, hidden))
+    return configs
+
+
+def parse_kwargs(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not JSON: {text!r} ({error})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object of Glow keyword arguments, got {text!r}")
+    return value
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """``NAME=JSON`` -> (NAME, kwargs)."""
+    name, separator, kwargs = text.partition("=")
+    if not separator or not name.strip():
+        raise argparse.ArgumentTypeError(f"a variant is NAME=JSON, e.g. reversible='{{\"memory_efficient\": true}}'; "
+                                         f"got {text!r}")
+    return name.strip(), parse_kwargs(kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Our Glow against normflows' Glow: step time, sampling time, "
+                                                 "peak memory (fresh subprocess per measurement).")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--configs", type=parse_configs, default=parse_configs("8x128,32x512"),
+                        help="comma-separated KxHIDDEN (steps per scale x coupling width); L=3 at 32x32x3")
+    parser.add_argument("--batch", type=int, default=None, help="images per step and per sampling call "
+                                                                "(default 16 on CPU, 64 on CUDA)")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--iterations", type=int, default=10, help="timed training steps and sampling calls")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls before them")
+    parser.add_argument("--ours-kwargs", type=parse_kwargs, default={},
+                        help="JSON of extra flows.Glow keyword arguments for the 'ours' row")
+    parser.add_argument("--variant", type=parse_variant, action="append", default=[], metavar="NAME=JSON",
+                        help="an extra row 'ours[NAME]' built as flows.Glow(**base, **JSON); repeatable")
+    parser.add_argument("--out", type=Path, default=None, help="write the markdown here and the raw numbers "
+                                                               "to the same name with .json")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one measurement
+    return parser
+
+
+# --- the worker: one measurement in its own process ----------------------------------------------
+def _max_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _timed(call: Callable[[], object], warmup: int, iterations: int, device: torch.device) -> list[float]:
+    """Seconds of each of ``iterations`` calls after ``warmup`` untimed ones."""
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # CUDA runs asynchronously: wait for the work itself
+
+    for _ in range(warmup):
+        call()
+    seconds = []
+    for _ in range(iterations):
+        synchronize()
+        start = time.perf_counter()
+        call()
+        synchronize()
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def measure(spec: dict) -> dict:
+    """Train-step and sampling times and peak memory of one implementation (``spec`` as
+    built by :func:`_worker_spec`)."""
+    device = torch.device(spec["device"])
+    torch.manual_seed(spec["seed"])
+    rss_before_model = _max_rss_mib()
+    base = dict(in_channels=IMAGE_SHAPE[0], image_size=IMAGE_SHAPE[1], scales=SCALES,
+                steps_per_scale=spec["steps"], hidden_channels=spec["hidden"])
+    if spec["implementation"] == NORMFLOWS:
+        from benchmarks.peers import build_peer_glow, count_parameters
+
+        peer = build_peer_glow(**base)
+        module = peer.model.to(device)
+        nll, sample = peer.nll, peer.sample
+    else:
+        from benchmarks.peers import count_parameters
+        from flows import Glow
+
+        module = Glow(**base, **spec["glow_kwargs"]).to(device)
+        nll, sample = (lambda x: -module.log_prob(x)), module.sample
+
+    optimizer = torch.optim.Adam(module.parameters(), lr=LEARNING_RATE)
+    x = torch.rand(spec["batch"], *IMAGE_SHAPE, device=device) - 0.5
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if spec["precision"] == "bf16"
+                else nullcontext())
+    losses = []
+
+    def train_step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            loss = nll(x).mean()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.detach())  # no .item(): that would synchronize inside the step
+
+    module.train()
+    step_seconds = _timed(train_step, spec["warmup"], spec["iterations"], device)
+    memory = {}
+    if device.type == "cuda":
+        memory["peak_train_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+        torch.cuda.reset_peak_memory_stats(device)
+
+    module.eval()
+
+    def sample_batch() -> None:
+        with torch.no_grad(), autocast:
+            sample(spec["batch"])
+
+    sample_seconds = _timed(sample_batch, spec["warmup"], spec["iterations"], device)
+    if device.type == "cuda":
+        memory["peak_sample_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+        peak = max(memory.values())
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        peak = _max_rss_mib()
+        memory["rss_before_model_mib"] = rss_before_model
+        device_name = cpu_name()
+    final_nll = losses[-1].float().item() if losses else math.nan
+    return {
+        **spec,
+        "parameters": count_parameters(module),
+        "step_s": statistics.median(step_seconds) if step_seconds else math.nan,
+        "sample_s": statistics.median(sample_seconds) if sample_seconds else math.nan,
+        "step_s_all": step_seconds,
+        "sample_s_all": sample_seconds,
+        "peak_mib": peak,
+        **memory,
+        "final_nll": final_nll,  # a sanity check: finite, nats per image
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "device_name": device_name,
+    }
+
+
+# --- the driver -------------------------------------------------------------------------------
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _worker_spec(args, steps: int, hidden: int, label: str, implementation: str, glow_kwargs: dict) -> dict:
+    return dict(label=label, implementation=implementation, glow_kwargs=glow_kwargs, steps=steps, hidden=hidden,
+                device=args.device, batch=args.batch, precision=args.precision, iterations=args.iterations,
+                warmup=args.warmup, seed=SEED)
+
+
+def run_in_subprocess(spec: dict) -> dict:
+    """One measurement in a fresh interpreter; a failure (an OOM, a bad keyword) becomes
+    an ``error`` entry rather than ending the benchmark."""
+    completed = subprocess.run([sys.executable, "-m", "benchmarks.versus_peers", "--worker", json.dumps(spec)],
+                               cwd=REPO, capture_output=True, text=True)
+    for line in reversed(completed.stdout.splitlines()):
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX):])
+    tail = (completed.stderr.strip() or completed.stdout.strip()).splitlines()[-15:]
+    return {**spec, "error": f"worker exited with {completed.returncode}: " + "\n".join(tail)}
+
+
+def _rows(args) -> list[dict]:
+    rows = []
+    ours_label = "ours" if not args.ours_kwargs else f"ours {json.dumps(args.ours_kwargs)}"
+    for steps, hidden in args.configs:
+        measurements = [(ours_label, "ours", args.ours_kwargs)]
+        measurements += [(f"ours[{name}]", "ours", kwargs) for name, kwargs in args.variant]
+        measurements += [(NORMFLOWS, NORMFLOWS, {})]
+        for label, implementation, kwargs in measurements:
+            print(f"measuring K={steps} hidden={hidden} {label} ...", file=sys.stderr, flush=True)
+            row = run_in_subprocess(_worker_spec(args, steps, hidden, label, implementation, kwargs))
+            if "error" in row:
+                print(f"  FAILED: {row['error']}", file=sys.stderr, flush=True)
+            rows.append(row)
+    return rows
+
+
+def _ratio(row: dict, reference: dict | None, key: str) -> str:
+    if row["implementation"] == NORMFLOWS:
+        return "–"  # the reference itself
+    if reference is None or "error" in row or "error" in reference or not reference[key]:
+        return "n/a"
+    return f"{row[key] / reference[key]:.2f}"
+
+
+def markdown(rows: list[dict], header: dict) -> str:
+    lines = [
+        f"Date: {header['date']}. Machine: {header['platform']}, {header['cpu_count']} CPUs, "
+        f"torch {header['torch']}, normflows {header['normflows']}, device {header['device']} "
+        f"({header['device_name']}), {header['threads']} torch threads; batch {header['batch']}, "
+        f"{header['precision']}, median of {header['iterations']} after {header['warmup']} warm-up.",
+        f"Command: `{header['command']}`",
+        "",
+        "| config (K, hidden) | implementation | parameters | step s (median) | sampling s | peak MiB "
+        "| step ours/normflows | sampling ours/normflows |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        config = f"({row['steps']}, {row['hidden']})"
+        if "error" in row:
+            first_line = row["error"].splitlines()[-1][:80].replace("|", "/")
+            lines.append(f"| {config} | {row['label']} | failed: {first_line} | | | | | |")
+            continue
+        reference = next((r for r in rows if r["implementation"] == NORMFLOWS and r["steps"] == row["steps"]
+                          and r["hidden"] == row["hidden"]), None)
+        lines.append(f"| {config} | {row['label']} | {row['parameters']:,} | {row['step_s']:.4g} "
+                     f"| {row['sample_s']:.4g} | {row['peak_mib']:,.0f} | {_ratio(row, reference, 'step_s')} "
+                     f"| {_ratio(row, reference, 'sample_s')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.worker is not None:
+        print(RESULT_PREFIX + json.dumps(measure(json.loads(args.worker))), flush=True)
+        return
+    if args.batch is None:
+        args.batch = 64 if args.device == "cuda" else 16
+    if args.iterations < 1 or args.warmup < 0 or args.batch < 1:
+        raise SystemExit("need --iterations >= 1, --warmup >= 0 and --batch >= 1")
+    print(f"torch threads: {torch.get_num_threads()} (torch's default, on {os.cpu_count()} CPUs); "
+          "each worker records its own", file=sys.stderr)
+    try:
+        import normflows
+        normflows_version = getattr(normflows, "__version__", "?")
+    except ImportError:
+        normflows_version = "not installed (pip install -e '.[peers]')"
+    rows = _rows(args)
+    measured = [row for row in rows if "error" not in row]
+    header = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "normflows": normflows_version,
+        "device": args.device,
+        "device_name": measured[0]["device_name"] if measured else (cpu_name() if args.device == "cpu" else "?"),
+        "threads": measured[0]["threads"] if measured else torch.get_num_threads(),
+        "batch": args.batch,
+        "precision": args.precision,
+        "iterations": args.iterations,
+        "warmup": args.warmup,
+        "command": shlex.join(["python", "-m", "benchmarks.versus_peers", *(sys.argv[1:] if argv is None else argv)]),
+    }
+    table = markdown(rows, header)
+    print(table)
+    if args.out is not None:
+        args.out.write_text(table)
+        args.out.with_suffix(".json").write_text(json.dumps({"header": header, "rows": rows}, indent=2) + "\n")
+        print(f"wrote {args.out} and {args.out.with_suffix('.json')}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
