@@ -23,7 +23,8 @@ The builds use the same architecture; what still differs, and why:
   log-scale (our top prior's ``learntop``; normflows stores each as value x
   exp(3 x log-factor), 4 C parameters against our 2 C). The split-prior convs are a
   few thousand parameters (< 0.3 % at K=8, hidden 128) and a negligible share of the
-  compute; the models' densities differ only there.
+  compute; they are the only difference in what the two models can express (the
+  differences below are reparametrizations, initialization and numerics).
 * **Last conv of the coupling networks.** Ours is Glow's ``conv2d_zeros``, with a
   learned per-channel output log-scale (C parameters per step); normflows'
   ``ConvNet2d`` ends in a plain zero-initialized conv. Both start as the same map.
@@ -32,10 +33,14 @@ The builds use the same architecture; what still differs, and why:
 * **Initialization.** Our first two coupling convs start at N(0, 0.05) (Glow's code);
   normflows' at PyTorch's default. Both ActNorms initialize from the first batch
   (ours: population std, normflows: unbiased std).
-* **Numerics.** Our LU 1x1 conv assembles W and its log-det in float64 on every call
-  and our log-dets and priors run in float32 or wider under bf16 autocast; normflows
-  assembles W in the parameters' dtype and accumulates log-dets in the activations'
-  dtype (bf16 under autocast), so its bf16 likelihoods are the less precise.
+* **Numerics.** Our log-dets and priors run in float32 or wider under bf16 autocast
+  (``flows.base.zero_logdet``, ``at_least_float32``); normflows accumulates log-dets in
+  the activations' dtype (bf16 under autocast), so its bf16 likelihoods are the less
+  precise. When sampling, ours reuses a cached inverse of each 1x1-conv weight while the
+  parameters do not change; normflows inverts L and U (in float64) on every call.
+* **Options left at their defaults.** normflows' ``net_actnorm=True`` (ActNorm instead of
+  bias after the coupling net's hidden convs) is our ``CouplingNet(actnorm=True)``; both
+  are off here, as in our default Glow.
 
 Parameter counts agree within 0.3 % for the benchmark configurations (L=3 at 32x32x3,
 (K, hidden) in {(8, 128), (32, 512)}); ``python -m benchmarks.peers`` prints and checks

@@ -3,7 +3,7 @@ training step time, sampling time and peak memory, side by side.
 
     python -m benchmarks.versus_peers                              # CUDA if present, else CPU
     python -m benchmarks.versus_peers --device cuda --configs 8x128,32x512 --precision bf16 \
-        --variant additive='{"coupling": "additive"}' --out versus_peers.md
+        --variant reversible='{"memory_efficient": true}' --out versus_peers.md
 
 Every configuration is a multi-scale Glow on 32x32x3 images with L=3 scales and
 ``KxHIDDEN`` from ``--configs`` (K steps per scale, coupling networks HIDDEN wide). Rows:
@@ -32,7 +32,10 @@ Method:
 * ``--precision bf16`` runs the loss and sampling under ``torch.autocast(bfloat16)`` for
   both implementations (ours keeps log-dets and priors in float32; normflows
   accumulates log-dets in bf16, see ``benchmarks/peers.py``).
-* Threads: torch's default (all cores); printed, and recorded by every worker.
+* Threads: torch's default (all cores); printed, and recorded by every worker. On a
+  machine shared with other jobs, intra-op threads that wait on each other can stall
+  for whole seconds: measure on an idle machine, or set ``OMP_NUM_THREADS`` (the
+  workers inherit the environment) and report it.
 
 Prints one markdown table (with a header: date, machine, exact command); ``--out
 FILE.md`` also writes it there and the raw numbers (every timed step) to ``FILE.json``.
@@ -52,9 +55,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -242,7 +245,7 @@ def run_in_subprocess(spec: dict) -> dict:
     """One measurement in a fresh interpreter; a failure (an OOM, a bad keyword) becomes
     an ``error`` entry rather than ending the benchmark."""
     completed = subprocess.run([sys.executable, "-m", "benchmarks.versus_peers", "--worker", json.dumps(spec)],
-                               cwd=REPO, capture_output=True, text=True)
+                               cwd=REPO, capture_output=True, text=True, check=False)
     for line in reversed(completed.stdout.splitlines()):
         if line.startswith(RESULT_PREFIX):
             return json.loads(line[len(RESULT_PREFIX):])
@@ -276,14 +279,14 @@ def _ratio(row: dict, reference: dict | None, key: str) -> str:
 
 def markdown(rows: list[dict], header: dict) -> str:
     lines = [
-        f"Date: {header['date']}. Machine: {header['platform']}, {header['cpu_count']} CPUs, "
-        f"torch {header['torch']}, normflows {header['normflows']}, device {header['device']} "
-        f"({header['device_name']}), {header['threads']} torch threads; batch {header['batch']}, "
-        f"{header['precision']}, median of {header['iterations']} after {header['warmup']} warm-up.",
+        (f"Date: {header['date']}. Machine: {header['platform']}, {header['cpu_count']} CPUs, "
+         f"torch {header['torch']}, normflows {header['normflows']}, device {header['device']} "
+         f"({header['device_name']}), {header['threads']} torch threads; batch {header['batch']}, "
+         f"{header['precision']}, median of {header['iterations']} after {header['warmup']} warm-up."),
         f"Command: `{header['command']}`",
         "",
-        "| config (K, hidden) | implementation | parameters | step s (median) | sampling s | peak MiB "
-        "| step ours/normflows | sampling ours/normflows |",
+        ("| config (K, hidden) | implementation | parameters | step s (median) | sampling s | peak MiB "
+         "| step ours/normflows | sampling ours/normflows |"),
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
