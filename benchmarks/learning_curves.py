@@ -36,6 +36,7 @@ import torch
 
 from flows import Glow
 from flows.nets import CouplingNet
+from lightning_modules.parts import RelativeGradientClipping
 
 
 @dataclass
@@ -46,6 +47,7 @@ class Variant:
     net: dict = field(default_factory=dict)
     warmup_steps: int = 0
     clip_norm: float | None = None
+    clip_relative: float | None = None  # lightning_modules.parts.RelativeGradientClipping's factor
     peer: bool = False
 
 
@@ -55,7 +57,9 @@ VARIANTS = {
     "+ actnorm in nets": Variant(net={"actnorm": True}),
     "+ edge padding": Variant(net={"edge_padding": True}),
     "+ scale bound (squish)": Variant(glow={"scale_fn": "squish"}),
-    "+ grad clip": Variant(clip_norm=50.0),
+    "+ grad clip": Variant(clip_norm=50.0),  # below the median gradient norm (~60 here): clips most steps
+    "+ grad clip (loose)": Variant(clip_norm=100.0),  # clips only the larger gradients
+    "+ relative grad clip": Variant(clip_relative=2.0),  # 2x the running average norm, any model size
     "normflows": Variant(peer=True),
 }
 
@@ -112,6 +116,7 @@ def run(variant: Variant, seed: int, data: torch.Tensor, args) -> dict:
     torch.manual_seed(seed)
     model, nll = build(variant, args, data.shape[1])
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    relative = RelativeGradientClipping(variant.clip_relative) if variant.clip_relative else None
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / variant.warmup_steps) if variant.warmup_steps else 1.0)
     losses, curve, grad_norms = [], [], []
@@ -136,10 +141,13 @@ def run(variant: Variant, seed: int, data: torch.Tensor, args) -> dict:
         optimizer.zero_grad(set_to_none=True)
         if torch.isfinite(loss):
             loss.backward()
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), variant.clip_norm or float("inf"))
+            threshold = min(variant.clip_norm or math.inf, relative.threshold() if relative else math.inf)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), threshold)
             grad_norms.append(norm.item())
             if torch.isfinite(norm):
                 optimizer.step()
+                if relative is not None:
+                    relative.update(norm.item())
         schedule.step()
         losses.append(loss.item())
         if (step + 1) % args.eval_every == 0:
@@ -171,12 +179,13 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     figure, axis = plt.subplots(figsize=(7, 4.5))
-    for name, runs in results.items():
+    for index, (name, runs) in enumerate(results.items()):
         steps = np.array([s for s, _ in runs[0]["curve"]])
         values = np.array([[v for _, v in r["curve"]] for r in runs])
         mean, low, high = values.mean(0), values.min(0), values.max(0)
-        axis.plot(steps, mean, label=name)
-        axis.fill_between(steps, low, high, alpha=0.2)
+        color = plt.cm.tab20(index % 20)
+        axis.plot(steps, mean, label=name, color=color, linestyle=("-", "--", ":")[index // 7 % 3])
+        axis.fill_between(steps, low, high, alpha=0.15, color=color)
     axis.set_xlabel("training step")
     axis.set_ylabel("held-out bits/dim (exact NLL)")
     finite = [v for runs in results.values() for r in runs for _, v in r["curve"][1:] if math.isfinite(v)]
@@ -208,7 +217,16 @@ def main() -> None:
     parser.add_argument("--combined", default=None,
                         help="an extra variant combining others, e.g. '+ warm-up,+ grad clip'")
     parser.add_argument("--out", type=Path, default=Path("runs/learning_curves"))
+    parser.add_argument("--merge", type=Path, nargs="+", default=None,
+                        help="no training: one table and plot of the runs in these output folders (same settings)")
     args = parser.parse_args()
+    if args.merge:
+        results, header = {}, ""
+        for folder in args.merge:
+            results.update(json.loads((folder / "learning_curves.json").read_text())["results"])
+            header = header or (folder / "learning_curves.md").read_text().split("\n\n")[0]
+        write_outputs(results, header + f"\n(merged from {', '.join(map(str, args.merge))})\n", args)
+        return
 
     variants = {name: VARIANTS[name] for name in args.variants}
     if args.combined:
@@ -216,13 +234,13 @@ def main() -> None:
         variants["combined: " + args.combined] = Variant(
             glow={k: v for p in parts for k, v in p.glow.items()}, net={k: v for p in parts for k, v in p.net.items()},
             warmup_steps=max(p.warmup_steps for p in parts),
+            clip_relative=min((p.clip_relative for p in parts if p.clip_relative), default=None),
             clip_norm=min((p.clip_norm for p in parts if p.clip_norm), default=None))
     data = load_mnist(args.image_size) if args.data == "mnist" else load_embedded(args.image_size, args.channels)
     results = {}
     for name, variant in variants.items():
         results[name] = [run(variant, seed, data, args) for seed in args.seeds]
         print(name, [(r["curve"][-1][1], r["spikes"], round(r["seconds"])) for r in results[name]], flush=True)
-    table = summarize(results, args)
     command = "python -m benchmarks.learning_curves " + " ".join(
         f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
         for k, v in vars(args).items() if k not in ("variants", "out", "combined") and v is not None)
@@ -230,6 +248,11 @@ def main() -> None:
               f"L={args.scales} K={args.steps_per_scale} hidden={args.hidden}, batch {args.batch}, Adam lr {args.lr}, "
               f"{args.steps} steps, seeds {args.seeds}, spike = loss > running median({args.window}) + "
               f"{args.spike_margin} bpd\n`{command}`\n")
+    write_outputs(results, header, args)
+
+
+def write_outputs(results: dict, header: str, args) -> None:
+    table = summarize(results, args)
     print(header)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,17 @@ Method:
   the peak resident set of the worker process (``getrusage(RUSAGE_SELF).ru_maxrss``),
   which includes the Python interpreter and the torch libraries (a few hundred MiB,
   the same for both implementations: the JSON gives it as ``rss_before_model_mib``).
+  The table's "train MiB" is what training itself adds: on CUDA the training peak
+  (``max_memory_allocated`` after the training steps), on CPU the training steps' peak
+  resident set (``VmHWM``, reset through ``/proc/self/clear_refs`` once the model is
+  built) minus the resident set before the model was built.
+* Variants (``--variant NAME=JSON``) take Glow keyword arguments plus four switches
+  of the measurement itself: ``"torch_compile": true`` (``torch.compile`` of the
+  training loss), ``"channels_last": true`` (model and input in channels-last memory
+  format), ``"fold": true`` (sampling from :func:`flows.folding.fold_for_inference`'s
+  copy) and ``"invconv_cache": false`` (sampling without the 1x1 conv weight cache).
+* ``--image-size`` changes the resolution (the memory-mode comparison runs 64x64x3);
+  ``--no-peer`` leaves normflows out (ratios are then against the first row).
 * ``--precision bf16`` runs the loss and sampling under ``torch.autocast(bfloat16)`` for
   both implementations (ours keeps log-dets and priors in float32; normflows
   accumulates log-dets in bf16, see ``benchmarks/peers.py``).
@@ -115,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, default=None, help="images per step and per sampling call "
                                                                 "(default 16 on CPU, 64 on CUDA)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--image-size", type=int, default=IMAGE_SHAPE[1], help="square images of 3 channels")
+    parser.add_argument("--no-peer", dest="peer", action="store_false",
+                        help="leave normflows out; ratios are then against the first row of each configuration")
     parser.add_argument("--iterations", type=int, default=10, help="timed training steps and sampling calls")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls before them")
     parser.add_argument("--ours-kwargs", type=parse_kwargs, default={},
@@ -130,6 +144,25 @@ def build_parser() -> argparse.ArgumentParser:
 # --- the worker: one measurement in its own process ----------------------------------------------
 def _max_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _proc_status_mib(field: str) -> float:
+    """``VmRSS`` / ``VmHWM`` of this process in MiB (Linux; NaN elsewhere)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return math.nan
+
+
+def _reset_peak_rss() -> None:
+    """Start a new resident-set high-water mark (Linux: writing 5 to clear_refs)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 def _timed(call: Callable[[], object], warmup: int, iterations: int, device: torch.device) -> list[float]:
@@ -155,8 +188,9 @@ def measure(spec: dict) -> dict:
     built by :func:`_worker_spec`)."""
     device = torch.device(spec["device"])
     torch.manual_seed(spec["seed"])
-    rss_before_model = _max_rss_mib()
-    base = dict(in_channels=IMAGE_SHAPE[0], image_size=IMAGE_SHAPE[1], scales=SCALES,
+    rss_before_model = _proc_status_mib("VmRSS")
+    image_shape = (IMAGE_SHAPE[0], spec.get("image_size", IMAGE_SHAPE[1]), spec.get("image_size", IMAGE_SHAPE[2]))
+    base = dict(in_channels=image_shape[0], image_size=image_shape[1], scales=SCALES,
                 steps_per_scale=spec["steps"], hidden_channels=spec["hidden"])
     if spec["implementation"] == NORMFLOWS:
         from benchmarks.peers import build_peer_glow, count_parameters
@@ -167,12 +201,27 @@ def measure(spec: dict) -> dict:
     else:
         from benchmarks.peers import count_parameters
         from flows import Glow
+        from flows.layers import invconv
 
-        module = Glow(**base, **spec["glow_kwargs"]).to(device)
-        nll, sample = (lambda x: -module.log_prob(x)), module.sample
+        options = dict(spec["glow_kwargs"])
+        compile_loss, channels_last = options.pop("torch_compile", False), options.pop("channels_last", False)
+        fold, invconv.CACHE_FROZEN_WEIGHTS = options.pop("fold", False), options.pop("invconv_cache", True)
+        module = Glow(**base, **options).to(device)
+        if channels_last:
+            module = module.to(memory_format=torch.channels_last)
+        log_prob = torch.compile(module.log_prob) if compile_loss else module.log_prob
+        nll = lambda x: -log_prob(x.contiguous(memory_format=torch.channels_last) if channels_last else x)  # noqa: E731
+
+        folded: list = []  # folded once, when sampling starts (after the training steps)
+
+        def sample(n: int):
+            if fold and not folded:
+                from flows.folding import fold_for_inference
+                folded.append(fold_for_inference(module))
+            return (folded[0] if fold else module).sample(n)
 
     optimizer = torch.optim.Adam(module.parameters(), lr=LEARNING_RATE)
-    x = torch.rand(spec["batch"], *IMAGE_SHAPE, device=device) - 0.5
+    x = torch.rand(spec["batch"], *image_shape, device=device) - 0.5
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if spec["precision"] == "bf16"
                 else nullcontext())
     losses = []
@@ -186,11 +235,15 @@ def measure(spec: dict) -> dict:
         losses.append(loss.detach())  # no .item(): that would synchronize inside the step
 
     module.train()
+    _reset_peak_rss()
     step_seconds = _timed(train_step, spec["warmup"], spec["iterations"], device)
     memory = {}
     if device.type == "cuda":
         memory["peak_train_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+        memory["train_mib"] = memory["peak_train_mib"]
         torch.cuda.reset_peak_memory_stats(device)
+    else:
+        memory["train_mib"] = _proc_status_mib("VmHWM") - rss_before_model
 
     module.eval()
 
@@ -237,7 +290,7 @@ def cpu_name() -> str:
 
 def _worker_spec(args, steps: int, hidden: int, label: str, implementation: str, glow_kwargs: dict) -> dict:
     return dict(label=label, implementation=implementation, glow_kwargs=glow_kwargs, steps=steps, hidden=hidden,
-                device=args.device, batch=args.batch, precision=args.precision, iterations=args.iterations,
+                image_size=args.image_size, device=args.device, batch=args.batch, precision=args.precision, iterations=args.iterations,
                 warmup=args.warmup, seed=SEED)
 
 
@@ -259,7 +312,8 @@ def _rows(args) -> list[dict]:
     for steps, hidden in args.configs:
         measurements = [(ours_label, "ours", args.ours_kwargs)]
         measurements += [(f"ours[{name}]", "ours", kwargs) for name, kwargs in args.variant]
-        measurements += [(NORMFLOWS, NORMFLOWS, {})]
+        if args.peer:
+            measurements += [(NORMFLOWS, NORMFLOWS, {})]
         for label, implementation, kwargs in measurements:
             print(f"measuring K={steps} hidden={hidden} {label} ...", file=sys.stderr, flush=True)
             row = run_in_subprocess(_worker_spec(args, steps, hidden, label, implementation, kwargs))
@@ -270,36 +324,44 @@ def _rows(args) -> list[dict]:
 
 
 def _ratio(row: dict, reference: dict | None, key: str) -> str:
-    if row["implementation"] == NORMFLOWS:
+    if row is reference:
         return "–"  # the reference itself
     if reference is None or "error" in row or "error" in reference or not reference[key]:
         return "n/a"
     return f"{row[key] / reference[key]:.2f}"
 
 
+def _reference(rows: list[dict], row: dict) -> dict | None:
+    """normflows' row of the same configuration, or (``--no-peer``) its first row."""
+    same = [r for r in rows if r["steps"] == row["steps"] and r["hidden"] == row["hidden"]]
+    return next((r for r in same if r["implementation"] == NORMFLOWS), same[0] if same else None)
+
+
 def markdown(rows: list[dict], header: dict) -> str:
+    against = "normflows" if any(r["implementation"] == NORMFLOWS for r in rows) else "first row"
     lines = [
         (f"Date: {header['date']}. Machine: {header['platform']}, {header['cpu_count']} CPUs, "
          f"torch {header['torch']}, normflows {header['normflows']}, device {header['device']} "
-         f"({header['device_name']}), {header['threads']} torch threads; batch {header['batch']}, "
+         f"({header['device_name']}), {header['threads']} torch threads; {header['image_size']}x"
+         f"{header['image_size']}x3, L=3, batch {header['batch']}, "
          f"{header['precision']}, median of {header['iterations']} after {header['warmup']} warm-up."),
         f"Command: `{header['command']}`",
         "",
-        ("| config (K, hidden) | implementation | parameters | step s (median) | sampling s | peak MiB "
-         "| step ours/normflows | sampling ours/normflows |"),
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        (f"| config (K, hidden) | implementation | parameters | step s (median) | sampling s | peak MiB "
+         f"| train MiB | step ours/{against} | sampling ours/{against} | train MiB ours/{against} |"),
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         config = f"({row['steps']}, {row['hidden']})"
         if "error" in row:
             first_line = row["error"].splitlines()[-1][:80].replace("|", "/")
-            lines.append(f"| {config} | {row['label']} | failed: {first_line} | | | | | |")
+            lines.append(f"| {config} | {row['label']} | failed: {first_line} | | | | | | | |")
             continue
-        reference = next((r for r in rows if r["implementation"] == NORMFLOWS and r["steps"] == row["steps"]
-                          and r["hidden"] == row["hidden"]), None)
+        reference = _reference(rows, row)
         lines.append(f"| {config} | {row['label']} | {row['parameters']:,} | {row['step_s']:.4g} "
-                     f"| {row['sample_s']:.4g} | {row['peak_mib']:,.0f} | {_ratio(row, reference, 'step_s')} "
-                     f"| {_ratio(row, reference, 'sample_s')} |")
+                     f"| {row['sample_s']:.4g} | {row['peak_mib']:,.0f} | {row['train_mib']:,.0f} "
+                     f"| {_ratio(row, reference, 'step_s')} | {_ratio(row, reference, 'sample_s')} "
+                     f"| {_ratio(row, reference, 'train_mib')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -331,6 +393,7 @@ def main(argv: list[str] | None = None) -> None:
         "device_name": measured[0]["device_name"] if measured else (cpu_name() if args.device == "cpu" else "?"),
         "threads": measured[0]["threads"] if measured else torch.get_num_threads(),
         "batch": args.batch,
+        "image_size": args.image_size,
         "precision": args.precision,
         "iterations": args.iterations,
         "warmup": args.warmup,

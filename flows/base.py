@@ -96,6 +96,19 @@ class Bijection(nn.Module):
     def inverse(self, z: Tensor, cond: Condition = None) -> tuple[Tensor, Tensor]:
         raise NotImplementedError(f"{type(self).__name__} must implement inverse")
 
+    def replay(self, y: Tensor, cond: Condition = None):
+        """For backprop without stored activations (``flows/reversible.py``): from this
+        layer's output ``y``, ``(x, leaves, (y_again, logdet), input_gradient)``: the input
+        ``x`` (no graph), tensors ``leaves`` that require grad, the forward pass recomputed
+        from them with a graph, and a function turning the leaves' gradients into the
+        gradient with respect to ``x``. This default inverts, then runs ``forward`` again;
+        a layer may share work between the two (the couplings evaluate their network
+        once)."""
+        with torch.no_grad():
+            x = self.inverse(y, cond)[0]
+        leaf = x.detach().requires_grad_(True)
+        return x, [leaf], self(leaf, cond), lambda grads: grads[0]
+
 
 class FlowSequential(Bijection):
     """Composition of bijections; the condition is passed to every layer."""

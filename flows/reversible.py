@@ -16,8 +16,8 @@ no per-layer activations for the backward pass.
 
 Both give the same gradients as :class:`~flows.base.FlowSequential` up to floating
 point (tests check 1e-5 relative). The reversible mode reconstructs inputs numerically,
-so it relies on the layers being well-conditioned inverses of each other; the
-reconstruction runs in float32 or wider even under autocast.
+so it relies on the layers being well-conditioned inverses of each other (under bf16
+autocast the reconstruction inherits bf16 rounding, as the forward pass does).
 
 Conditions (``cond``) may carry tensors that need gradients (SRFlow's RRDB features):
 they are passed to the autograd function as inputs and get their gradients from every
@@ -50,6 +50,15 @@ def _split_condition(cond: Condition) -> tuple[list[Tensor], Callable[[list[Tens
     return [cond[k] for k in keys], rebuild
 
 
+def _flattened(sequence: FlowSequential) -> list:
+    """The leaf layers of nested compositions, in order (a flow step is itself a
+    composition; its coupling's own replay is what saves the work)."""
+    layers = []
+    for layer in sequence.layers:
+        layers.extend(_flattened(layer) if type(layer) is FlowSequential else [layer])
+    return layers
+
+
 class _ReversibleFunction(torch.autograd.Function):
     """Forward: ``layers`` without a graph, saving only the output. Backward: invert and
     re-run one layer at a time. Inputs after ``x``: the condition's tensors, then the
@@ -79,49 +88,34 @@ class _ReversibleFunction(torch.autograd.Function):
         if grad_logdet is None:
             grad_logdet = torch.zeros(y.shape[0], device=y.device, dtype=torch.promote_types(y.dtype, torch.float32))
         y = y.detach()
-        for layer in reversed(ctx.layers.layers):
-            # Recover the layer's input from its output (no autocast: the reconstruction
-            # feeds every earlier layer, so its error must stay at float32 level).
-            with torch.no_grad(), _autocast_off():
-                x = layer.inverse(y, cond)[0]
-            x = x.detach().requires_grad_(True)
+        for layer in reversed(_flattened(ctx.layers)):
+            # Recover the layer's input from its output and replay its forward pass with
+            # a graph (Bijection.replay; the couplings share one network evaluation).
             with torch.enable_grad(), _autocast_as(ctx.autocast):
-                y_again, logdet = layer(x, cond)
+                x, leaves, (y_again, logdet), input_gradient = layer.replay(y, cond)
             params = [p for p in layer.parameters() if p.requires_grad]
             outputs, grads_out = [y_again], [grad_y]
             if logdet.requires_grad:
                 outputs.append(logdet)
                 grads_out.append(grad_logdet.to(logdet.dtype))
-            grads = torch.autograd.grad(outputs, [x, *params, *wanted_cond], grads_out, allow_unused=True)
-            grad_y = grads[0]
-            for p, g in zip(params, grads[1:1 + len(params)]):
+            grads = torch.autograd.grad(outputs, [*leaves, *params, *wanted_cond], grads_out, allow_unused=True)
+            grad_y = input_gradient(list(grads[:len(leaves)]))
+            grads = grads[len(leaves):]
+            for p, g in zip(params, grads[:len(params)]):
                 if g is not None:
                     param_grads[id(p)] = g if id(p) not in param_grads else param_grads[id(p)] + g
-            for c, g in zip(wanted_cond, grads[1 + len(params):]):
+            for c, g in zip(wanted_cond, grads[len(params):]):
                 if g is not None:
                     cond_grads[id(c)] = g if id(c) not in cond_grads else cond_grads[id(c)] + g
             y = x.detach()
-            del x, y_again, logdet, outputs, grads
+            del x, leaves, y_again, logdet, outputs, grads
         return (None, None, None, grad_y, *(cond_grads.get(id(c)) for c in cond_inputs),
                 *(param_grads.get(id(p)) for p in ctx.params))
 
 
-class _autocast_off:
-    """Autocast disabled on every device for the duration."""
-
-    def __enter__(self):
-        self._contexts = [torch.autocast(device, enabled=False) for device in ("cpu", "cuda")
-                          if device != "cuda" or torch.cuda.is_available()]
-        for context in self._contexts:
-            context.__enter__()
-
-    def __exit__(self, *exc):
-        for context in reversed(self._contexts):
-            context.__exit__(*exc)
-
-
-class _autocast_as(_autocast_off):
-    """Autocast as it was when the forward pass ran."""
+class _autocast_as:
+    """Autocast as it was when the forward pass ran (so the replay computes what the
+    forward pass did)."""
 
     def __init__(self, state: dict[str, tuple[bool, torch.dtype]]) -> None:
         self.state = state
@@ -131,6 +125,10 @@ class _autocast_as(_autocast_off):
                           for device, (enabled, dtype) in self.state.items()]
         for context in self._contexts:
             context.__enter__()
+
+    def __exit__(self, *exc):
+        for context in reversed(self._contexts):
+            context.__exit__(*exc)
 
 
 class ReversibleSequential(FlowSequential):

@@ -70,6 +70,41 @@ class OptimizerSettings:
             raise ConfigurationError(f"{name}: " + "; ".join(problems) + ".")
 
 
+class RelativeGradientClipping:
+    """Clip the global gradient norm to ``factor`` times its running average.
+
+    An absolute threshold (``grad_clip_norm``) has to be tuned per model size: the
+    gradient norm of a mean bits/dim loss grows with the number of parameters, and a
+    threshold below the typical norm clips every step and slows learning
+    (``benchmarks/learning_curves.py``: "+ grad clip" vs "+ grad clip (loose)"). A
+    threshold relative to the norm's own exponential moving average (``decay``) only
+    cuts the outliers that start loss spikes, at any model size. The average is updated
+    with the clipped norm, so a spike does not raise the threshold for the steps after
+    it; the first step sets it and is not clipped. ``state`` goes into checkpoints, so
+    a resumed run clips exactly as the uninterrupted one would."""
+
+    def __init__(self, factor: float, decay: float = 0.99) -> None:
+        if not factor > 1.0 or not 0.0 < decay < 1.0:
+            raise ConfigurationError(f"relative gradient clipping needs factor > 1 and decay in (0, 1), got "
+                                     f"{factor}, {decay}")
+        self.factor, self.decay = factor, decay
+        self.average: float | None = None
+
+    def threshold(self) -> float:
+        return math.inf if self.average is None else self.factor * self.average
+
+    def update(self, grad_norm: float) -> None:
+        """Record one finite (pre-clipping) gradient norm."""
+        clipped = min(grad_norm, self.threshold())
+        self.average = clipped if self.average is None else self.decay * self.average + (1 - self.decay) * clipped
+
+    def state(self) -> dict:
+        return {"average": self.average}
+
+    def load_state(self, state: dict | None) -> None:
+        self.average = (state or {}).get("average")
+
+
 @dataclass
 class Freeze:
     """``module`` has no gradients before optimizer step ``before_step`` and from epoch

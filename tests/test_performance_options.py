@@ -205,3 +205,34 @@ def test_coupling_net_options_keep_glow_invertible_and_start_at_identity_couplin
     with torch.no_grad():
         encoding = model.encode(x)
         torch.testing.assert_close(model.decode(encoding.latents), x, rtol=1e-4, atol=1e-4)
+
+
+def test_relative_clipping_cuts_spikes_and_keeps_them_out_of_its_average():
+    from lightning_modules.parts import RelativeGradientClipping
+    clipping = RelativeGradientClipping(2.0, decay=0.9)
+    assert clipping.threshold() == float("inf")  # the first step sets the average, unclipped
+    clipping.update(10.0)
+    assert clipping.threshold() == 20.0
+    clipping.update(1000.0)  # a spike: clipped to 20 before it enters the average
+    assert clipping.average == pytest.approx(0.9 * 10 + 0.1 * 20)
+    with pytest.raises(Exception, match="factor > 1"):
+        RelativeGradientClipping(0.5)
+
+
+def test_glow_module_clips_relative_to_the_running_norm_and_a_checkpoint_keeps_the_average():
+    from lightning_modules import GlowModule
+    module = GlowModule(flow=small_glow())
+    assert module.relative_clipping.factor == 2.0  # the measured default
+    module.relative_clipping.update(3.0)
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": {}}
+    module.on_save_checkpoint(checkpoint)
+    restored = GlowModule(flow=small_glow())
+    restored.on_load_checkpoint(checkpoint)
+    assert restored.relative_clipping.average == 3.0
+    # Gradients far above the average are cut to factor x average.
+    for p in module.parameters():
+        p.grad = torch.full_like(p, 100.0)
+    module.log = lambda *args, **kwargs: None
+    module.on_before_optimizer_step(None)
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in module.parameters()]))
+    assert norm.item() == pytest.approx(6.0, rel=1e-4)

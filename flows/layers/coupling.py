@@ -67,7 +67,12 @@ class ScaleMap(nn.Module):
 
 class _Coupling(Bijection):
     """Mask + network: ``params_per_entry`` network outputs per transformed entry, from
-    the passive part and (with ``cond_channels > 0``) the condition's feature map."""
+    the passive part and (with ``cond_channels > 0``) the condition's feature map.
+
+    Subclasses give :meth:`_network_params` (the network's output, as what
+    :meth:`_couple` needs) and :meth:`_couple` (the elementwise map of the active part
+    and its log-det, either direction); forward, inverse and :meth:`replay` are built
+    from them here."""
 
     params_per_entry = 1
 
@@ -83,6 +88,42 @@ class _Coupling(Bijection):
         net_input = concat_features(passive, cond, type(self).__name__) if self.cond_channels else passive
         return self.net(net_input)
 
+    def _network_params(self, passive: Tensor, cond: Condition):
+        raise NotImplementedError
+
+    def _couple(self, active: Tensor, params, inverse: bool) -> tuple[Tensor, Tensor]:
+        """(new active part in the input's dtype, log-det of this direction [B])."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, cond: Condition = None) -> tuple[Tensor, Tensor]:
+        passive, active = self.mask.split(x)
+        new_active, logdet = self._couple(active, self._network_params(passive, cond), inverse=False)
+        return self.mask.merge(x, new_active), logdet
+
+    def inverse(self, z: Tensor, cond: Condition = None) -> tuple[Tensor, Tensor]:
+        passive, active = self.mask.split(z)
+        new_active, logdet = self._couple(active, self._network_params(passive, cond), inverse=True)
+        return self.mask.merge(z, new_active), logdet
+
+    def replay(self, y: Tensor, cond: Condition = None):
+        """One network evaluation serves both the reconstruction and the graph: the
+        passive part of the input is that of the output, so the network's output (with a
+        graph) gives the input's active part (without one) and the forward map again."""
+        y_leaf = y.detach().requires_grad_(True)
+        passive, active = self.mask.split(y_leaf)
+        params = self._network_params(passive, cond)
+        with torch.no_grad():
+            x_active = self._couple(active, params, inverse=True)[0]
+        x_active_leaf = x_active.detach().requires_grad_(True)
+        new_active, logdet = self._couple(x_active_leaf, params, inverse=False)
+        x = self.mask.merge(y.detach(), x_active)
+
+        def input_gradient(grads: list[Tensor | None]) -> Tensor:
+            passive_grad = grads[0] if grads[0] is not None else torch.zeros_like(y_leaf)
+            active_grad = grads[1] if grads[1] is not None else torch.zeros_like(x_active_leaf)
+            return self.mask.merge(passive_grad, active_grad)
+        return x, [y_leaf, x_active_leaf], (self.mask.merge(y_leaf, new_active), logdet), input_gradient
+
 
 class AffineCoupling(_Coupling):
     """``y_b = scale(h) * x_b + shift`` with ``(h, shift) = NN(x_a [, c])``."""
@@ -95,23 +136,17 @@ class AffineCoupling(_Coupling):
         super().__init__(num_channels, hidden_channels, cond_channels, mask, net)
         self.scale_map = ScaleMap(scale_fn, squish_alpha)
 
-    def _shift_and_log_scale(self, passive: Tensor, cond: Condition):
+    def _network_params(self, passive: Tensor, cond: Condition):
         out = self._net_output(passive, cond)
         raw, shift = out[:, 0::2], out[:, 1::2]
         scale, log_scale = self.scale_map(raw)
         return at_least_float32(shift), scale, log_scale
 
-    def forward(self, x: Tensor, cond: Condition = None) -> tuple[Tensor, Tensor]:
-        passive, active = self.mask.split(x)
-        shift, scale, log_scale = self._shift_and_log_scale(passive, cond)
-        new_active = (at_least_float32(active) * scale + shift).to(x.dtype)
-        return self.mask.merge(x, new_active), self.mask.sum_active(log_scale)
-
-    def inverse(self, z: Tensor, cond: Condition = None) -> tuple[Tensor, Tensor]:
-        passive, active = self.mask.split(z)
-        shift, scale, log_scale = self._shift_and_log_scale(passive, cond)
-        new_active = ((at_least_float32(active) - shift) / scale).to(z.dtype)
-        return self.mask.merge(z, new_active), -self.mask.sum_active(log_scale)
+    def _couple(self, active: Tensor, params, inverse: bool) -> tuple[Tensor, Tensor]:
+        shift, scale, log_scale = params
+        if inverse:
+            return ((at_least_float32(active) - shift) / scale).to(active.dtype), -self.mask.sum_active(log_scale)
+        return (at_least_float32(active) * scale + shift).to(active.dtype), self.mask.sum_active(log_scale)
 
 
 class AdditiveCoupling(_Coupling):
@@ -121,13 +156,12 @@ class AdditiveCoupling(_Coupling):
                  mask: CouplingMask | None = None, net: NetFactory = CouplingNet) -> None:
         super().__init__(num_channels, hidden_channels, cond_channels, mask, net)
 
-    def forward(self, x: Tensor, cond: Condition = None) -> tuple[Tensor, Tensor]:
-        passive, active = self.mask.split(x)
-        return self.mask.merge(x, active + self._net_output(passive, cond)), zero_logdet(x)
+    def _network_params(self, passive: Tensor, cond: Condition):
+        return self._net_output(passive, cond)
 
-    def inverse(self, z: Tensor, cond: Condition = None) -> tuple[Tensor, Tensor]:
-        passive, active = self.mask.split(z)
-        return self.mask.merge(z, active - self._net_output(passive, cond)), zero_logdet(z)
+    def _couple(self, active: Tensor, params, inverse: bool) -> tuple[Tensor, Tensor]:
+        shift = params.to(active.dtype)
+        return (active - shift if inverse else active + shift), zero_logdet(active)
 
 
 class AffineInjector(Bijection):
@@ -154,3 +188,13 @@ class AffineInjector(Bijection):
     def inverse(self, z: Tensor, cond: Condition = None) -> tuple[Tensor, Tensor]:
         shift, scale, log_scale = self._shift_and_log_scale(z, cond)
         return ((at_least_float32(z) - shift) / scale).to(z.dtype), -sum_except_batch(log_scale)
+
+    def replay(self, y: Tensor, cond: Condition = None):
+        """The network sees only the condition: one evaluation (with a graph) gives both
+        the input and the forward map again."""
+        shift, scale, log_scale = self._shift_and_log_scale(y, cond)
+        with torch.no_grad():
+            x = ((at_least_float32(y) - shift) / scale).to(y.dtype)
+        x_leaf = x.detach().requires_grad_(True)
+        y_again = (at_least_float32(x_leaf) * scale + shift).to(y.dtype)
+        return x, [x_leaf], (y_again, sum_except_batch(log_scale)), lambda grads: grads[0]

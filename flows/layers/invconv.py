@@ -10,7 +10,8 @@ Cache: sampling, evaluation and FID push many batches through a model whose
 parameters do not change. Without gradients, the weight, its inverse and log|det|
 are cached and reused until a parameter changes (an optimizer step or a
 ``load_state_dict`` bumps the tensor's version counter, a ``.to()`` moves its
-storage: either invalidates the cache).
+storage: either invalidates the cache). ``CACHE_FROZEN_WEIGHTS = False`` turns the
+cache off (the benchmarks measure its effect that way).
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flows.base import Bijection, Condition
+
+CACHE_FROZEN_WEIGHTS = True
 
 
 def random_rotation(num_channels: int, generator: torch.Generator | None = None) -> Tensor:
@@ -47,7 +50,7 @@ class _InvertibleConv1x1Base(Bijection):
 
     def _weights(self, inverse: bool) -> tuple[Tensor, Tensor]:
         """(W or W^-1, log|det W|); from the cache when nothing can change them."""
-        if not self._frozen():
+        if not (CACHE_FROZEN_WEIGHTS and self._frozen()):
             self._cache.clear()
             matrix, logabsdet = self.weight_and_logabsdet()
             return (self.inverse_weight(matrix) if inverse else matrix), logabsdet

@@ -161,26 +161,19 @@ class SplineCoupling(_Coupling):
         self.min_bin_height = min_bin_height
         self.min_derivative = min_derivative
 
-    def _spline(self, passive: Tensor, active: Tensor, cond: Condition, inverse: bool) -> tuple[Tensor, Tensor]:
+    def _network_params(self, passive: Tensor, cond: Condition):
         out = at_least_float32(self._net_output(passive, cond))
         batch, _, height, width = out.shape
         # [B, active * (3K - 1), H, W] -> [B, active, H, W, 3K - 1]: entry-major channels.
-        params = out.reshape(batch, -1, self.params_per_entry, height, width).permute(0, 1, 3, 4, 2)
+        return out.reshape(batch, -1, self.params_per_entry, height, width).permute(0, 1, 3, 4, 2)
+
+    def _couple(self, active: Tensor, params, inverse: bool) -> tuple[Tensor, Tensor]:
         k = self.num_bins
-        return rational_quadratic_spline(
+        new_active, logabsdet = rational_quadratic_spline(
             active, params[..., :k], params[..., k:2 * k], params[..., 2 * k:], inverse=inverse,
             tail_bound=self.tail_bound, min_bin_width=self.min_bin_width, min_bin_height=self.min_bin_height,
             min_derivative=self.min_derivative)
-
-    def forward(self, x: Tensor, cond: Condition = None) -> tuple[Tensor, Tensor]:
-        passive, active = self.mask.split(x)
-        new_active, logabsdet = self._spline(passive, active, cond, inverse=False)
-        return self.mask.merge(x, new_active.to(x.dtype)), self.mask.sum_active(logabsdet)
-
-    def inverse(self, z: Tensor, cond: Condition = None) -> tuple[Tensor, Tensor]:
-        passive, active = self.mask.split(z)
-        new_active, logabsdet = self._spline(passive, active, cond, inverse=True)
-        return self.mask.merge(z, new_active.to(z.dtype)), self.mask.sum_active(logabsdet)
+        return new_active.to(active.dtype), self.mask.sum_active(logabsdet)
 
     def extra_repr(self) -> str:
         return f"num_bins={self.num_bins}, tail_bound={self.tail_bound}"
