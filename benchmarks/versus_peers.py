@@ -38,6 +38,10 @@ Method:
   training loss), ``"channels_last": true`` (model and input in channels-last memory
   format), ``"fold": true`` (sampling from :func:`flows.folding.fold_for_inference`'s
   copy) and ``"invconv_cache": false`` (sampling without the 1x1 conv weight cache).
+* ``--repeats N`` runs every row N times, each in a fresh process, round-robin over
+  the rows, and reports the median and the range: on a small shared VM two identical
+  fresh processes differ by up to ~20 % in step time, more than the differences
+  measured, so one run per row proves nothing.
 * ``--image-size`` changes the resolution (the memory-mode comparison runs 64x64x3);
   ``--no-peer`` leaves normflows out (ratios are then against the first row).
 * ``--precision bf16`` runs the loss and sampling under ``torch.autocast(bfloat16)`` for
@@ -131,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="leave normflows out; ratios are then against the first row of each configuration")
     parser.add_argument("--iterations", type=int, default=10, help="timed training steps and sampling calls")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls before them")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="fresh-process runs per row, round-robin over the rows; the table gives their median")
     parser.add_argument("--ours-kwargs", type=parse_kwargs, default={},
                         help="JSON of extra flows.Glow keyword arguments for the 'ours' row")
     parser.add_argument("--variant", type=parse_variant, action="append", default=[], metavar="NAME=JSON",
@@ -314,13 +320,33 @@ def _rows(args) -> list[dict]:
         measurements += [(f"ours[{name}]", "ours", kwargs) for name, kwargs in args.variant]
         if args.peer:
             measurements += [(NORMFLOWS, NORMFLOWS, {})]
-        for label, implementation, kwargs in measurements:
-            print(f"measuring K={steps} hidden={hidden} {label} ...", file=sys.stderr, flush=True)
-            row = run_in_subprocess(_worker_spec(args, steps, hidden, label, implementation, kwargs))
-            if "error" in row:
-                print(f"  FAILED: {row['error']}", file=sys.stderr, flush=True)
-            rows.append(row)
+        runs: dict[str, list[dict]] = {label: [] for label, _, _ in measurements}
+        # Round-robin over the implementations, so a change in the machine's load during
+        # the benchmark touches every row alike.
+        for repeat in range(args.repeats):
+            for label, implementation, kwargs in measurements:
+                print(f"measuring K={steps} hidden={hidden} {label} (run {repeat + 1}/{args.repeats}) ...",
+                      file=sys.stderr, flush=True)
+                row = run_in_subprocess(_worker_spec(args, steps, hidden, label, implementation, kwargs))
+                if "error" in row:
+                    print(f"  FAILED: {row['error']}", file=sys.stderr, flush=True)
+                runs[label].append(row)
+        rows.extend(_combine(label_runs) for label_runs in runs.values())
     return rows
+
+
+def _combine(runs: list[dict]) -> dict:
+    """One row from the fresh-process runs of one measurement: medians over the runs,
+    the runs themselves kept under ``runs`` (a failed run makes the row failed)."""
+    failed = [r for r in runs if "error" in r]
+    if failed:
+        return failed[0]
+    combined = dict(runs[0])
+    for key in ("step_s", "sample_s", "peak_mib", "train_mib"):
+        combined[key] = statistics.median(r[key] for r in runs)
+    combined["step_s_range"] = (min(r["step_s"] for r in runs), max(r["step_s"] for r in runs))
+    combined["runs"] = runs
+    return combined
 
 
 def _ratio(row: dict, reference: dict | None, key: str) -> str:
@@ -344,22 +370,24 @@ def markdown(rows: list[dict], header: dict) -> str:
          f"torch {header['torch']}, normflows {header['normflows']}, device {header['device']} "
          f"({header['device_name']}), {header['threads']} torch threads; {header['image_size']}x"
          f"{header['image_size']}x3, L=3, batch {header['batch']}, "
-         f"{header['precision']}, median of {header['iterations']} after {header['warmup']} warm-up."),
+         f"{header['precision']}, median of {header['iterations']} after {header['warmup']} warm-up, "
+         f"median over {header['repeats']} fresh-process run(s) per row."),
         f"Command: `{header['command']}`",
         "",
-        (f"| config (K, hidden) | implementation | parameters | step s (median) | sampling s | peak MiB "
-         f"| train MiB | step ours/{against} | sampling ours/{against} | train MiB ours/{against} |"),
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        (f"| config (K, hidden) | implementation | parameters | step s (median) | step s range | sampling s "
+         f"| peak MiB | train MiB | step ours/{against} | sampling ours/{against} | train MiB ours/{against} |"),
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         config = f"({row['steps']}, {row['hidden']})"
         if "error" in row:
             first_line = row["error"].splitlines()[-1][:80].replace("|", "/")
-            lines.append(f"| {config} | {row['label']} | failed: {first_line} | | | | | | | |")
+            lines.append(f"| {config} | {row['label']} | failed: {first_line} | | | | | | | | |")
             continue
         reference = _reference(rows, row)
+        low, high = row.get("step_s_range", (row["step_s"], row["step_s"]))
         lines.append(f"| {config} | {row['label']} | {row['parameters']:,} | {row['step_s']:.4g} "
-                     f"| {row['sample_s']:.4g} | {row['peak_mib']:,.0f} | {row['train_mib']:,.0f} "
+                     f"| {low:.3g}–{high:.3g} | {row['sample_s']:.4g} | {row['peak_mib']:,.0f} | {row['train_mib']:,.0f} "
                      f"| {_ratio(row, reference, 'step_s')} | {_ratio(row, reference, 'sample_s')} "
                      f"| {_ratio(row, reference, 'train_mib')} |")
     return "\n".join(lines) + "\n"
@@ -372,8 +400,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.batch is None:
         args.batch = 64 if args.device == "cuda" else 16
-    if args.iterations < 1 or args.warmup < 0 or args.batch < 1:
-        raise SystemExit("need --iterations >= 1, --warmup >= 0 and --batch >= 1")
+    if args.iterations < 1 or args.warmup < 0 or args.batch < 1 or args.repeats < 1:
+        raise SystemExit("need --iterations >= 1, --warmup >= 0, --batch >= 1 and --repeats >= 1")
     print(f"torch threads: {torch.get_num_threads()} (torch's default, on {os.cpu_count()} CPUs); "
           "each worker records its own", file=sys.stderr)
     try:
@@ -394,6 +422,7 @@ def main(argv: list[str] | None = None) -> None:
         "threads": measured[0]["threads"] if measured else torch.get_num_threads(),
         "batch": args.batch,
         "image_size": args.image_size,
+        "repeats": args.repeats,
         "precision": args.precision,
         "iterations": args.iterations,
         "warmup": args.warmup,

@@ -41,7 +41,9 @@ def test_legacy_glow_checkpoint_gives_the_same_log_probabilities():
     for module in (resume_load(legacy_glow_module(), path), loaded.eval()):
         with torch.no_grad():
             log_prob = module.model.log_prob(io["x"], {LABELS: io["labels"]})
-        assert torch.allclose(log_prob, io["log_prob"], atol=1e-5, rtol=0), (log_prob, io["log_prob"])
+        # Float32 agreement (3.5e-7 relative), not bit-for-bit: the LU 1x1 conv weight is
+        # now built in float32 (the fixture was written when it was built in float64).
+        assert torch.allclose(log_prob, io["log_prob"], atol=1e-5, rtol=1e-6), (log_prob, io["log_prob"])
 
 
 def test_legacy_cascade_checkpoint_gives_the_same_log_probabilities():
@@ -54,8 +56,9 @@ def test_legacy_cascade_checkpoint_gives_the_same_log_probabilities():
             stages = {r: module.model.encode_stage(r, io["images"], cond).log_prob for r in (8, 16)}
             likelihoods = module.model.log_likelihoods(io["images"], cond)
         for r in (8, 16):
-            assert torch.allclose(stages[r], io["stage_log_prob"][r], atol=1e-5, rtol=0), r
-            assert torch.allclose(likelihoods[r], io["log_likelihood"][r], atol=1e-4, rtol=0), r
+            # Float32 agreement, as for Glow above (the LU weight is built in float32 now).
+            assert torch.allclose(stages[r], io["stage_log_prob"][r], atol=1e-5, rtol=1e-6), r
+            assert torch.allclose(likelihoods[r], io["log_likelihood"][r], atol=1e-4, rtol=1e-6), r
 
 
 def test_legacy_checkpoint_hyper_parameters_of_removed_classes_stay_readable():

@@ -40,7 +40,9 @@ class _InvertibleConv1x1Base(Bijection):
         raise NotImplementedError
 
     def inverse_weight(self, matrix: Tensor) -> Tensor:
-        return torch.linalg.inv(matrix.double())
+        # inv_ex: a diverged (non-finite or singular) weight gives non-finite samples,
+        # which the callers count and report, instead of an exception mid-validation.
+        return torch.linalg.inv_ex(matrix.double()).inverse
 
     def _state_key(self) -> tuple:
         return tuple((t.data_ptr(), t._version, t.dtype) for t in (*self.parameters(), *self.buffers()))
