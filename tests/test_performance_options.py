@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from flows import Glow
+from flows.base import FlowSequential
 from flows.folding import AffineConv1x1, fold_for_inference
-from flows.layers import InvertibleConv1x1LU
+from flows.layers import AffineCoupling, CheckerboardMask, InvertibleConv1x1LU, flow_step
 from flows.layers.invconv import InvertibleConv1x1, OrthogonalConv1x1
 from flows.nets import CouplingNet, EdgePadding
 from flows.reversible import ReversibleSequential
@@ -236,3 +237,40 @@ def test_glow_module_clips_relative_to_the_running_norm_and_a_checkpoint_keeps_t
     module.on_before_optimizer_step(None)
     norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in module.parameters()]))
     assert norm.item() == pytest.approx(6.0, rel=1e-4)
+
+
+REPLAY_CASES = {
+    "affine": lambda: flow_step(8, 8),
+    "additive_full_invconv": lambda: flow_step(8, 8, invconv="full", coupling="additive"),
+    "spline": lambda: flow_step(8, 8, coupling="spline", num_bins=4, tail_bound=1.5),
+    "checkerboard": lambda: AffineCoupling(8, 8, mask=CheckerboardMask(2, parity=1)),
+    "injector_conditional": lambda: flow_step(8, 8, cond_channels=3, affine_injector=True, scale_fn="squish"),
+    "edge_padding_net": lambda: flow_step(8, 8, net=partial(CouplingNet, edge_padding=True)),
+    "actnorm_net": lambda: flow_step(8, 8, net=partial(CouplingNet, actnorm=True)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REPLAY_CASES))
+def test_every_layers_replay_gives_the_plain_gradients(name):
+    # Each layer's replay (the couplings' shared-network one, the default elsewhere)
+    # inside a reversible composition, against the plain composition.
+    torch.manual_seed(0)
+    steps = [REPLAY_CASES[name]() for _ in range(2)]
+    plain = FlowSequential(*steps)
+    x = torch.randn(3, 8, 4, 4)
+    features = torch.randn(3, 3, 2, 2) if name.endswith("conditional") else None
+    plain.train()(x, features)  # ActNorm initialization
+    # Small enough that no affine scale gets near 0 (an ActNorm-normalized net with large
+    # random last-layer weights would give scales of 1e-6, which no float32 inverse resolves).
+    perturb_parameters(plain, 0.03)
+    reversible = ReversibleSequential(*steps)  # the same layers, so the same parameters
+    results = []
+    for composition in (plain, reversible):
+        composition.zero_grad()
+        inputs = [x.clone().requires_grad_(True)] + ([features.clone().requires_grad_(True)] if features is not None
+                                                     else [])
+        y, logdet = composition(inputs[0], inputs[1] if features is not None else None)
+        ((y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum() + logdet.sum()).backward()
+        results.append([t.grad.clone() for t in inputs] + [p.grad.clone() for p in composition.parameters()])
+    for got, expected in zip(results[1], results[0]):
+        assert relative(got, expected) < 1e-5
