@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from flows import Glow
+from flows.quantization import bits_per_dim, dequantize
 from flows.nets import CouplingNet
 from lightning_modules.parts import RelativeGradientClipping
 
@@ -79,14 +80,6 @@ def load_embedded(image_size: int, channels: int) -> torch.Tensor:
     return torch.cat([train, held_out])
 
 
-def dequantize(images: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    return (images.float() + noise) / 256.0 - 0.5
-
-
-def bits_per_dim(nll: torch.Tensor, dims: int) -> torch.Tensor:
-    return (nll + dims * math.log(256.0)) / (dims * math.log(2.0))
-
-
 def build(variant: Variant, args, channels: int):
     """(model, per-sample nll function)."""
     if variant.peer:
@@ -112,7 +105,7 @@ def run(variant: Variant, seed: int, data: torch.Tensor, args) -> dict:
     train, held_out = data[:-args.held_out], data[-args.held_out:]
     dims = data[0].numel()
     generator = torch.Generator().manual_seed(seed)
-    held_out_x = dequantize(held_out, torch.rand(held_out.shape, generator=generator))
+    held_out_x = dequantize(held_out, 8, torch.rand(held_out.shape, generator=generator))
     torch.manual_seed(seed)
     model, nll = build(variant, args, data.shape[1])
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
@@ -124,7 +117,7 @@ def run(variant: Variant, seed: int, data: torch.Tensor, args) -> dict:
     def evaluate(step: int) -> None:
         model.eval()
         with torch.no_grad():
-            values = [bits_per_dim(nll(held_out_x[i:i + 250]), dims) for i in range(0, len(held_out_x), 250)]
+            values = [bits_per_dim(-nll(held_out_x[i:i + 250]), dims) for i in range(0, len(held_out_x), 250)]
         curve.append((step, torch.cat(values).mean().item()))
         model.train()
 
@@ -132,12 +125,12 @@ def run(variant: Variant, seed: int, data: torch.Tensor, args) -> dict:
     model.train()
     for step in range(args.steps):
         indices = torch.randint(len(train), (args.batch,), generator=generator)
-        x = dequantize(train[indices], torch.rand((args.batch, *train.shape[1:]), generator=generator))
+        x = dequantize(train[indices], 8, torch.rand((args.batch, *train.shape[1:]), generator=generator))
         if step == 0:
             with torch.no_grad():
                 nll(x)  # ActNorm's data-dependent initialization, in both implementations
             evaluate(0)
-        loss = bits_per_dim(nll(x), dims).mean()
+        loss = bits_per_dim(-nll(x), dims).mean()
         optimizer.zero_grad(set_to_none=True)
         if torch.isfinite(loss):
             loss.backward()

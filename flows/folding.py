@@ -58,7 +58,7 @@ def fold_actnorm_conv(actnorm: ActNorm, conv: _InvertibleConv1x1Base) -> AffineC
     log_scale = actnorm.log_scale.double().flatten()
     shift = actnorm.bias.double().flatten()
     matrix = weight * torch.exp(log_scale)[None, :]
-    inverse_matrix = torch.exp(-log_scale)[:, None] * torch.linalg.inv(weight)
+    inverse_matrix = torch.exp(-log_scale)[:, None] * conv.inverse_weight(weight)
     return AffineConv1x1(matrix.to(dtype), (matrix @ shift).to(dtype), inverse_matrix.to(dtype),
                          (-shift).to(dtype), logabsdet + log_scale.sum())
 
