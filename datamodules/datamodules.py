@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Literal
 
 import pytorch_lightning as pl
@@ -69,11 +70,19 @@ def stratified_split(labels: list[int], per_class: int, seed: int) -> tuple[list
     return train, sorted(held_out)
 
 
-def random_split_indices(n: int, held_out_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+def random_split_indices(n: int, held_out_fraction: float, seed: int,
+                         test_fraction: float = 0.0) -> tuple[list[int], list[int], list[int]]:
+    """(train, held-out, test) indices from one fixed permutation: the first
+    ``held_out_fraction`` of it, then the next ``test_fraction`` (none when 0), the rest
+    trains. Adding a test split leaves the held-out split as it was."""
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(n, generator=generator).tolist()
     n_held = max(1, int(round(n * held_out_fraction)))
-    return sorted(order[n_held:]), sorted(order[:n_held])
+    n_test = max(1, int(round(n * test_fraction))) if test_fraction > 0 else 0
+    if n_held + n_test >= n:
+        raise DataSettingsError(f"holding out {n_held} validation and {n_test} test images of {n} leaves "
+                                "none to train on; lower data.init_args.val_fraction / test_fraction")
+    return sorted(order[n_held + n_test:]), sorted(order[:n_held]), sorted(order[n_held:n_held + n_test])
 
 
 class PyramidDataModule(pl.LightningDataModule):
@@ -268,7 +277,9 @@ class MNISTDataModule(PyramidDataModule):
     """MNIST padded to 32x32, read from the idx files. Validation holds out
     ``val_per_class`` images per class of the training split. ``fit_split="test"``
     trains on the test split (for machines that only have it, like this project's
-    shared data); the held-out part then comes from the test split too."""
+    shared data); the held-out part then comes from the test split too, and
+    ``lightning test`` (which reads the test split) warns that it measures training
+    images."""
 
     channels = 1
     num_classes = 10
@@ -294,13 +305,19 @@ class MNISTDataModule(PyramidDataModule):
             full = MNISTIdx(self.data_dir, self.fit_split, self.image_size)
             train, val = stratified_split(full.targets, self.val_per_class, self.seed)
             return {"train": Subset(full, train), "val": Subset(full, val)}
+        if self.fit_split == "test":
+            warnings.warn("MNIST was set to train on its test split (fit_split: test), so this test "
+                          "split holds the training images: its numbers are not held-out figures; "
+                          "`lightning validate` gives the held-out ones", stacklevel=2)
         return {"test": MNISTIdx(self.data_dir, "test", self.image_size)}
 
 
 class ImageFolderDataModule(PyramidDataModule):
     """Any folder of images (LSUN / FFHQ exports, your own): centre square crop, resized
-    to ``image_size``. ``val_fraction`` of the files (fixed seed) is held out; ``test_dir``
-    names a separate test folder, else the held-out files serve as test split too.
+    to ``image_size``. ``val_fraction`` of the files (fixed seed) is held out for
+    validation. The test split is ``test_dir`` (a separate folder) or else
+    ``test_fraction`` of the files, disjoint from train and validation; with neither,
+    ``lightning test`` is refused rather than report the validation files as a test.
     ``bad_images``: unreadable files stop the run with their list (``error``) or are left
     out with a warning (``skip``)."""
 
@@ -310,11 +327,12 @@ class ImageFolderDataModule(PyramidDataModule):
                  horizontal_flip: bool = False,
                  val_fraction: float = 0.05, test_dir: str | None = None, channels: int = 3,
                  labels_from_subfolders: bool = False, num_classes: int = 0,
-                 bad_images: Literal["error", "skip"] = "error") -> None:
+                 bad_images: Literal["error", "skip"] = "error", test_fraction: float = 0.0) -> None:
         super().__init__(data_dir, image_size, resolutions, batch_size, eval_batch_size, num_workers, seed,
                          horizontal_flip)
         self.bad_images = bad_images
         self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
         self.test_dir = test_dir
         self.channels = channels
         self.labels_from_subfolders = labels_from_subfolders
@@ -329,34 +347,48 @@ class ImageFolderDataModule(PyramidDataModule):
         return folder
 
     def build_sources(self, stage: str) -> dict[str, Dataset]:
+        if stage not in ("fit", "validate") and self.test_dir:
+            return {"test": self._folder(self.test_dir)}
+        if stage not in ("fit", "validate") and not self.test_fraction:
+            raise DataSettingsError(
+                f"ImageFolderDataModule has no test split for {self.data_dir}: its held-out files are the "
+                "validation split, and a test on them would only repeat the validation numbers. Set "
+                "data.init_args.test_dir to a folder of test images, or data.init_args.test_fraction "
+                "(e.g. 0.05) to hold out files for test at training time as well; or run `lightning "
+                "validate` for the validation numbers.")
         full = self._folder(self.data_dir)
-        train, held = random_split_indices(len(full), self.val_fraction, self.seed)
-        test = self._folder(self.test_dir) if self.test_dir else Subset(full, held)
+        train, held, test = random_split_indices(len(full), self.val_fraction, self.seed, self.test_fraction)
         if stage in ("fit", "validate"):
             return {"train": Subset(full, train), "val": Subset(full, held)}
-        return {"test": test}
+        return {"test": Subset(full, test)}
 
 
 class EmbeddedDataModule(PyramidDataModule):
     """Real images that ship inside pip packages (scikit-learn / scikit-image photos and
     the lfw_subset faces), cropped at random: needs no download, for quick starts,
-    tests and smoke runs. Validation and test crops come from held-out photos/faces."""
+    tests and smoke runs. Train, validation and test crops each come from their own
+    photos and faces (``sources.EMBEDDED_SPLITS``), so ``lightning test`` reports on
+    images that neither training nor validation saw. The crops are drawn, not carved
+    out of a fixed pool, so the sizes do not take images from one another;
+    ``test_size`` defaults to ``val_size``."""
 
     def __init__(self, data_dir: str = "data", image_size: int = 32,
                  resolutions: list[int] | None = None, batch_size: int = 64,
                  eval_batch_size: int | None = None, num_workers: int = 0, seed: int = 0,
                  horizontal_flip: bool = False,
-                 train_size: int = 4096, val_size: int = 512, channels: int = 3) -> None:
+                 train_size: int = 4096, val_size: int = 512, test_size: int | None = None,
+                 channels: int = 3) -> None:
         super().__init__(data_dir, image_size, resolutions, batch_size, eval_batch_size, num_workers, seed,
                          horizontal_flip)
         self.train_size = train_size
         self.val_size = val_size
+        self.test_size = val_size if test_size is None else test_size
         self.channels = channels
 
     def build_sources(self, stage: str) -> dict[str, Dataset]:
-        def make(size: int, held_out: bool) -> Dataset:
-            return EmbeddedImages(size, self.image_size, self.channels, held_out, self.seed)
+        def make(size: int, split: str) -> Dataset:
+            return EmbeddedImages(size, self.image_size, self.channels, split, self.seed)
 
         if stage in ("fit", "validate"):
-            return {"train": make(self.train_size, False), "val": make(self.val_size, True)}
-        return {"test": make(self.val_size, True)}
+            return {"train": make(self.train_size, "train"), "val": make(self.val_size, "val")}
+        return {"test": make(self.test_size, "test")}

@@ -167,33 +167,84 @@ class UnreadableImagesError(DatasetNotFoundError):
     """Files in an image folder that are not readable images."""
 
 
-def scan_images(files: list[Path], image_size: int) -> tuple[list[Path], list[Path]]:
-    """(unreadable files, files whose centre square is smaller than ``image_size``),
-    from each file's header (PIL's verify), without decoding the pixels."""
+# PIL's modes for one-channel 16-bit data (PNG, TIFF); "I" is 32-bit, which older PIL
+# versions give 16-bit PNGs: read as 16-bit while its values fit in 0..65535.
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def read_image(path: Path):
+    """The whole file decoded (PIL's ``load()``, so a truncated JPEG or PNG fails here, not
+    only its header), as a PIL image in an 8-bit mode.
+
+    16-bit images keep their look: one-channel 16-bit modes are brought to 8 bits as
+    ``value >> 8``, the rule PIL itself applies when it opens 16-bit RGB(A) PNGs as
+    ``RGB``, so the grey and colour versions of an image load alike (PIL's ``convert``
+    would clip every value above 255 to white). Modes without a known 8-bit range
+    (floating point ``F``, 32-bit values above 65535) raise ValueError naming the mode."""
     from PIL import Image
 
-    unreadable, small = [], []
-    for path in files:
+    with Image.open(path) as handle:
+        handle.load()
+        if handle.mode in SIXTEEN_BIT_MODES:
+            values = np.asarray(handle).astype(np.int64)
+            if values.size and (values.min() < 0 or values.max() > 65535):
+                raise ValueError(f"mode {handle.mode} with values in {values.min()}..{values.max()}, "
+                                 "outside the 16-bit range")
+            return Image.fromarray((values >> 8).astype(np.uint8), mode="L")
+        if handle.mode == "F":
+            raise ValueError("floating-point pixels (mode F) have no defined 8-bit range")
+        return handle.copy()  # still usable once the file is closed
+
+
+def decode_image(path: Path, channels: int) -> Tensor:
+    """uint8 ``[channels, H, W]`` of the file, read by :func:`read_image`."""
+    return pil_to_uint8(read_image(path).convert("RGB" if channels == 3 else "L"))
+
+
+def scan_images(files: list[Path], image_size: int) -> tuple[list[tuple[Path, str]], list[Path]]:
+    """((unreadable file, reason) pairs, files whose centre square is smaller than
+    ``image_size``), each file decoded in full with :func:`read_image`, the loader's
+    own decoding, so a file that passes here also loads in a DataLoader worker.
+
+    Cost: one full decode per file, linear in the pixels of the folder, on a thread
+    per CPU core (PIL releases the GIL while decoding). Roughly the time of one pass
+    over the data without training: on one core about 1 ms for a 256x256 JPEG, so a
+    minute per 60k such files, shared out over the cores; repeated at every setup
+    (each ``fit``/``test`` and each DDP process)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def check(path: Path) -> tuple[str | None, int]:
         try:
-            with Image.open(path) as handle:
-                width, height = handle.size
-                handle.verify()
-        except Exception:  # PIL raises many types for broken files
-            unreadable.append(path)
-            continue
-        if min(width, height) < image_size:
-            small.append(path)
+            image = read_image(path)
+        except Exception as error:  # PIL raises many types for broken files
+            return f"{type(error).__name__}: {error}", 0
+        return None, min(image.size)
+
+    results = []
+    with ThreadPoolExecutor(max_workers=max(1, min(32, os.cpu_count() or 1))) as pool:
+        for start in range(0, len(files), 4096):  # blocks: a million files need not be a million futures
+            results.extend(pool.map(check, files[start:start + 4096]))
+    unreadable = [(path, reason) for path, (reason, _) in zip(files, results) if reason is not None]
+    small = [path for path, (reason, side) in zip(files, results) if reason is None and side < image_size]
     return unreadable, small
+
+
+def unreadable_message(unreadable: list[tuple[Path, str]], total: int, root: str) -> str:
+    listed = ", ".join(f"{path} ({reason})" for path, reason in unreadable[:10])
+    return (f"{len(unreadable)} of {total} files under {os.path.abspath(root)!r} are not readable images: "
+            f"{listed}{' ...' if len(unreadable) > 10 else ''}. Remove or repair them, or set "
+            "data.init_args.bad_images: skip to leave them out.")
 
 
 class ImageFolderSource(Dataset):
     """All images under ``root`` (recursively). With ``labels_from_subfolders`` the
     first-level folder names are the classes (sorted), as torchvision's ImageFolder.
 
-    Every file is checked once here, not when a DataLoader worker first draws it:
-    unreadable files stop the run with their list (``bad_images: error``) or are left
-    out with a warning (``skip``); images smaller than ``image_size`` are upscaled, with
-    one warning that counts them."""
+    Every file is decoded in full once here (:func:`scan_images`, its cost is given
+    there), not first when a DataLoader worker draws it: unreadable files (a truncated
+    JPEG included) stop the run with their list (``bad_images: error``) or are left out
+    with a warning (``skip``); images smaller than ``image_size`` are upscaled, with one
+    warning that counts them. 16-bit images are scaled to 8 bits (:func:`decode_image`)."""
 
     def __init__(self, root: str, image_size: int, channels: int = 3,
                  labels_from_subfolders: bool = False,
@@ -209,14 +260,11 @@ class ImageFolderSource(Dataset):
                 f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {os.path.abspath(root)!r}")
         unreadable, small = scan_images(self.files, image_size)
         if unreadable:
-            listed = ", ".join(str(p) for p in unreadable[:10]) + (" ..." if len(unreadable) > 10 else "")
             if bad_images == "error":
-                raise UnreadableImagesError(
-                    f"{len(unreadable)} of {len(self.files)} files under {os.path.abspath(root)!r} are not "
-                    f"readable images: {listed}. Remove or repair them, or set "
-                    "data.init_args.bad_images: skip to leave them out.")
+                raise UnreadableImagesError(unreadable_message(unreadable, len(self.files), root))
+            listed = ", ".join(str(path) for path, _ in unreadable[:10]) + (" ..." if len(unreadable) > 10 else "")
             warnings.warn(f"leaving out {len(unreadable)} unreadable images under {root}: {listed}", stacklevel=2)
-            unreadable_set = set(unreadable)
+            unreadable_set = {path for path, _ in unreadable}
             self.files = [p for p in self.files if p not in unreadable_set]
         if small:
             warnings.warn(f"{len(small)} of {len(self.files)} images under {root} are smaller than "
@@ -227,6 +275,7 @@ class ImageFolderSource(Dataset):
         self.root = root_path
         self.image_size = image_size
         self.channels = channels
+        self.bad_images = bad_images
 
     def __len__(self) -> int:
         return len(self.files)
@@ -241,20 +290,34 @@ class ImageFolderSource(Dataset):
         return [self.label_of(p) for p in self.files]
 
     def __getitem__(self, index: int):
-        from PIL import Image
-
-        path = self.files[index]
-        with Image.open(path) as handle:
-            image = pil_to_uint8(handle.convert("RGB" if self.channels == 3 else "L"))
-        image = resize_uint8(center_square_crop(image), self.image_size)
-        return image, self.label_of(path)
+        # A file that changed on disk after the setup scan meets the same rule here:
+        # ``error`` names it; ``skip`` warns and serves the next file that decodes.
+        for offset in range(len(self.files)):
+            path = self.files[(index + offset) % len(self.files)]
+            try:
+                image = decode_image(path, self.channels)
+            except Exception as error:  # PIL raises many types for broken files
+                reason = [(path, f"{type(error).__name__}: {error}; it was readable at setup")]
+                if self.bad_images == "error":
+                    raise UnreadableImagesError(unreadable_message(reason, len(self.files), str(self.root))) from None
+                warnings.warn(f"skipping unreadable image {path} ({error})", stacklevel=2)
+                continue
+            return resize_uint8(center_square_crop(image), self.image_size), self.label_of(path)
+        raise UnreadableImagesError(f"no file under {os.path.abspath(self.root)!r} is readable any more; "
+                                    "check the disk or the folder")
 
 
 # --- Embedded images shipped in pip packages (no download) ---------------------------
 
-TRAIN_PHOTOS = ("china", "astronaut", "chelsea", "rocket", "hubble_deep_field",
-                "immunohistochemistry", "retina", "colorwheel")
-HELD_OUT_PHOTOS = ("flower", "coffee", "cat")
+# Each split's own source photos and lfw_subset indices (faces 0-99, non-faces 100-199),
+# so validation and test measure generalization to images never trained on. (skimage's
+# ``cat`` is ``chelsea``: it cannot be held out while chelsea trains.)
+EMBEDDED_SPLITS = {
+    "train": (("china", "astronaut", "chelsea", "rocket", "hubble_deep_field",
+               "immunohistochemistry", "retina", "colorwheel"), [*range(0, 80), *range(100, 180)]),
+    "val": (("flower", "coffee"), [*range(80, 90), *range(180, 190)]),
+    "test": (("motorcycle",), [*range(90, 100), *range(190, 200)]),
+}
 
 
 def load_photo(name: str) -> Tensor:
@@ -264,6 +327,8 @@ def load_photo(name: str) -> Tensor:
         return pil_to_uint8(load_sample_image(f"{name}.jpg"))
     from skimage import data
 
+    if name == "motorcycle":
+        return pil_to_uint8(data.stereo_motorcycle()[0])  # the left view of the stereo pair
     return pil_to_uint8(getattr(data, name)()[..., :3])
 
 
@@ -275,17 +340,24 @@ def load_lfw_subset() -> Tensor:
     return (faces * 255).round().clamp(0, 255).to(torch.uint8).unsqueeze(1)
 
 
+def split_sources(split: Literal["train", "val", "test"]) -> tuple[list[Tensor], Tensor]:
+    """(the split's photos, its lfw_subset images) from :data:`EMBEDDED_SPLITS`."""
+    names, face_indices = EMBEDDED_SPLITS[split]
+    return [load_photo(n) for n in names], load_lfw_subset()[face_indices]
+
+
 class EmbeddedImages(Dataset):
     """Random crops of the photos shipped with scikit-learn and scikit-image, plus the
-    lfw_subset faces; no download needed. ``held_out`` selects disjoint source photos
-    and faces, so validation measures generalization to unseen images."""
+    lfw_subset faces; no download needed. Each ``split`` crops its own source photos
+    and faces (:data:`EMBEDDED_SPLITS`), so no val or test image shares a pixel with a
+    training image, nor a test image with a validation one."""
 
     def __init__(self, size: int, image_size: int = 32, channels: int = 3,
-                 held_out: bool = False, seed: int = 0, face_fraction: float = 0.25) -> None:
-        generator = torch.Generator().manual_seed(seed + (1_000_003 if held_out else 0))
-        photos = [load_photo(n) for n in (HELD_OUT_PHOTOS if held_out else TRAIN_PHOTOS)]
-        faces = load_lfw_subset()
-        faces = torch.cat([faces[80:100], faces[180:200]]) if held_out else torch.cat([faces[:80], faces[100:180]])
+                 split: Literal["train", "val", "test"] = "train", seed: int = 0,
+                 face_fraction: float = 0.25) -> None:
+        offset = {"train": 0, "val": 1_000_003, "test": 2_000_006}[split]
+        generator = torch.Generator().manual_seed(seed + offset)
+        photos, faces = split_sources(split)
         images = []
         for _ in range(size):
             if torch.rand((), generator=generator) < face_fraction:

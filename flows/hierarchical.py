@@ -36,6 +36,51 @@ two differ it says so here:
   default; ``prior`` detaches only the prior flow's input, as eq. 5 prints.
 * Table 4 lists 408 channels at resolution 1 and 4 for the prior; its total |y| =
   271,360 and the code (a 512-channel y_1 split 4 + 508) say 508: 408 is a typo.
+
+Switches that follow the official code where the paper's text differs or is silent
+(Config A, ``experiments/hierarchical_celebahq256.yaml``, turns them all on, since the
+official run produced the FID 27.3; the defaults keep the paper text and older configs):
+``equalized_lr`` (the official ``MyConv``; Table 2's rates were tuned for it),
+``actnorm_identity_at_1x1``, the per-level alphas and loss weights (YAML), and in the
+module and optimizer settings the decay every second epoch after epoch 10
+(``epoch_decay_every`` / ``epoch_decay_after``), micro-batch accumulation to 16
+(``accumulate_grad_batches``) and FID against the training images at temperature 0.8.
+Parameters: 78.29 M for Config A against the official 77.38 M trainable (Table 2's
+80.15 M counts 2.77 M fixed mask tensors the official code registers as parameters);
+``python -m benchmarks.hierarchical_step`` prints both.
+
+Remaining differences from the official code (timoneh/hflow, ``hflow/network.py``), kept
+on purpose:
+
+* Decoder top: the official code feeds y_1 through a 6-layer, 512-wide mapping network
+  (``GlobalStateNetwork``) whose output modulates ("styles") the decoder at 8x8 from a
+  learned 4x4 constant, masks y_prior out of the decoder and conditions y_1's flow on the
+  clean y_prior through a 1x1 linear layer. Ours decodes y_1 with the same decoder as
+  every level (Fig. 12) and conditions y_1's flow on the decoded y_prior: the paper
+  describes no mapping network, and one decoder kind keeps every level's ELBO term alike.
+  Not built yet (a candidate switch, ``decoder_top``).
+* Coupling networks of channel splits: the official compresses condition and input to
+  ``c_in`` by a tanh layer, has separate scale and shift heads and clips the shift at
+  +-5; ours concatenate them into one network with one zero-started head and an
+  unbounded shift (App. E's description; the scale is bounded by ``scale_fn``).
+* U-Net couplings: the official uses 1x1 convs, x4 downsampling per level, 2/2/1 levels
+  and channels x1.1-1.2 per level (``UNET_C_MULT``); ours 3x3 convs, x2 per level at a
+  constant width, as deep as the map allows (Fig. 12's drawing, and no width growth keeps
+  Table 4's "hidden layer channels" the width everywhere).
+* Decoders: the official has 4 residual convs per doubling and skip channels
+  [8, 32, 32, 32]; ours one residual conv per doubling plus a refine conv, and one
+  ``skip_channels`` (Table 4 gives neither; Config A's parameter count stays within 1.2 %).
+* Injectors (condition-only affine layers): the official computes them in the decoder,
+  trained at the decoder's rate; ours sit in the flow at the flow's rate (App. E puts them
+  in the flow, and they are part of the invertible map whose log-det we count).
+* Input scale and 1x1-conv reparameterization: the official multiplies x by 4 (with its
+  log-det) and scales its 1x1 conv parameters (``PERMUTE_SCALING`` 0.3; unitary 0.1);
+  ours works on [-0.5, 0.5] and keeps the 1x1 convs unscaled: both are
+  reparameterizations of the same model that only change effective learning rates, and
+  the bits per dim are the same either way.
+* EMA: the official copies the weights into the EMA (decay 1.0) through epoch 0 and
+  averages at 0.995 after; ours averages at 0.995 from the first step (the EMA callback,
+  shared by every family).
 """
 from __future__ import annotations
 
@@ -53,6 +98,9 @@ from flows.layers.masks import ChannelMask, CheckerboardMask
 from flows.model import Encoding, FlowModel
 from flows.nets import (ConvCouplingNet, InstanceNorm, UNet, UNetCouplingNet, _leaky, blur_downsample,
                         blur_upsample, conv, unet_depth)
+
+# The official code's conv scaling for its linear (no nonlinearity) output convs.
+LINEAR_GAIN = 1.0
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -196,21 +244,22 @@ class Encoder(nn.Module):
     LeakyReLU - instance norm (units stacked where the resolution drops by more than 2),
     then a 1x1 conv to the y channels, instance-normalized above 1x1 so the signal's
     scale is fixed and ``alpha`` sets its signal-to-noise ratio. ``features`` go on to
-    the next encoder."""
+    the next encoder. ``lr_multiplier``: equalized-learning-rate convs (None: plain)."""
 
     def __init__(self, in_channels: int, hidden_channels: int, y_channels: int, steps: int,
-                 in_resolution: int) -> None:
+                 in_resolution: int, lr_multiplier: float | None = None) -> None:
         super().__init__()
         self.units = nn.ModuleList()
         resolution, channels = in_resolution, in_channels
         for _ in range(steps):
             kernel = 3 if resolution > 2 else 1
-            self.units.append(nn.ModuleList([conv(channels, hidden_channels, kernel),
-                                             conv(hidden_channels, hidden_channels, 3 if resolution > 4 else 1)]))
+            self.units.append(nn.ModuleList([
+                conv(channels, hidden_channels, kernel, lr_multiplier),
+                conv(hidden_channels, hidden_channels, 3 if resolution > 4 else 1, lr_multiplier)]))
             resolution, channels = resolution // 2, hidden_channels
         self.out_channels = channels
         self.norm = InstanceNorm()
-        self.head = conv(channels, y_channels, 1)
+        self.head = conv(channels, y_channels, 1, lr_multiplier, LINEAR_GAIN)
 
     def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
         h = features
@@ -225,19 +274,23 @@ class Decoder(nn.Module):
     the finer flow (seed 001 Fig. 12): an input conv, a residual U-Net at the start of the
     upscaler (when the input is at least 8x8 and ``unet``), then per doubling an
     anti-aliased upsampling and a residual conv; 1x1 convs give the condition and the
-    skip features for the next decoder. Residuals are scaled by 1/sqrt(2)."""
+    skip features for the next decoder. Residuals are scaled by 1/sqrt(2).
+    ``lr_multiplier``: equalized-learning-rate convs (None: plain); the U-Net's are at
+    ``unet_lr_multiplier`` (the official code: 1 for the decoders' U-Nets)."""
 
     def __init__(self, y_channels: int, skip_in: int, hidden_channels: int, cond_channels: int, skip_out: int,
-                 steps: int, in_resolution: int, unet: bool) -> None:
+                 steps: int, in_resolution: int, unet: bool, lr_multiplier: float | None = None,
+                 unet_lr_multiplier: float | None = None) -> None:
         super().__init__()
         kernel = 3 if in_resolution > 1 else 1
-        self.first = conv(y_channels + skip_in, hidden_channels, kernel)
+        m = lr_multiplier
+        self.first = conv(y_channels + skip_in, hidden_channels, kernel, m)
         depth = unet_depth(in_resolution)
-        self.unet = UNet(hidden_channels, depth) if unet and depth > 0 else None
-        self.refine = conv(hidden_channels, hidden_channels, kernel)
-        self.up = nn.ModuleList(conv(hidden_channels, hidden_channels, 3) for _ in range(steps))
-        self.cond = conv(hidden_channels, cond_channels, 1)
-        self.skip = conv(hidden_channels, skip_out, 1) if skip_out else None
+        self.unet = UNet(hidden_channels, depth, unet_lr_multiplier) if unet and depth > 0 else None
+        self.refine = conv(hidden_channels, hidden_channels, kernel, m)
+        self.up = nn.ModuleList(conv(hidden_channels, hidden_channels, 3, m) for _ in range(steps))
+        self.cond = conv(hidden_channels, cond_channels, 1, m, LINEAR_GAIN)
+        self.skip = conv(hidden_channels, skip_out, 1, m, LINEAR_GAIN) if skip_out else None
 
     def forward(self, y: Tensor, skip: Tensor | None) -> tuple[Tensor, Tensor | None]:
         h = _leaky(self.first(y if skip is None else torch.cat([y, skip], dim=1)))
@@ -250,15 +303,20 @@ class Decoder(nn.Module):
         return self.cond(h), None if self.skip is None else self.skip(h)
 
 
-def level_flow(level: Level, scale_fn: str = "exp", unets: bool = True) -> FlowSequential:
+def level_flow(level: Level, scale_fn: str = "exp", unets: bool = True, lr_multiplier: float | None = None,
+               actnorm_data_init: bool = True) -> FlowSequential:
     """The flow of one level: no squeeze and no split (sec. 2.2). K steps of ActNorm,
     1x1 conv and affine coupling; a conditional flow starts and ends with affine layers
     computed from the condition only (App. E: "completely mask out the flow-input").
-    ``unets=False`` gives every coupling the convolutional network (Config D)."""
+    ``unets=False`` gives every coupling the convolutional network (Config D).
+    ``lr_multiplier``: equalized-learning-rate convs in the coupling networks (None:
+    plain). ``actnorm_data_init=False``: the ActNorms start as the identity."""
     resolution = level.resolution
     kernel = 3 if resolution > 1 else 1
-    conv_net = partial(ConvCouplingNet, num_convs=level.coupling_convs, kernel_size=kernel)
-    unet_net = partial(UNetCouplingNet, depth=unet_depth(resolution)) if unets else conv_net
+    conv_net = partial(ConvCouplingNet, num_convs=level.coupling_convs, kernel_size=kernel,
+                       lr_multiplier=lr_multiplier)
+    unet_net = partial(UNetCouplingNet, depth=unet_depth(resolution), lr_multiplier=lr_multiplier) \
+        if unets else conv_net
     condition_net = unet_net if level.conditioning_unet and resolution >= 8 else conv_net
     layers = []
     if level.cond_channels:
@@ -273,7 +331,7 @@ def level_flow(level: Level, scale_fn: str = "exp", unets: bool = True) -> FlowS
             mask, net = CheckerboardMask(block, parity.get(block, 0)), unet_net
             parity[block] = 1 - parity.get(block, 0)
         invconv = InvertibleConv1x1(level.channels) if level.invconv == "full" else OrthogonalConv1x1(level.channels)
-        layers += [ActNorm(level.channels), invconv,
+        layers += [ActNorm(level.channels, data_init=actnorm_data_init), invconv,
                    AffineCoupling(level.channels, level.coupling_hidden, level.cond_channels, scale_fn,
                                   mask=mask, net=net)]
     if level.cond_channels:
@@ -318,12 +376,23 @@ class HierarchicalFlow(FlowModel):
         sigma_momentum: weight of each training batch in the running sigma(X) that
             evaluation uses.
         scale_fn: the couplings' scale function (``exp``: bounded log-scale, as the code).
+        equalized_lr: every conv of the encoders, decoders and coupling networks is an
+            :class:`~flows.nets.EqualizedConv2d` (the official code's ``MyConv``), for which
+            Table 2's learning rates were tuned; False: ``nn.Conv2d`` with PyTorch's init.
+        encoder_lr_multiplier, decoder_lr_multiplier: their multipliers with
+            ``equalized_lr`` (the official ``ENCODER_LR_SCALE`` / ``DECODER_LR_SCALE``: 10;
+            the decoders' U-Nets and the flows use 1, as the official code).
+        actnorm_identity_at_1x1: the ActNorms of the levels at resolution 1 start as the
+            identity instead of from the first batch (the official code; see
+            :class:`~flows.layers.ActNorm`).
     """
 
     def __init__(self, *, levels: list[Level], var_batch_size: int = 4, skip_channels: int = 32,
                  unets: bool = True, noise_multiplier: float = 1.0, stop_gradient: Literal["all", "prior"] = "all",
                  top_temperature: float | None = 1.0, sigma_momentum: float = 0.01,
-                 scale_fn: Literal["glow", "squish", "exp"] = "exp") -> None:
+                 scale_fn: Literal["glow", "squish", "exp"] = "exp", equalized_lr: bool = False,
+                 encoder_lr_multiplier: float = 10.0, decoder_lr_multiplier: float = 10.0,
+                 actnorm_identity_at_1x1: bool = False) -> None:
         super().__init__()
         levels = [Level(**level) if isinstance(level, dict) else level for level in levels]
         if noise_multiplier < 0:
@@ -338,17 +407,27 @@ class HierarchicalFlow(FlowModel):
             raise ValueError(f"stop_gradient must be 'all' or 'prior', got {stop_gradient!r}")
         if not 0.0 < sigma_momentum <= 1.0:
             raise ValueError(f"sigma_momentum must lie in (0, 1], got {sigma_momentum}")
+        if not (encoder_lr_multiplier > 0 and decoder_lr_multiplier > 0):
+            raise ValueError(f"encoder_lr_multiplier and decoder_lr_multiplier must be > 0, got "
+                             f"{encoder_lr_multiplier}, {decoder_lr_multiplier}")
+        # None: plain convs; a number: equalized learning rate at that multiplier.
+        flow_m, encoder_m, decoder_m = (1.0, encoder_lr_multiplier, decoder_lr_multiplier) if equalized_lr \
+            else (None, None, None)
         self.levels = levels
         self.var_batch_size = var_batch_size
         self.stop_gradient = stop_gradient
         self.top_temperature = top_temperature
         self.sigma_momentum = sigma_momentum
-        self.flows = nn.ModuleList(level_flow(level, scale_fn, unets) for level in levels)
+        self.flows = nn.ModuleList(
+            level_flow(level, scale_fn, unets, flow_m,
+                       actnorm_data_init=not (actnorm_identity_at_1x1 and level.resolution == 1))
+            for level in levels)
         self.encoders = nn.ModuleList()
         channels = self.in_channels
         for finer, level in zip(levels[:-1], levels[1:]):
             encoder = Encoder(channels, level.encoder_hidden, level.channels,
-                              downsampling_steps(finer.resolution, level.resolution), finer.resolution)
+                              downsampling_steps(finer.resolution, level.resolution), finer.resolution,
+                              encoder_m)
             self.encoders.append(encoder)
             channels = encoder.out_channels
         # decoders[i] makes the condition of flows[i] from y_{i+1} and decoders[i+1]'s skip.
@@ -359,7 +438,7 @@ class HierarchicalFlow(FlowModel):
             self.decoders.append(Decoder(coarser.channels, skip_in, level.decoder_hidden, level.cond_channels,
                                          skip_channels if i > 0 else 0,
                                          downsampling_steps(level.resolution, coarser.resolution),
-                                         coarser.resolution, unets and skip_in > 0))
+                                         coarser.resolution, unets and skip_in > 0, decoder_m, flow_m))
         # Running sigma(X) per encoded level, for evaluation (see the module docstring).
         self.register_buffer("running_sigma", torch.ones(len(levels) - 1))
         self.register_buffer("sigma_initialized", torch.tensor(False))

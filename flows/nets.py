@@ -48,11 +48,20 @@ class ZeroConv2d(nn.Module):
     ``conv2d_zeros``), so couplings and priors start as identity / standard normal."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3,
-                 log_scale_factor: float = 3.0, edge_padding: bool = False) -> None:
+                 log_scale_factor: float = 3.0, edge_padding: bool = False,
+                 lr_multiplier: float | None = None) -> None:
         super().__init__()
-        self.conv = same_conv2d(in_channels, out_channels, kernel_size, edge_padding)
-        nn.init.zeros_(_conv_of(self.conv).weight)
-        nn.init.zeros_(_conv_of(self.conv).bias)
+        if lr_multiplier is not None:
+            # Equalized learning rate (EqualizedConv2d, zero start): the same parameter
+            # names, so the state dict keys do not depend on the option.
+            if edge_padding:
+                raise ValueError("ZeroConv2d: edge_padding is not available with an equalized learning rate")
+            self.conv = EqualizedConv2d(in_channels, out_channels, kernel_size, lr_multiplier, gain=1.0,
+                                        zero_init=True)
+        else:
+            self.conv = same_conv2d(in_channels, out_channels, kernel_size, edge_padding)
+            nn.init.zeros_(_conv_of(self.conv).weight)
+            nn.init.zeros_(_conv_of(self.conv).bias)
         self.log_scale = nn.Parameter(torch.zeros(1, out_channels, 1, 1))
         self.log_scale_factor = log_scale_factor
 
@@ -304,8 +313,53 @@ class InstanceNorm(nn.Module):
         return F.instance_norm(x, eps=1e-5)
 
 
-def conv(in_channels: int, out_channels: int, kernel_size: int = 3) -> nn.Conv2d:
-    return nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
+LEAKY_GAIN = math.sqrt(2.0 / (1.0 + LEAKY_SLOPE ** 2))  # He's gain for LeakyReLU(0.1)
+TANH_GAIN = 5.0 / 3.0  # torch.nn.init.calculate_gain("tanh")
+
+
+class EqualizedConv2d(nn.Module):
+    """A size-preserving convolution with an equalized learning rate (Karras et al.
+    2018; seed 001's official code, ``MyConv``/``MyLinear``): the weight is stored as
+    ``N(0, 1) / lr_multiplier`` and used as ``weight * gain / sqrt(fan_in) * lr_multiplier``
+    (He's constant applied at run time, not at initialization), the bias as
+    ``bias * lr_multiplier``. The function at initialization is He-initialized, but an
+    Adam step, which moves every stored entry by about ``lr``, changes each weight
+    tensor by ``lr * lr_multiplier`` relative to its size whatever its fan-in: seed 001
+    Table 2's learning rates were tuned for that (a plain ``nn.Conv2d`` with PyTorch's
+    init, whose entries are ~1/sqrt(3 fan_in), moves 40-60x more per step). The
+    official code uses ``lr_multiplier`` 10 for encoders and decoders, 1 elsewhere.
+
+    Parameters are named ``weight`` and ``bias`` with ``nn.Conv2d``'s shapes, so a model
+    has the same state-dict keys and parameter count with or without the option."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, lr_multiplier: float = 1.0,
+                 gain: float = LEAKY_GAIN, zero_init: bool = False) -> None:
+        super().__init__()
+        if not lr_multiplier > 0:
+            raise ValueError(f"lr_multiplier must be > 0, got {lr_multiplier}")
+        shape = (out_channels, in_channels, kernel_size, kernel_size)
+        self.weight = nn.Parameter(torch.zeros(shape) if zero_init else torch.randn(shape) / lr_multiplier)
+        self.bias = nn.Parameter(torch.zeros(out_channels))
+        self.weight_scale = gain / math.sqrt(in_channels * kernel_size * kernel_size) * lr_multiplier
+        self.bias_scale = lr_multiplier
+        self.lr_multiplier = lr_multiplier
+        self.padding = kernel_size // 2
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(x, self.weight * self.weight_scale, self.bias * self.bias_scale, padding=self.padding)
+
+    def extra_repr(self) -> str:
+        out, inp, k, _ = self.weight.shape
+        return f"{inp}, {out}, kernel_size={k}, lr_multiplier={self.lr_multiplier}"
+
+
+def conv(in_channels: int, out_channels: int, kernel_size: int = 3, lr_multiplier: float | None = None,
+         gain: float = LEAKY_GAIN) -> nn.Module:
+    """A size-preserving convolution: ``nn.Conv2d`` (PyTorch's init) when ``lr_multiplier``
+    is None, else an :class:`EqualizedConv2d` for the nonlinearity's ``gain``."""
+    if lr_multiplier is None:
+        return nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
+    return EqualizedConv2d(in_channels, out_channels, kernel_size, lr_multiplier, gain)
 
 
 def _leaky(x: Tensor) -> Tensor:
@@ -315,18 +369,19 @@ def _leaky(x: Tensor) -> Tensor:
 class ConvCouplingNet(nn.Module):
     """The coupling network of channel splits (seed 001 App. E): ``num_convs`` convs, the
     first with tanh and instance norm after it, the others LeakyReLU, then a
-    zero-initialized output conv. ``kernel_size`` 1 at 1x1 resolution."""
+    zero-initialized output conv. ``kernel_size`` 1 at 1x1 resolution; ``lr_multiplier``
+    (not None) makes every conv an :class:`EqualizedConv2d`."""
 
     def __init__(self, in_channels: int, out_channels: int, hidden_channels: int, num_convs: int = 4,
-                 kernel_size: int = 3) -> None:
+                 kernel_size: int = 3, lr_multiplier: float | None = None) -> None:
         super().__init__()
         if num_convs < 1:
             raise ValueError(f"a coupling network needs num_convs >= 1, got {num_convs}")
-        self.first = conv(in_channels, hidden_channels, kernel_size)
+        self.first = conv(in_channels, hidden_channels, kernel_size, lr_multiplier, TANH_GAIN)
         self.norm = InstanceNorm()
-        self.hidden = nn.ModuleList(conv(hidden_channels, hidden_channels, kernel_size)
+        self.hidden = nn.ModuleList(conv(hidden_channels, hidden_channels, kernel_size, lr_multiplier)
                                     for _ in range(num_convs - 1))
-        self.out = ZeroConv2d(hidden_channels, out_channels, 1)
+        self.out = ZeroConv2d(hidden_channels, out_channels, 1, lr_multiplier=lr_multiplier)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.norm(torch.tanh(self.first(x)))
@@ -340,12 +395,13 @@ class UNet(nn.Module):
     LeakyReLU convs and instance norm per level, skips added and scaled by 1/sqrt(2)
     so the variance does not grow with depth."""
 
-    def __init__(self, channels: int, depth: int) -> None:
+    def __init__(self, channels: int, depth: int, lr_multiplier: float | None = None) -> None:
         super().__init__()
         self.depth = depth
-        self.down = nn.ModuleList(nn.ModuleList([conv(channels, channels), conv(channels, channels)])
+        self.down = nn.ModuleList(nn.ModuleList([conv(channels, channels, 3, lr_multiplier),
+                                                 conv(channels, channels, 3, lr_multiplier)])
                                   for _ in range(depth))
-        self.up = nn.ModuleList(conv(channels, channels) for _ in range(depth))
+        self.up = nn.ModuleList(conv(channels, channels, 3, lr_multiplier) for _ in range(depth))
         self.norm = InstanceNorm()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -369,11 +425,12 @@ class UNetCouplingNet(nn.Module):
     (seed 001 sec. 2.2 "U-Nets in normalizing flows", App. E): a tanh input conv, a
     U-Net of ``depth`` levels, a zero-initialized output conv."""
 
-    def __init__(self, in_channels: int, out_channels: int, hidden_channels: int, depth: int = 2) -> None:
+    def __init__(self, in_channels: int, out_channels: int, hidden_channels: int, depth: int = 2,
+                 lr_multiplier: float | None = None) -> None:
         super().__init__()
-        self.first = conv(in_channels, hidden_channels)
-        self.unet = UNet(hidden_channels, depth)
-        self.out = ZeroConv2d(hidden_channels, out_channels, 3)
+        self.first = conv(in_channels, hidden_channels, 3, lr_multiplier, TANH_GAIN)
+        self.unet = UNet(hidden_channels, depth, lr_multiplier)
+        self.out = ZeroConv2d(hidden_channels, out_channels, 3, lr_multiplier=lr_multiplier)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.out(self.unet(torch.tanh(self.first(x))))

@@ -9,12 +9,14 @@ from lightning_modules.diffusion_module import DiffusionFlowModule, PixelDiffusi
 from lightning_modules.glow_module import GlowModule
 from lightning_modules.hierarchical_module import HierarchicalModule
 from lightning_modules.metrics import FIDSettings
+from lightning_modules.model_checkpoint import ModelCheckpoint
 from lightning_modules.mnist_classifier import LeNetFeatures, MNISTClassifierModule
 from lightning_modules.parts import Freeze, OptimizerSettings, Part
 from lightning_modules.rrdb_module import RRDBPretrainModule
+from lightning_modules.signals import RunStopped, SignalCheckpoint
 
 __all__ = ["Batch", "FlowModule", "LossOutput", "ExactResume", "SampleGrids", "TestMetrics", "ValidationFID",
            "CascadeModule", "DiffusionFlowModule", "PixelDiffusionModule", "GlowStage", "SRFlowStage", "GlowModule",
            "HierarchicalModule", "FIDSettings", "Freeze", "OptimizerSettings", "Part", "RRDBPretrainModule",
            "LatentInterpolation", "LatentZeroing", "NearestNeighbours", "NoiseSweep", "ResamplingMaps", "LeNetFeatures",
-           "MNISTClassifierModule"]
+           "MNISTClassifierModule", "ModelCheckpoint", "RunStopped", "SignalCheckpoint"]

@@ -25,6 +25,7 @@ import math
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
@@ -44,6 +45,21 @@ def scale_keys(latents: Latents) -> list:
     if isinstance(latents, dict):
         return sorted(latents, reverse=True)
     return list(range(len(latents)))
+
+
+def scale_names(latents: Latents) -> list[str]:
+    """Figure labels of :func:`scale_keys`, finest first: a Glow's ``z0`` (its first
+    split-off) ... ``zL-1`` (its top latent); a cascade's stages by resolution."""
+    if isinstance(latents, dict):
+        return [f"{key}px stage" for key in scale_keys(latents)]
+    return [f"z{key}" for key in scale_keys(latents)]
+
+
+def scale_shapes(latents: Latents) -> str:
+    """``z0 6x16x16, z1 ...`` (channels x height x width of each list latent), or '' for a cascade."""
+    if isinstance(latents, dict):
+        return ""
+    return ", ".join(f"{name} {'x'.join(map(str, z.shape[1:]))}" for name, z in zip(scale_names(latents), latents))
 
 
 def without(latents: Latents, keys: Iterable) -> Latents:
@@ -130,6 +146,110 @@ def nearest_neighbours(queries: Tensor, references: Iterable[Tensor], k: int) ->
     return best_d, best_i
 
 
+# --- labelled figures ----------------------------------------------------------------------
+# Tiles are upscaled (nearest neighbour, whole factors) to at least this many pixels, so
+# a 32-px (or 8-px) crop reads at 1:1 and leaves room for a column label.
+MIN_TILE_PX = 96
+FONT_SIZE = 12  # Pillow's default font (no file to ship); ASCII only, it has no Greek
+MARGIN, GAP = 4, 2  # px around labels / between tiles
+
+
+def upscale_factor(tile_px: int, min_px: int = MIN_TILE_PX) -> int:
+    return max(1, math.ceil(min_px / tile_px))
+
+
+def _font():
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=FONT_SIZE)
+
+
+def text_size(text: str) -> tuple[int, int]:
+    """(width, height) in px of ``text`` (lines split at newlines) in the figure font."""
+    from PIL import Image, ImageDraw
+
+    if not text:
+        return 0, 0
+    left, top, right, bottom = ImageDraw.Draw(Image.new("L", (1, 1))).multiline_textbbox(
+        (0, 0), text, font=_font(), spacing=2)
+    return right, bottom
+
+
+def wrap(text: str, width: int) -> str:
+    """``text`` with newlines between words so that no line is wider than ``width`` px."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and text_size(f"{lines[-1]} {word}")[0] <= width:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(word)
+    return "\n".join(lines)
+
+
+class FigureLayout:
+    """Where a labelled figure puts its title, labels and tiles (all boxes are
+    (left, top, right, bottom) in px): a title over the whole figure, column labels over
+    the columns, row labels left of the rows, and the tiles upscaled by ``factor``."""
+
+    def __init__(self, rows: list[str], columns: list[str], title: str, tile_hw: tuple[int, int]) -> None:
+        self.factor = upscale_factor(min(tile_hw))
+        self.tile_h, self.tile_w = (s * self.factor for s in tile_hw)
+        self.row_labels, self.column_labels = rows, columns
+        self.label_w = max(text_size(t)[0] for t in rows) + 2 * MARGIN if any(rows) else 0
+        self.pitch_x = max(self.tile_w, max(text_size(t)[0] for t in columns) + 2 * MARGIN) + GAP
+        self.pitch_y = max(self.tile_h, max(text_size(t)[1] for t in rows) + 2 * MARGIN) + GAP
+        grid_w = self.label_w + len(columns) * self.pitch_x
+        self.title = wrap(title, max(grid_w, 480) - 2 * MARGIN)
+        self.title_h = text_size(self.title)[1] + 2 * MARGIN if title else 0
+        self.header_h = max(text_size(t)[1] for t in columns) + 2 * MARGIN if any(columns) else 0
+        self.width = max(grid_w, text_size(self.title)[0] + 2 * MARGIN)
+        self.height = self.title_h + self.header_h + len(rows) * self.pitch_y
+
+    def tile_box(self, i: int, j: int) -> tuple[int, int, int, int]:
+        left = self.label_w + j * self.pitch_x + (self.pitch_x - GAP - self.tile_w) // 2
+        top = self.title_h + self.header_h + i * self.pitch_y + (self.pitch_y - GAP - self.tile_h) // 2
+        return left, top, left + self.tile_w, top + self.tile_h
+
+    def row_label_box(self, i: int) -> tuple[int, int, int, int]:
+        top = self.title_h + self.header_h + i * self.pitch_y
+        return 0, top, self.label_w, top + self.pitch_y - GAP
+
+    def column_label_box(self, j: int) -> tuple[int, int, int, int]:
+        left = self.label_w + j * self.pitch_x
+        return left, self.title_h, left + self.pitch_x - GAP, self.title_h + self.header_h
+
+
+def labelled_figure(tiles: list[Tensor], rows: list[str], columns: list[str], title: str = "") -> tuple[Tensor, FigureLayout]:
+    """A figure ([3, H, W] uint8) of ``tiles`` (one uint8 [columns, C, h, w] tensor per
+    row, C = 1 or 3) upscaled by nearest neighbour, each row and column labelled, with
+    ``title`` wrapped over it; and its layout."""
+    from PIL import Image, ImageDraw
+
+    if len(tiles) != len(rows) or any(t.shape[0] != len(columns) for t in tiles):
+        raise ValueError(f"{len(rows)} row and {len(columns)} column labels for a grid of "
+                         f"{[t.shape[0] for t in tiles]} tiles per row")
+    layout = FigureLayout(rows, columns, title, tuple(tiles[0].shape[-2:]))
+    canvas = Image.new("RGB", (layout.width, layout.height), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = _font()
+    if title:
+        draw.multiline_text((MARGIN, MARGIN), layout.title, fill="black", font=font, spacing=2)
+    for j, text in enumerate(columns):  # centred over the column, at the bottom of the header
+        left, top, right, bottom = layout.column_label_box(j)
+        draw.multiline_text(((left + right) // 2, bottom - MARGIN), text, fill="black", font=font,
+                            anchor="md", align="center", spacing=2)
+    for i, text in enumerate(rows):  # right-aligned next to the row, vertically centred
+        left, top, right, bottom = layout.row_label_box(i)
+        draw.multiline_text((right - MARGIN, (top + bottom) // 2), text, fill="black", font=font,
+                            anchor="rm", align="right", spacing=2)
+    for i, row in enumerate(tiles):
+        row = row.cpu().expand(-1, 3, -1, -1) if row.shape[1] == 1 else row.cpu()
+        big = row.repeat_interleave(layout.factor, dim=2).repeat_interleave(layout.factor, dim=3)
+        for j, tile in enumerate(big):
+            canvas.paste(Image.fromarray(tile.permute(1, 2, 0).numpy()), layout.tile_box(i, j)[:2])
+    return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1), layout
+
+
 # --- the callbacks -------------------------------------------------------------------------
 def collate_test_images(trainer: pl.Trainer, pl_module, indices: list[int]):
     """A Batch of the test split's images ``indices`` at their bin centres."""
@@ -149,6 +269,7 @@ class Analysis(pl.Callback):
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
+        self.figures: dict[str, dict] = {}
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -159,6 +280,7 @@ class Analysis(pl.Callback):
         try:
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(self.seed)
+                self.figures: dict[str, dict] = {}  # tag -> the labels save_grid drew
                 numbers = self.analyse(trainer, pl_module)
         finally:
             pl_module.train(was_training)
@@ -172,20 +294,27 @@ class Analysis(pl.Callback):
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def save_grid(self, trainer, pl_module, rows: list[Tensor], tag: str) -> Path:
-        """``rows``: [columns, C, H, W] model-space images (or uint8), one grid row each."""
+    def save_grid(self, trainer, pl_module, rows: list[Tensor], tag: str, row_labels: list[str],
+                  column_labels: list[str], title: str) -> Path:
+        """``rows``: [columns, C, H, W] model-space images (or uint8), one grid row each.
+        Writes the labelled figure (``<name>_<tag>.png``, also sent to the loggers), the
+        bare grid at 1:1 (``raw/<name>_<tag>.png``, for composing one's own figure), and
+        records the labels for the JSON."""
         from torchvision.utils import make_grid
 
-        images = torch.cat([r if r.dtype == torch.uint8 else to_uint8(r.cpu(), pl_module.n_bits) for r in rows])
-        grid = make_grid(images.cpu(), nrow=rows[0].shape[0], padding=1)
+        rows = [(r if r.dtype == torch.uint8 else to_uint8(r, pl_module.n_bits)).cpu() for r in rows]
+        figure, _ = labelled_figure(rows, row_labels, column_labels, title)
         path = self.out_dir(trainer) / f"{self.name}_{tag}.png"
-        save_uint8_png(grid, path)
-        send_image(trainer, f"analyses/{self.name}_{tag}", grid)
+        save_uint8_png(figure, path)
+        (path.parent / "raw").mkdir(exist_ok=True)
+        save_uint8_png(make_grid(torch.cat(rows), nrow=rows[0].shape[0], padding=1), path.parent / "raw" / path.name)
+        send_image(trainer, f"analyses/{self.name}_{tag}", figure)
+        self.figures[tag] = {"title": title, "rows": row_labels, "columns": column_labels}
         return path
 
     def write_json(self, trainer, numbers: dict) -> None:
         path = self.out_dir(trainer) / f"{self.name}.json"
-        path.write_text(json.dumps(numbers, indent=2) + "\n")
+        path.write_text(json.dumps({**numbers, "figures": self.figures}, indent=2) + "\n")
 
 
 class LatentInterpolation(Analysis):
@@ -208,9 +337,14 @@ class LatentInterpolation(Analysis):
         frames = [pl_module.images_of(f) for f in frames]
         targets = pl_module.images_of(x)
         errors = {}
+        kind = "spherical" if self.spherical else "linear"
         for r in frames[0]:
             rows = [torch.stack([f[r][i] for f in frames]) for i in range(self.pairs)]
-            self.save_grid(trainer, pl_module, rows, f"res{r}")
+            self.save_grid(trainer, pl_module, rows, f"res{r}",
+                           [f"test {2 * i} -> {2 * i + 1}" for i in range(self.pairs)],
+                           [f"t={t:.2g}" for t in torch.linspace(0, 1, self.steps).tolist()],
+                           f"Decodings (T=0) of {kind} interpolations between the latents of two test images, "
+                           f"{r}x{r} (seed 004 sec. 5)")
             errors[str(r)] = max(float((frames[0][r] - targets[r][0::2]).abs().max()),
                                  float((frames[-1][r] - targets[r][1::2]).abs().max()))
         return {"pairs": self.pairs, "steps": self.steps, "spherical": self.spherical,
@@ -232,10 +366,17 @@ class LatentZeroing(Analysis):
         batch = collate_test_images(trainer, pl_module, list(range(self.images)))
         x, cond = pl_module.model_input(batch)
         columns = [pl_module.images_of(d) for d in cumulative_zeroing(pl_module.model, x, cond)]
+        latents = pl_module.model.encode(x, cond).latents
+        names = scale_names(latents)
+        # Column k has the k finest scales at their prior mean: "z0+z1 at mean".
+        labels = ["reconstruction"] + ["+".join(names[:k]) + "\nat mean" for k in range(1, len(names) + 1)]
+        labels[-1] = "all at mean\n(prior mean)"
+        shapes = scale_shapes(latents)
         for r in columns[0]:
             self.save_grid(trainer, pl_module, [torch.stack([c[r][i] for c in columns]) for i in range(self.images)],
-                           f"res{r}")
-        latents = pl_module.model.encode(x, cond).latents
+                           f"res{r}", [f"test {i}" for i in range(self.images)], labels,
+                           f"Latents set to their prior mean cumulatively, finest scale first, {r}x{r} "
+                           f"(seed 001 Fig. 6)" + (f"; latents {shapes}" if shapes else ""))
         return {"images": self.images, "scales_finest_first": [str(k) for k in scale_keys(latents)]}
 
 
@@ -265,7 +406,10 @@ class ResamplingMaps(Analysis):
             shown = (stds / peak * 255).round().clamp(0, 255).to(torch.uint8)
             shown = shown[:, :, None].expand(-1, -1, 3 if image.shape[1] == 3 else 1, -1, -1)
             rows = [torch.cat([to_uint8(image[i:i + 1].cpu(), pl_module.n_bits), shown[i].cpu()]) for i in range(self.images)]
-            self.save_grid(trainer, pl_module, rows, f"res{r}")
+            self.save_grid(trainer, pl_module, rows, f"res{r}", [f"test {i}" for i in range(self.images)],
+                           ["test image"] + [f"std, {name}\nresampled" for name in scale_names(latents)],
+                           f"Pixel-wise std of {self.samples} decodings with one scale resampled from its prior "
+                           f"(T=1) and the others kept, {r}x{r}; white = the row's largest std (seed 001 Fig. 5)")
             numbers[str(r)] = {str(key): float(maps[key][r].mean()) for key in keys}
         return {"samples": self.samples, "scales_finest_first": [str(k) for k in keys],
                 "mean_pixel_std": numbers}
@@ -306,9 +450,14 @@ class NearestNeighbours(Analysis):
         rows = [torch.cat([samples[i:i + 1].cpu(), torch.stack([reduce_bits(train[int(j)]["images"][resolution],
                                                                             pl_module.n_bits) for j in indices[i]])])
                 for i in range(self.samples)]
-        self.save_grid(trainer, pl_module, rows, f"res{resolution}")
         scale = math.sqrt(samples[0].numel())  # RMS distance per dimension, in uint8 levels
         sample_nn, test_nn = distances[:, 0].cpu() / scale, test_distances[:, 0].cpu() / scale
+        self.save_grid(trainer, pl_module, rows, f"res{resolution}",
+                       [f"sample {i}\nd={float(d):.1f}" for i, d in enumerate(sample_nn)],
+                       ["sample"] + [f"neighbour {j + 1}" for j in range(self.k)],
+                       f"Samples (T={self.temperature:g}) and their {self.k} L2-nearest training images, "
+                       f"{resolution}x{resolution} (seed 001 Fig. 9); d = RMS distance to neighbour 1 in 8-bit "
+                       f"levels (median over {len(test_nn)} test images: {float(test_nn.median()):.1f})")
         return {"resolution": resolution, "k": self.k, "temperature": self.temperature,
                 "unit": "root-mean-square difference per dimension, in 8-bit levels",
                 "samples": {"count": self.samples, "mean": float(sample_nn.mean()), "median": float(sample_nn.median())},
@@ -338,7 +487,12 @@ class NoiseSweep(Analysis):
             for r, recon in pl_module.noisy_reconstructions(batch, sigma).items():
                 rows.setdefault(r, []).append(recon.images)
                 failure.setdefault(str(r), {})[f"{sigma:g}"] = float(recon.failure_rate)
+        sigma_is = getattr(pl_module, "sigma_is", "std")
+        symbol = "sigma^2" if sigma_is == "variance" else "sigma"  # the default font has no Greek
         for r, grid_rows in rows.items():
-            self.save_grid(trainer, pl_module, grid_rows, f"res{r}")
-        return {"sigmas": list(sigmas), "sigma_is": getattr(pl_module, "sigma_is", "std"),
-                "failure_rate": failure}
+            self.save_grid(trainer, pl_module, grid_rows, f"res{r}",
+                           [f"{symbol}={s:g}\nfailed {failure[str(r)][f'{s:g}']:.0%}" for s in sigmas],
+                           [f"test {i}" for i in range(self.images)],
+                           f"Reconstructions f^-1(f(x) + sigma eps), eps ~ N(0, I), sigma the noise {sigma_is}, "
+                           f"one row per sigma, {r}x{r} (seed 000 Fig. 4.1, 4.2)")
+        return {"sigmas": list(sigmas), "sigma_is": sigma_is, "failure_rate": failure}

@@ -20,6 +20,8 @@ table and mid-epoch resume are Lightning callbacks (``callbacks.py``).
 from __future__ import annotations
 
 import inspect
+import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,9 +30,11 @@ import torch
 from pytorch_lightning.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor, nn
 
+from datamodules.pyramid import check_resolutions
 from flows.model import NoisyReconstruction, map_latents
 from flows.quantization import bits_per_dim, check_n_bits, dequantize, per_sample_uniform
-from lightning_modules.checkpointing import newest_checkpoint, state_dict_mismatch, upgrade_state_dict
+from lightning_modules.checkpointing import (load_checkpoint_file, newest_checkpoint, state_dict_mismatch,
+                                             upgrade_state_dict)
 from lightning_modules.errors import CheckpointError, ConfigurationError, TrainingDivergedError
 from lightning_modules.parts import (OptimizerGroup, OptimizerSettings, Part, RelativeGradientClipping,
                                      build_optimizer, load_and_freeze, steps_per_epoch)
@@ -93,13 +97,23 @@ class FlowModule(pl.LightningModule):
         max_skipped_steps: stop with an error after this many consecutive optimizer
             steps skipped for a non-finite loss or gradient (a diverged run never
             advances global_step, so max_steps alone would never end it).
+        accumulate_grad_batches: sum the gradients of this many batches (each loss
+            scaled by 1/k) into one optimizer step: an effective batch of k x the data's
+            batch size per process (seed 001's official code: micro-batches of 4 to 16).
+            Lightning's ``trainer.accumulate_grad_batches`` does not apply to the manual
+            optimization used here. The schedules count optimizer steps; the last group
+            of an epoch may be shorter; a non-finite loss drops the whole group.
     """
 
     def __init__(self, *, n_bits: int = 8, grad_clip_norm: float | None = None,
                  grad_clip_relative: float | None = None, evaluation_seed: int = 1234, channels_last: bool = False, compile: bool = False,
-                 max_skipped_steps: int = 100) -> None:
+                 max_skipped_steps: int = 100, accumulate_grad_batches: int = 1) -> None:
         super().__init__()
         self.automatic_optimization = False
+        if accumulate_grad_batches < 1:
+            raise ConfigurationError(f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
+        self.accumulate_grad_batches = int(accumulate_grad_batches)
+        self._accumulated = 0  # micro-batches whose gradients are summed, not yet stepped
         self.n_bits = check_n_bits(n_bits)
         if grad_clip_norm is not None and not grad_clip_norm > 0:
             raise ConfigurationError(f"grad_clip_norm must be > 0 or null, got {grad_clip_norm}")
@@ -228,9 +242,17 @@ class FlowModule(pl.LightningModule):
             return
         missing = [r for r in self.resolutions if r not in datamodule.resolutions]
         if missing:
+            fix = f"add {missing} to data.init_args.resolutions"
+            image_size = getattr(getattr(datamodule, "pyramid", None), "image_size", None)
+            try:  # a pyramid only halves its image_size: a larger resolution cannot be added
+                check_resolutions(image_size, [*datamodule.resolutions, *missing])
+            except (TypeError, ValueError):
+                fix = (f"set data.init_args.image_size: {max(self.resolutions)} and data.init_args.resolutions: "
+                       f"{sorted(self.resolutions, reverse=True)} (the data's image_size is {image_size}), or "
+                       f"build the model for {image_size}-pixel images")
             raise ConfigurationError(
                 f"{type(self).__name__} models resolutions {self.resolutions} but the data "
-                f"module yields {datamodule.resolutions}; add {missing} to data.init_args.resolutions")
+                f"module yields {datamodule.resolutions}; {fix}")
         if datamodule.channels != self.in_channels:
             raise ConfigurationError(f"the data have {datamodule.channels} channels but the model expects "
                              f"{self.in_channels}; set in_channels: {datamodule.channels} in the model")
@@ -267,13 +289,24 @@ class FlowModule(pl.LightningModule):
         out = self.compute_losses(self.prepare_batch(batch, noise=True))
         self._log_metrics("train", out, on_step=True)
         optimizer = self.optimizers()
-        optimizer.zero_grad(set_to_none=True)
+        k = self.accumulate_grad_batches
+        if self._accumulated == 0:
+            optimizer.zero_grad(set_to_none=True)
         # Every process must take the same decision, or DDP's all-reduce would wait forever.
         finite = self.trainer.strategy.reduce(torch.isfinite(out.loss.detach()).float(), reduce_op="min")
         if not bool(finite):
+            # The group's gradients are dropped with it: a step from part of a group would
+            # weigh its micro-batches by 1/k of a batch they do not fill.
+            self._accumulated = 0
+            optimizer.zero_grad(set_to_none=True)
             self._skip_step("loss")
             return out.loss.detach()
-        self.manual_backward(out.loss)
+        self.manual_backward(out.loss / k if k > 1 else out.loss)
+        self._accumulated += 1
+        last_of_epoch = batch_idx + 1 >= getattr(self.trainer, "num_training_batches", float("inf"))
+        if self._accumulated < k and not last_of_epoch:
+            return out.loss.detach()
+        self._accumulated = 0
         self._step_applied = True
         # With a GradScaler (16-mixed) Lightning unscales here, then calls
         # on_before_optimizer_step (clipping and the finiteness check) and steps.
@@ -320,18 +353,42 @@ class FlowModule(pl.LightningModule):
         self.log(f"train/skipped_for_non_finite_{reason}", 1.0, on_step=True, on_epoch=False)
         self.print(f"step {self.global_step}: non-finite {reason}, optimizer step skipped "
                    f"({self.consecutive_skipped_steps} in a row, {int(self.skipped_steps)} so far)")
+        self._last_skip_reason = reason
         if self.consecutive_skipped_steps >= self.max_skipped_steps:
             raise TrainingDivergedError(self._divergence_message(reason))
 
-    def _divergence_message(self, reason: str) -> str:
+    def on_train_end(self) -> None:
+        """A run that reaches max_epochs (or max_steps) while diverged is no success: with
+        fewer steps per epoch than ``max_skipped_steps`` the in-step rule never fires.
+        Diverged here: the skips in a row at the end are at least
+        min(max_skipped_steps, optimizer steps per epoch), i.e. a whole epoch (or the
+        allowance) without an applied step. A few trailing skips of a healthy run pass."""
+        epoch_steps = self.trainer.num_training_batches
+        if math.isfinite(epoch_steps):
+            epoch_steps = math.ceil(epoch_steps / max(1, int(getattr(self, "accumulate_grad_batches", 1))))
+        if self.consecutive_skipped_steps and self.consecutive_skipped_steps >= min(self.max_skipped_steps,
+                                                                                  epoch_steps):
+            raise TrainingDivergedError(self._divergence_message(getattr(self, "_last_skip_reason", "loss"),
+                                                                 at_end=True))
+
+    def _divergence_message(self, reason: str, at_end: bool = False) -> str:
         trainer = self.trainer
-        checkpoint = getattr(trainer.checkpoint_callback, "last_model_path", "") or \
-            getattr(trainer.checkpoint_callback, "best_model_path", "") or newest_checkpoint(trainer.default_root_dir)
+        callback = trainer.checkpoint_callback
         rates = sorted({f"{group['lr']:.3g}" for group in self.optimizers().param_groups})
-        return (f"training stopped: {self.consecutive_skipped_steps} optimizer steps in a row were skipped "
-                f"because the {reason} was not finite (the last at step {self.global_step}; "
-                f"max_skipped_steps is {self.max_skipped_steps}). The last good checkpoint is "
-                f"{checkpoint or 'none (none was written yet)'}. Try a lower learning rate (now {', '.join(rates)}), "
+        if at_end:
+            # last.ckpt holds the diverged state; the best one has a finite metric
+            # (lightning_modules.ModelCheckpoint never ranks a non-finite value best).
+            checkpoint = getattr(callback, "best_model_path", "") or "none (no checkpoint with a finite metric)"
+            what = (f"training ended diverged: its last {self.consecutive_skipped_steps} optimizer steps in a row "
+                    f"were skipped because the {reason} was not finite (a whole epoch, or max_skipped_steps = "
+                    f"{self.max_skipped_steps}, without an applied step). The best checkpoint is {checkpoint}")
+        else:
+            checkpoint = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "") or \
+                newest_checkpoint(trainer.default_root_dir) or "none (none was written yet)"
+            what = (f"training stopped: {self.consecutive_skipped_steps} optimizer steps in a row were skipped "
+                    f"because the {reason} was not finite (the last at step {self.global_step}; "
+                    f"max_skipped_steps is {self.max_skipped_steps}). The last good checkpoint is {checkpoint}")
+        return (f"{what}. Try a lower learning rate (now {', '.join(rates)}), "
                 f"stronger gradient clipping (grad_clip_norm, now {self.grad_clip_norm}), or full precision "
                 f"(trainer.precision, now {trainer.precision}), then resume from that checkpoint.")
 
@@ -368,6 +425,21 @@ class FlowModule(pl.LightningModule):
         checkpoint[MODEL_KEY] = {"class": type(self).__name__, "name": self.model_name}
         if self.relative_clipping is not None:
             checkpoint[RELATIVE_CLIPPING_KEY] = self.relative_clipping.state()
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
+        """Lightning's, after reading the file through :func:`load_checkpoint_file`: an
+        unreadable file (truncated, text, a directory) or one of another family fails with
+        a CheckpointError paragraph, not a raw PytorchStreamReader error or Lightning's
+        advice to import the other family's module."""
+        if isinstance(checkpoint_path, (str, os.PathLike)):
+            written_by = load_checkpoint_file(checkpoint_path).get(MODEL_KEY, {})
+            if written_by and written_by.get("class") != cls.__name__:
+                raise CheckpointError(
+                    f"{str(checkpoint_path)!r} was written by {written_by.get('class')} "
+                    f"{written_by.get('name', '')!r}, not by a {cls.__name__}: load it with "
+                    f"lightning_modules.{written_by.get('class')}.load_from_checkpoint")
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Runs before Lightning loads the state dict: map the keys of earlier versions,

@@ -19,14 +19,17 @@ is the module's business (one per cascade stage, for instance).
 from __future__ import annotations
 
 import math
+import os
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
+from torch.utils.data import Dataset, Subset
 
-from datamodules.datamodules import ResumableSampler
+from datamodules.datamodules import PyramidDataset, ResumableSampler
 from flows.quantization import reduce_bits, to_uint8
 from lightning_modules.checkpointing import RNG_KEY, gather_rng_states, restore_rng_states
 from lightning_modules.errors import ConfigurationError
@@ -36,16 +39,34 @@ from lightning_modules.metrics import (FIDSettings, ImagesAtResolution, TensorIm
 
 
 def log_dir(trainer: pl.Trainer) -> Path:
-    """Where tables, sweeps and sample grids go: Trainer.log_dir's rule without its
-    broadcast, which would deadlock when only process 0 asks."""
-    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+    """A run's folder, where its tables, sweeps, analyses and sample grids go; printed the
+    first time. One rule for every logger, Lightning's for checkpoints:
 
-    loggers = trainer.loggers
-    if not loggers:
-        return Path(trainer.default_root_dir)
-    first = loggers[0]
-    directory = first.log_dir if isinstance(first, (TensorBoardLogger, CSVLogger)) else first.save_dir
-    return Path(directory or trainer.default_root_dir)
+    * training: the folder that holds ``checkpoints/``, ``<save_dir>/<name>/<version>``
+      of the first logger (CSV and TensorBoard ``<name>/version_N``, W&B
+      ``<project>/<run id>``), ``default_root_dir`` without a logger;
+    * ``lightning test`` / ``validate`` / ``predict`` of a checkpoint: beside it, in its
+      run folder for ``<run>/checkpoints/<file>`` (not the new ``version_N`` a logger
+      opens for the test), unless that folder cannot be written.
+
+    Without Trainer.log_dir's broadcast, which would deadlock when only process 0 asks."""
+    from pytorch_lightning.trainer.states import TrainerFn
+
+    directory = None
+    if trainer.state.fn != TrainerFn.FITTING and trainer.ckpt_path and Path(trainer.ckpt_path).is_file():
+        tested = Path(trainer.ckpt_path).resolve().parent
+        tested = tested.parent if tested.name == "checkpoints" else tested
+        directory = tested if os.access(tested, os.W_OK) else None
+    if directory is None and trainer.loggers:
+        first = trainer.loggers[0]
+        version = first.version if isinstance(first.version, str) else f"version_{first.version}"
+        directory = Path(first.save_dir or trainer.default_root_dir) / str(first.name) / version
+    directory = Path(directory or trainer.default_root_dir)
+    announced = trainer.__dict__.setdefault("_msflows_announced_log_dirs", set())
+    if directory not in announced and trainer.is_global_zero:
+        announced.add(directory)
+        print(f"outputs of this run ({trainer.state.fn.value}): {directory}", file=sys.stderr)
+    return directory
 
 
 def check_temperatures(callback: pl.Callback, pl_module: pl.LightningModule, temperatures) -> None:
@@ -204,8 +225,10 @@ class TestMetrics(pl.Callback):
     """At the end of ``lightning test``: ``metrics.json`` in the log folder with the
     model name, the test bits per dim per resolution (``bpd`` exact, ``bpd_bound`` where
     the likelihood is a lower bound) and every test metric; with ``fid`` settings also
-    FID and KID per resolution against the test split at that resolution (seed 000
-    sec. 4.2; samples split over the processes, scored once) and, with
+    FID and KID per resolution against a reference split at that resolution (seed 000
+    sec. 4.2: the test split; seed 001's official code: the training images, up to 30k;
+    ``fid.reference_split`` chooses, the count goes in ``fid_reference_images``; samples
+    split over the processes, scored once) and, with
     ``fid.sweep_temperatures``, the FID-vs-temperature sweep of seed 000 Fig. 4.4
     (``temperature_sweep.json`` and ``.png``).
 
@@ -231,6 +254,8 @@ class TestMetrics(pl.Callback):
                                 self.sample_quality(trainer, pl_module, t).items()}
                      for t in self.fid.sweep_temperatures}
             table = {"evaluation": settings_dict(self.fid),
+                     "fid_reference_split": next((row["reference_split"] for row in results.values()), None),
+                     "fid_reference_images": {str(r): row["reference_images"] for r, row in results.items()},
                      "fid": {str(r): row["fid"] for r, row in results.items()},
                      "kid": {str(r): row["kid"] for r, row in results.items()},
                      "kid_std": {str(r): row["kid_std"] for r, row in results.items()}}
@@ -259,7 +284,8 @@ class TestMetrics(pl.Callback):
             plot_temperature_sweep(out_dir / "temperature_sweep.png", table["temperature_sweep"],
                                    f"{name}: FID vs temperature")
         if "fid" in table:
-            flat = {f"test/{kind}_{r}": v for kind in ("fid", "kid") for r, v in table[kind].items()}
+            flat = {f"test/{kind}_{r}": v for kind in ("fid", "kid", "fid_reference_images")
+                    for r, v in table[kind].items()}
             for logger in trainer.loggers:
                 logger.log_metrics(flat, step=trainer.global_step)
         write_metrics_table(out_dir / "metrics.json", table)
@@ -287,15 +313,34 @@ class TestMetrics(pl.Callback):
                      for r, x in fakes.items()}
         return fakes
 
+    def reference(self, datamodule, pl_module: pl.LightningModule) -> tuple[str, Dataset]:
+        """The real images of FID/KID: ``fid.reference_split`` (else the module's
+        ``fid_reference_split``, else ``test``), built from the data module when the
+        running stage did not set it up (the training images at ``lightning test``),
+        capped at ``fid.reference_max_images`` (the first images, in the split's order)."""
+        split = self.fid.reference_split or getattr(pl_module, "fid_reference_split", "test")
+        dataset = datamodule.datasets.get(split)
+        if dataset is None and hasattr(datamodule, "build_sources"):
+            source = datamodule.build_sources("test" if split == "test" else "fit").get(split)
+            dataset = None if source is None else PyramidDataset(source, datamodule.pyramid)
+        if dataset is None:
+            raise ConfigurationError(f"FID compares with the {split!r} split of the data (fid.reference_split), "
+                                     f"but {type(datamodule).__name__} has none here; set fid.reference_split "
+                                     "to a split it has (train, val or test), and run `lightning test`")
+        cap = self.fid.reference_max_images
+        if cap is not None and len(dataset) > cap:
+            dataset = Subset(dataset, range(cap))
+        return split, dataset
+
     def sample_quality(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                        temperature) -> dict[int, dict[str, float]]:
-        """FID and KID at every resolution against the test split at that resolution.
-        Collective: every process calls it; process 0 returns the scores."""
+        """FID and KID at every resolution against the reference images
+        (:meth:`reference`) at that resolution; each row also names the reference split
+        and its image count. Collective: every process calls it; process 0 returns the
+        scores."""
         settings = self.fid
         datamodule = trainer.datamodule
-        real_split = datamodule.datasets.get("test")
-        if real_split is None:
-            raise RuntimeError("FID compares with the test split; run `lightning test`")
+        split, real_split = self.reference(datamodule, pl_module)
         fakes = self.generate(trainer, pl_module, temperature)
         if not trainer.is_global_zero:
             return {}
@@ -305,12 +350,14 @@ class TestMetrics(pl.Callback):
         for resolution, images in fakes.items():
             cache_name = "-".join(str(part) for part in (
                 type(datamodule).__name__, Path(str(datamodule.data_dir)).name or "data",
-                datamodule.image_size, getattr(datamodule, "seed", 0), "test", len(real_split),
+                datamodule.image_size, getattr(datamodule, "seed", 0), split, len(real_split),
                 resolution, n_bits, features))
             results[resolution] = fidelity(TensorImages(images), ImagesAtResolution(real_split, resolution, n_bits),
                                            settings, cache_name, cuda=pl_module.device.type == "cuda")
+            results[resolution].update(reference_split=split, reference_images=len(real_split))
             pl_module.print(f"{getattr(pl_module, 'model_name', '')} at {resolution}px, temperature {temperature}: "
-                            f"FID {results[resolution]['fid']:.2f}, KID {results[resolution]['kid']:.4f}")
+                            f"FID {results[resolution]['fid']:.2f}, KID {results[resolution]['kid']:.4f} "
+                            f"(against {len(real_split)} {split} images)")
         return results
 
 

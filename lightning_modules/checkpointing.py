@@ -28,6 +28,7 @@ import threading
 import time
 import types
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,29 +36,61 @@ import numpy as np
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from lightning_modules.errors import CheckpointError, RunLockedError
+from lightning_modules.errors import CheckpointError, RunLockedError, StorageError
 
 RNG_KEY = "rng_states"
 WANDB_ID_FILE = "wandb_run_id.txt"
 
 
+# Disk faults a user fixes (free space, another folder): (what happened, what to do).
+_STORAGE_FAULTS = {
+    errno.ENOSPC: ("no space left on device", "free space, then resume (ckpt_path: auto)"),
+    errno.EDQUOT: ("disk quota exceeded", "free space or raise the quota, then resume (ckpt_path: auto)"),
+    errno.EROFS: ("read-only file system", "give the run a folder it can write to with "
+                                           "--trainer.default_root_dir DIR"),
+    errno.EACCES: ("permission denied", "give the run a folder it can write to with --trainer.default_root_dir DIR"),
+    errno.EPERM: ("operation not permitted", "give the run a folder it can write to with "
+                                             "--trainer.default_root_dir DIR"),
+}
+
+
+def storage_error(error: BaseException, target: str, note: str = "") -> StorageError | None:
+    """The one-paragraph :class:`StorageError` for a disk fault met writing ``target``
+    (full, over quota, read-only, not permitted), or None for any other error."""
+    code = getattr(error, "errno", None)
+    if code is None and "unexpected pos" in str(error):
+        code = errno.ENOSPC  # torch's zip writer reports a full disk as "unexpected pos ..."
+    if code not in _STORAGE_FAULTS:
+        return None
+    what, remedy = _STORAGE_FAULTS[code]
+    return StorageError(f"{what} writing {target}{f' ({note})' if note else ''}; {remedy}.", code)
+
+
+@contextmanager
+def storage_faults_reported(target: str, note: str = ""):
+    """Raise a disk fault inside the block as one :func:`storage_error` paragraph (not the
+    OS error chained to torch's), and any other error as it is."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        problem = storage_error(error, target, note)
+        if problem is None:
+            raise
+        raise problem from None
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
-            with open(temporary, "wb") as handle:
-                torch.save(checkpoint, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, path)  # atomic on POSIX: the old file or the new, never half
-        except (OSError, RuntimeError) as error:
-            # torch's zip writer reports a full disk as "unexpected pos ..."
-            if getattr(error, "errno", None) == errno.ENOSPC or "unexpected pos" in str(error):
-                raise OSError(errno.ENOSPC, f"no space left on device writing {path} (the previous "
-                                            "checkpoint there is kept); free space and resume") from error
-            raise
+            with storage_faults_reported(str(path), "the previous checkpoint there, if any, is kept"):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with open(temporary, "wb") as handle:
+                    torch.save(checkpoint, handle)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(temporary, path)  # atomic on POSIX: the old file or the new, never half
         finally:
             if temporary.exists():
                 temporary.unlink()
@@ -93,6 +126,13 @@ def load_checkpoint_file(path: str | Path, map_location=None) -> dict[str, Any]:
     """torch.load of a trusted checkpoint of this project, earlier versions included;
     the state dict's keys are upgraded to the current names."""
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(str(p.relative_to(path)) for p in path.rglob("*.ckpt"))
+        listing = (f"the checkpoints inside are {', '.join(inside[:10])}{' ...' if len(inside) > 10 else ''}"
+                   if inside else "it holds no .ckpt file")
+        raise CheckpointError(f"checkpoint {str(path)!r} is a directory, not a checkpoint file: {listing}. "
+                              "Pass one file (e.g. .../checkpoints/last.ckpt), or ckpt_path: auto with "
+                              "trainer.default_root_dir set to the run's folder.")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     if path.stat().st_size == 0:
@@ -101,7 +141,7 @@ def load_checkpoint_file(path: str | Path, map_location=None) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location=map_location or "cpu", weights_only=False,
                                 pickle_module=_tolerant_pickle)
-    except (EOFError, RuntimeError, pickle.UnpicklingError, ValueError, OSError) as error:
+    except Exception as error:  # noqa: BLE001 - a text file fails with KeyError, IndexError, ...
         raise CheckpointError(f"cannot read checkpoint {str(path)!r} ({type(error).__name__}: {error}); "
                               "the file is truncated or not a checkpoint of this project. Use an earlier "
                               "one (ckpt_path: auto picks the newest readable one).") from error
@@ -275,8 +315,15 @@ class RunLock:
             pass
         return fresh
 
+    def _storage_faults_reported(self):
+        return storage_faults_reported(f"the run lock {self.path}",
+                                       "a run keeps its lock, checkpoints and logs in trainer.default_root_dir")
+
     def acquire(self) -> "RunLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # A read-only or full folder fails here in one paragraph, before anything else is
+        # written there.
+        with self._storage_faults_reported():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         holder = self.holder() if self.path.exists() else None
         if holder is not None and self.holder_is_live(holder):
             raise RunLockedError(
@@ -289,8 +336,9 @@ class RunLock:
             warnings.warn(f"taking over the lock of a run that is gone ({holder}) in {self.path.parent}",
                           stacklevel=2)
         temporary = self.path.with_name(f".{LOCK_FILE}.{os.getpid()}.tmp")
-        temporary.write_text(json.dumps(self.owner))
-        os.replace(temporary, self.path)
+        with self._storage_faults_reported():
+            temporary.write_text(json.dumps(self.owner))
+            os.replace(temporary, self.path)
         self._thread = threading.Thread(target=self._heartbeat, daemon=True)
         self._thread.start()
         return self

@@ -15,26 +15,38 @@ Cluster behaviour (README "Running on a cluster"):
 * Checkpoints are written atomically (:class:`AtomicCheckpointIO`).
 * Every run gets the :class:`~lightning_modules.callbacks.ExactResume` callback (RNG
   states in checkpoints, mid-epoch resume), whether or not the config lists it.
+* Every run gets :class:`~lightning_modules.signals.SignalCheckpoint`: SIGTERM, Ctrl-C and
+  the SLURM requeue signal save a checkpoint at the end of the current step (and requeue),
+  then the process exits with status 128 + signal number.
 * A WandbLogger without an ``id`` gets the one stored in
   ``default_root_dir/wandb_run_id.txt`` (created on the first launch), so a requeued job
   continues the same W&B run; the resolved config is logged to W&B.
 """
 from __future__ import annotations
 
+import difflib
+import importlib
+import inspect
 import os
+import re
+import signal
 import sys
+from pathlib import Path
 
 import pytorch_lightning as pl
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
-from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
+from jsonargparse import Namespace
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from datamodules import PyramidDataModule
 from datamodules.sources import DatasetNotFoundError, DataSettingsError
 from lightning_modules.callbacks import ExactResume
 from lightning_modules.checkpointing import (AtomicCheckpointIO, RunLock, persistent_wandb_id,
-                                             remove_stale_temporaries, resume_checkpoint)
+                                             remove_stale_temporaries, resume_checkpoint, storage_error)
 from lightning_modules.errors import ConfigurationError, UsageError
+from lightning_modules.signals import SignalCheckpoint
 
 
 def is_launch_process() -> bool:
@@ -70,6 +82,122 @@ def constructor_reason(message: str) -> str:
     return lines[0] if lines else message
 
 
+_PARSER_NOISE = ("Does not validate against", "Subtypes:", "Errors:", "Given value", "Expected a <class 'NoneType'>",
+                 "Expected a path but", "Not a valid subclass of", "Parser key", "Problem with given class_path")
+_PARSER_CONTEXT = (re.compile(r'\s*(?:- )?Parser key "([^"]+)"'),
+                   re.compile(r"\s*(?:- )?Problem with given class_path '([^']+)'"))
+
+
+def parser_cause(message: str) -> str:
+    """jsonargparse reports a bad value as a tree (every union alternative it tried, the
+    whole value, 20 to 60 lines, the cause near the end): keep the deepest cause with the
+    keys and class paths above it, on one line."""
+    lines = message.splitlines()
+
+    def indent(line: str) -> int:
+        return len(line) - len(line.lstrip())
+
+    cause, skip_below = None, None
+    for i, line in enumerate(lines):
+        text = line.strip().removeprefix("- ")
+        if skip_below is not None and indent(line) > skip_below:
+            continue  # the list of forms a class may take, not a cause
+        skip_below = indent(line) if text.startswith("Subclass types expect") else None
+        if text and not text.startswith(_PARSER_NOISE) and skip_below is None:
+            if cause is None or indent(line) > indent(lines[cause]):
+                cause = i
+    if cause is None:
+        return next((line.strip() for line in lines if line.strip()), message)
+    context, level = [], indent(lines[cause])
+    for line in reversed(lines[:cause]):
+        match = next((m for m in (p.match(line) for p in _PARSER_CONTEXT) if m), None)
+        if match and indent(line) < level:
+            context.insert(0, match.group(1))
+            level = indent(line)
+    text = re.sub(r"<class '([\w.]+)'>", r"\1", lines[cause].strip().removeprefix("- "))
+    given = next((line.strip()[len("Given value: "):] for line in lines[cause + 1:]
+                  if line.strip().startswith("Given value: ") and indent(line) <= indent(lines[cause])), None)
+    if given is not None and "Got value" not in text and given not in context:
+        text += f", got {given}"
+    missing = re.match(r"module '([\w.]+)' has no attribute '(\w+)'", text)
+    if missing:  # a misspelt class path: name the closest one
+        try:
+            names = dir(importlib.import_module(missing.group(1)))
+        except ImportError:
+            names = []
+        close = difflib.get_close_matches(missing.group(2), names, n=1)
+        if close:
+            text += f" (did you mean {missing.group(1)}.{close[0]}?)"
+    return ": ".join([*context, text])
+
+
+class MsflowsArgumentParser(LightningArgumentParser):
+    """Reports a bad argument in one paragraph, the cause first, instead of the usage
+    page and jsonargparse's tree (``MSFLOWS_TRACEBACK=1`` or ``JSONARGPARSE_DEBUG=1``:
+    the full report)."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error or os.environ.get("MSFLOWS_TRACEBACK") or os.environ.get("JSONARGPARSE_DEBUG"):
+            return super().error(message, ex)  # nested parses catch the ArgumentError this raises
+        self._logger.error(message)
+        prog = (getattr(ex, "subcommand_parser", None) or self).prog.replace(" [options]", "")
+        sys.stderr.write(f"error: {parser_cause(message)}. Run `{prog} --help` for the options "
+                         "(MSFLOWS_TRACEBACK=1 prints the parser's full report).\n")
+        self.exit(2)
+
+
+def given_on_command_line(argv: list[str], key: str) -> bool:
+    """True when ``--key``, ``--key=...`` or a key below it (``--key.x``) is an argument,
+    or a value given to ``--key``'s parent (e.g. ``--trainer.logger '{...}'``) names it."""
+    flag = f"--{key}"
+    if any(a == flag or a.startswith((f"{flag}=", f"{flag}.")) for a in argv):
+        return True
+    parent, _, leaf = key.rpartition(".")
+    return any(a.startswith(f"--{parent}") and leaf in " ".join(argv[i:i + 2]) for i, a in enumerate(argv))
+
+
+def accepts(class_path: str, argument: str) -> bool:
+    module, _, name = class_path.rpartition(".")
+    try:
+        return argument in inspect.signature(getattr(importlib.import_module(module), name)).parameters
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return False
+
+
+def follow_default_root_dir(config: Namespace, argv: list[str]) -> None:
+    """``--trainer.default_root_dir DIR`` on the command line moves the whole run there.
+    The configs' loggers name their own ``save_dir`` (where checkpoints, logs and samples
+    go), while the run lock, ``ckpt_path: auto`` and the W&B id look in
+    ``default_root_dir``: so every logger's ``save_dir``, and a ModelCheckpoint
+    ``dirpath`` below a logger's old folder, follow DIR, unless the command line sets the
+    logger's ``save_dir`` itself."""
+    if not given_on_command_line(argv, "trainer.default_root_dir"):
+        return
+    if given_on_command_line(argv, "trainer.logger.init_args.save_dir") or \
+            given_on_command_line(argv, "trainer.logger.save_dir"):
+        return
+    root = config.trainer.default_root_dir
+    loggers = config.trainer.logger
+    moved = []
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        class_path = getattr(logger, "class_path", "") or ""
+        init_args = getattr(logger, "init_args", None)
+        if init_args is None or not accepts(class_path, "save_dir"):
+            continue
+        old = init_args.get("save_dir")
+        if old is not None and os.path.normpath(str(old)) != os.path.normpath(root):
+            moved.append(Path(old))
+        init_args["save_dir"] = root
+    callbacks = config.trainer.get("callbacks")
+    for callback in callbacks if isinstance(callbacks, list) else [callbacks] if callbacks else []:
+        init_args = getattr(callback, "init_args", None)
+        dirpath = init_args.get("dirpath") if init_args is not None else None
+        for old in moved if dirpath else []:
+            if Path(dirpath).is_relative_to(old):
+                init_args["dirpath"] = str(Path(root) / Path(dirpath).relative_to(old))
+                break
+
+
 class MsflowsCLI(LightningCLI):
     run_lock: RunLock | None = None
 
@@ -79,8 +207,17 @@ class MsflowsCLI(LightningCLI):
         and dropping test-time settings. The config wins here; ``on_load_checkpoint``
         refuses a checkpoint that does not fit it, before the first step."""
 
+    command_line: list[str] = []
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        # What the command line itself set (not a config file) decides follow_default_root_dir.
+        listed = sys.argv[1:] if args is None else args if isinstance(args, (list, tuple)) else []
+        self.command_line = [str(a) for a in listed]
+        super().parse_arguments(parser, args)
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        follow_default_root_dir(config, self.command_line)
         root = config.trainer.default_root_dir or "."
         if self.subcommand == "fit" and is_launch_process():
             MsflowsCLI.run_lock = RunLock(root).acquire()
@@ -109,6 +246,8 @@ class MsflowsCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         if not any(isinstance(c, ExactResume) for c in trainer.callbacks):
             trainer.callbacks.append(ExactResume())
+        if not any(isinstance(c, SignalCheckpoint) for c in trainer.callbacks):
+            trainer.callbacks.append(SignalCheckpoint())  # SIGTERM / Ctrl-C / SLURM requeue: save, then stop
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
@@ -125,14 +264,50 @@ def main(args=None) -> None:
         # The message says what was expected and how to fix it; a traceback would bury it.
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except SIGTERMException:
+        # Lightning's SIGTERM handler, before training started (SignalCheckpoint takes
+        # over from the first step): nothing new to save, but the run did not finish.
+        print("stopped by SIGTERM before the first training step; nothing new to save (exit status 143)",
+              file=sys.stderr)
+        raise SystemExit(128 + signal.SIGTERM) from None
+    except OSError as error:
+        # A disk fault outside the checkpoint and lock writes (a logger's file, a figure).
+        problem = storage_error(error, str(error.filename or "a file of the run"))
+        if problem is None or os.environ.get("MSFLOWS_TRACEBACK"):
+            raise
+        print(f"error: {problem}", file=sys.stderr)
+        raise SystemExit(2) from None
     finally:
         if MsflowsCLI.run_lock is not None:
             MsflowsCLI.run_lock.release()
             MsflowsCLI.run_lock = None
 
 
+def integers_first(function) -> None:
+    """Make every ``int``-or-``float`` parameter of ``function`` try ``int`` first, as its
+    source says (``limit_val_batches: Optional[Union[int, float]]``: an int is a number
+    of batches, a float a fraction). Python < 3.14 caches ``typing.Union`` by equality,
+    and ``Union[int, float] == Union[float, int]``: lightning_fabric creates
+    ``Optional[Union[float, int]]`` first, so the Trainer's annotations come out
+    float-first and jsonargparse, trying the members in order, reads ``1`` as ``1.0``
+    (all batches; issue 23 item 10). ``int | float`` (types.UnionType) is not cached."""
+    import functools
+    import operator
+    import typing
+
+    annotations = getattr(function, "__annotations__", {})
+    for name, annotation in list(annotations.items()):
+        members = typing.get_args(annotation)
+        if typing.get_origin(annotation) is typing.Union and int in members and float in members \
+                and members.index(float) < members.index(int):
+            ordered = (int, float, *(m for m in members if m not in (int, float)))
+            annotations[name] = functools.reduce(operator.or_, ordered)
+
+
 def build_cli(args=None, run: bool = True) -> LightningCLI:
+    integers_first(pl.Trainer.__init__)
     return MsflowsCLI(pl.LightningModule, PyramidDataModule, subclass_mode_model=True,
+                      parser_class=MsflowsArgumentParser,
                       subclass_mode_data=True,
                       # A requeued job relaunches into the same folder: overwrite the saved config.
                       save_config_callback=SaveConfigToLoggers,

@@ -22,3 +22,12 @@ class RunLockedError(UsageError, RuntimeError):
 
 class TrainingDivergedError(UsageError, RuntimeError):
     """Too many consecutive optimizer steps were skipped for non-finite values."""
+
+
+class StorageError(UsageError, OSError):
+    """A folder the run cannot write to: read-only, full, or not permitted. An OSError
+    too, so code that handles disk faults (``errno``) still sees one."""
+
+    def __init__(self, message: str, errno_: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno_  # OSError(message) alone would leave errno None

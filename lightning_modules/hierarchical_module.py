@@ -60,8 +60,13 @@ class HierarchicalModule(FlowModule):
         train_noise_std: std of the Gaussian noise added to the dequantized training
             images (App. G: 5e-3, on [0, 1] images: the same number on our [-0.5, 0.5]).
             Evaluation leaves it out so ``elbo_bpd`` bounds the discrete data.
-    The remaining args are :class:`FlowModule`'s (Table 2: gradient clipping 50).
+    The remaining args are :class:`FlowModule`'s (Table 2: gradient clipping 50;
+    ``accumulate_grad_batches``: the official code's micro-batches, 4 x 4 = 16 on one GPU).
     """
+
+    # FID reference when ``fid.reference_split`` is not set: the training images, as the
+    # official code (``run_metrics``: the training set, up to FID_N_SAMPLES = 30k).
+    fid_reference_split = "train"
 
     bound_metric = "elbo_bpd"
 
@@ -70,9 +75,11 @@ class HierarchicalModule(FlowModule):
                  flow_optimizer: OptimizerSettings | None = None,
                  freeze_encoders_at_epoch: int | None = 60, train_noise_std: float = 5e-3,
                  n_bits: int = 8, grad_clip_norm: float | None = 50.0, evaluation_seed: int = 1234,
-                 channels_last: bool = False, compile: bool = False, max_skipped_steps: int = 100) -> None:
+                 channels_last: bool = False, compile: bool = False, max_skipped_steps: int = 100,
+                 accumulate_grad_batches: int = 1) -> None:
         super().__init__(n_bits=n_bits, grad_clip_norm=grad_clip_norm, evaluation_seed=evaluation_seed,
-                         channels_last=channels_last, compile=compile, max_skipped_steps=max_skipped_steps)
+                         channels_last=channels_last, compile=compile, max_skipped_steps=max_skipped_steps,
+                         accumulate_grad_batches=accumulate_grad_batches)
         self.save_config()
         if train_noise_std < 0:
             raise ConfigurationError(f"train_noise_std must be >= 0, got {train_noise_std}")

@@ -33,7 +33,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +69,12 @@ class FIDSettings:
     cache_dir: torch-fidelity's cache of real statistics (default: its own).
     sweep_temperatures: temperatures of the FID sweep of Fig. 4.4 (empty: no sweep).
     seed: seed of the sample noise, so evaluations are repeatable.
+    reference_split: the data split whose images are the real side of FID/KID
+        (``train``, ``val`` or ``test``); None: the module's ``fid_reference_split``
+        (``test`` for seed 000's families, as its Tables 4.2/4.3; ``train`` for seed
+        001's hierarchical flow, as its official code).
+    reference_max_images: use at most this many reference images, the first of the
+        split in its order (None: all; seed 001's official code: up to 30k).
     """
 
     num_samples: int = 50_000
@@ -82,10 +88,16 @@ class FIDSettings:
     seed: int = 2024
     feature_layer: str | int | None = None
     feature_weights: str | None = None
+    reference_split: Literal["train", "val", "test"] | None = None
+    reference_max_images: int | None = None
 
     def __post_init__(self) -> None:
         if self.feature_layer is not None:  # YAML's `feature_layer: 192` is an int
             self.feature_layer = str(self.feature_layer)
+        if self.reference_max_images is not None and self.reference_max_images < 1:
+            from lightning_modules.errors import ConfigurationError
+            raise ConfigurationError(f"fid.reference_max_images must be >= 1 or null (all images of the "
+                                     f"reference split), got {self.reference_max_images}")
 
     @property
     def weights_path(self) -> str | None:

@@ -35,8 +35,12 @@ class OptimizerSettings:
 
     ``warmup_steps`` overrides ``warmup_epochs`` when set; the learning rate is
     multiplied by ``lr_gamma`` at each of ``lr_milestones`` (optimizer steps) and by
-    ``epoch_decay`` after every epoch (seed 001 Table 2: 0.92 for the encoders, 0.95
-    for the decoders and flows)."""
+    ``epoch_decay`` (seed 001 Table 2: 0.92 for the encoders, 0.95 for the decoders and
+    flows) at the end of every epoch e (counted from 1) that is a multiple of
+    ``epoch_decay_every`` and later than ``epoch_decay_after``. The defaults (1, 0) decay
+    after every epoch; seed 001's official code on one GPU (``hflow/utils.py``) decays
+    every second epoch after epoch 10 (2, 10), on several GPUs (``model.py``) every
+    second epoch from the start (2, 0)."""
 
     algorithm: Literal["adamax", "adam"] = "adamax"
     lr: float = 5e-4
@@ -47,6 +51,8 @@ class OptimizerSettings:
     lr_milestones: list[int] = field(default_factory=list)
     lr_gamma: float = 0.5
     epoch_decay: float = 1.0
+    epoch_decay_every: int = 1
+    epoch_decay_after: int = 0
 
     def validate(self, name: str = "optimizer") -> None:
         """Raise ConfigurationError on settings that cannot train. Called when a module is
@@ -66,6 +72,9 @@ class OptimizerSettings:
                             f"{self.lr_gamma}")
         if not 0.0 < self.epoch_decay <= 1.0:
             problems.append(f"epoch_decay must lie in (0, 1], got {self.epoch_decay}")
+        if self.epoch_decay_every < 1 or self.epoch_decay_after < 0:
+            problems.append(f"epoch_decay_every must be >= 1 and epoch_decay_after >= 0, got "
+                            f"{self.epoch_decay_every}, {self.epoch_decay_after}")
         if problems:
             raise ConfigurationError(f"{name}: " + "; ".join(problems) + ".")
 
@@ -213,9 +222,21 @@ def load_and_freeze(parts: list[Part], init_checkpoint: str | None = None) -> se
     return loaded
 
 
+def epoch_decays(epoch: int, every: int = 1, after: int = 0) -> int:
+    """How many epoch decays apply during ``epoch`` (0-based): the completed epochs
+    e = 1..epoch that are multiples of ``every`` and greater than ``after`` (the official
+    code's ``x % 2 == 0 and x != 0 and x > LEARNING_RATE_DECAY_START`` for a
+    MultiplicativeLR stepped once per epoch)."""
+    if epoch <= after:
+        return 0
+    return epoch // every - after // every
+
+
 def lr_factor(settings: OptimizerSettings, steps_per_epoch: Callable[[], int]) -> Callable[[int], float]:
     """The learning-rate multiplier at an optimizer step: linear warm-up, then a factor
-    ``lr_gamma`` per milestone passed and ``epoch_decay`` per epoch completed."""
+    ``lr_gamma`` per milestone passed and ``epoch_decay`` per decaying epoch completed
+    (:func:`epoch_decays`). ``steps_per_epoch`` counts optimizer steps (micro-batches
+    accumulated into one step count once)."""
     warmup = settings.warmup_steps
     if warmup is None:
         warmup = int(round(settings.warmup_epochs * steps_per_epoch())) if settings.warmup_epochs else 0
@@ -223,10 +244,12 @@ def lr_factor(settings: OptimizerSettings, steps_per_epoch: Callable[[], int]) -
     gamma = settings.lr_gamma
     epoch_decay = settings.epoch_decay
     epoch_steps = steps_per_epoch() if epoch_decay != 1.0 else 1
+    every, after = settings.epoch_decay_every, settings.epoch_decay_after
 
     def factor(step: int) -> float:
         ramp = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
-        return ramp * gamma ** sum(1 for m in milestones if step >= m) * epoch_decay ** (step // epoch_steps)
+        decays = epoch_decays(step // epoch_steps, every, after)
+        return ramp * gamma ** sum(1 for m in milestones if step >= m) * epoch_decay ** decays
 
     return factor
 
@@ -249,8 +272,11 @@ def build_optimizer(groups: list[OptimizerGroup], steps_per_epoch: Callable[[], 
 
 
 def steps_per_epoch(trainer) -> int:
+    """Optimizer steps per epoch: batches per process, over the module's
+    ``accumulate_grad_batches`` (a partial group at the end of an epoch is one step)."""
     datamodule = getattr(trainer, "datamodule", None)
     if datamodule is None:
         raise ValueError("warmup_epochs needs a datamodule to count steps; set warmup_steps")
-    batches = len(datamodule.train_dataloader())
-    return max(1, math.ceil(batches / max(1, trainer.world_size)))
+    batches = math.ceil(len(datamodule.train_dataloader()) / max(1, trainer.world_size))
+    accumulate = getattr(getattr(trainer, "lightning_module", None), "accumulate_grad_batches", 1)
+    return max(1, math.ceil(batches / max(1, int(accumulate))))

@@ -71,6 +71,20 @@ class KillAt(pl.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class SignalAt(pl.Callback):
+    """Sends the process ``signal`` (a name: SIGTERM, SIGINT, SIGUSR1) once, in the middle
+    of the optimizer step that ends at ``step + 1``: after the loss, its noise draws and
+    the backward pass, before the parameters move (as a signal from outside arrives)."""
+
+    def __init__(self, step: int, signal: str = "SIGTERM") -> None:
+        self.step, self.signal, self.sent = step, signal, False
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_step == self.step and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), getattr(signal, self.signal))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("family", choices=["glow", "cascade"])

@@ -1,14 +1,17 @@
 """The analysis callbacks (lightning_modules/analyses.py): each property a bug would break."""
 import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from flows import Glow
 from flows.model import Encoding, FlowModel
 from lightning_modules import (GlowModule, LatentInterpolation, LatentZeroing, NearestNeighbours, NoiseSweep,
                                ResamplingMaps, TestMetrics)
-from lightning_modules.analyses import cumulative_zeroing, interpolate, nearest_neighbours, resampling_std
+from lightning_modules.analyses import (cumulative_zeroing, interpolate, labelled_figure, nearest_neighbours,
+                                        resampling_std)
 from tests.conftest import perturb_parameters
 from tests.test_cascade import pyramid_batch, tiny_cascade, tiny_data, tiny_module, trainer
 
@@ -102,6 +105,35 @@ def test_variance_reading_of_sigma_uses_its_square_root():
     assert tiny_module().noise_std(0.25) == 0.25
 
 
+def test_a_labelled_figure_upscales_its_tiles_and_draws_each_label():
+    tiles = [torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8) for _ in range(2)]
+    rows, columns = ["sigma=0", "sigma=0.25"], ["test 0", "test 1", "test 2"]
+    figure, layout = labelled_figure(tiles, rows, columns, "a title")
+    assert layout.factor == 12  # 8-px tiles to 96 px, nearest neighbour
+    assert figure.shape[1] > 2 * 8 * 12 and figure.shape[2] > 3 * 8 * 12  # the raw grid is 2 x 3 tiles of 8 px
+    for i in range(2):
+        for j in range(3):
+            left, top, right, bottom = layout.tile_box(i, j)
+            expected = tiles[i][j].repeat_interleave(12, 1).repeat_interleave(12, 2)
+            assert torch.equal(figure[:, top:bottom, left:right], expected), (i, j)
+    strips = []
+    for box in [layout.row_label_box(i) for i in range(2)] + [layout.column_label_box(j) for j in range(3)]:
+        left, top, right, bottom = box
+        strips.append(figure[:, top:bottom, left:right])
+        assert (strips[-1] < 128).any(), box  # ink: the label is drawn
+    assert not torch.equal(strips[0], strips[1])  # two different labels look different
+    with pytest.raises(ValueError, match="1 row and 3 column labels"):
+        labelled_figure(tiles, rows[:1], columns)
+
+
+def split_grid(path, rows: int, columns: int) -> list[torch.Tensor]:
+    """The tiles of a torchvision make_grid(padding=1) PNG: one [columns, 3, h, w] tensor per row."""
+    grid = torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1)
+    h, w = (grid.shape[1] - 1) // rows - 1, (grid.shape[2] - 1) // columns - 1
+    return [torch.stack([grid[:, 1 + i * (h + 1):1 + i * (h + 1) + h, 1 + j * (w + 1):1 + j * (w + 1) + w]
+                         for j in range(columns)]) for i in range(rows)]
+
+
 ALL = lambda: [TestMetrics(), LatentInterpolation(pairs=2, steps=4), LatentZeroing(images=2),  # noqa: E731
                ResamplingMaps(images=2, samples=4), NearestNeighbours(samples=3, k=2, test_images=8),
                NoiseSweep(images=3)]
@@ -127,3 +159,15 @@ def test_lightning_test_writes_every_figure_and_its_numbers(family, tmp_path):
     assert all(rates["0"] == 0.0 for rates in sweep["failure_rate"].values())
     zeroing = json.loads((out / "zeroing.json").read_text())
     assert zeroing["scales_finest_first"] == (["0", "1"] if family == "glow" else ["16", "8"])
+    # The noise sweep's figure: one row per sigma of the family's list, labelled with it, and
+    # the raw grid's tiles upscaled: rebuilt from the raw grid with these labels, pixel for pixel.
+    sigmas = module.noise_sweep_sigmas
+    assert sweep["sigmas"] == sigmas
+    for r in resolutions:
+        rows = [f"sigma={s:g}\nfailed {sweep['failure_rate'][str(r)][f'{s:g}']:.0%}" for s in sigmas]
+        columns = ["test 0", "test 1", "test 2"]
+        assert sweep["figures"][f"res{r}"]["rows"] == rows and sweep["figures"][f"res{r}"]["columns"] == columns
+        tiles = split_grid(out / "raw" / f"noise_sweep_res{r}.png", len(sigmas), 3)
+        expected, layout = labelled_figure(tiles, rows, columns, sweep["figures"][f"res{r}"]["title"])
+        shown = torch.from_numpy(np.asarray(Image.open(out / f"noise_sweep_res{r}.png").convert("RGB")).copy())
+        assert layout.factor * r >= 64 and torch.equal(shown.permute(2, 0, 1), expected)

@@ -178,12 +178,12 @@ def test_small_cascade_fit_then_test_writes_samples_and_the_metrics_table(tmp_pa
                    "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt"), cwd=tmp_path)
     assert test.returncode == 0, test.stderr[-3000:]
     import json
-    table = json.loads((tmp_path / "cascade" / "version_1" / "metrics.json").read_text())
+    table = json.loads((run_dir / "metrics.json").read_text())
     assert table["model"] == "Glow8-SRF16-SRF32"
     assert set(table["fid"]) == {"8", "16", "32"}
     assert {"8", "16_given_8", "32_given_16"} <= set(table["bpd"])
     assert set(table["bpd_bound"]) == {"16", "32"}
-    assert (tmp_path / "cascade" / "version_1" / "temperature_sweep.png").exists()
+    assert (run_dir / "temperature_sweep.png").exists()
 
 
 @pytest.mark.slow
@@ -200,7 +200,7 @@ def test_quick_cascade_as_shipped_trains_samples_and_reports_fid(tmp_path):
     test = run_cli("test", "--config", config, "--trainer.enable_progress_bar", "false",
                    "--ckpt_path", str(run_dir / "version_0/checkpoints/last.ckpt"), cwd=tmp_path, timeout=900)
     assert test.returncode == 0, test.stderr[-3000:]
-    table = json.loads((run_dir / "version_1/metrics.json").read_text())
+    table = json.loads((run_dir / "version_0/metrics.json").read_text())
     print(json.dumps(table, indent=1))
     assert set(table["fid"]) == {"8", "16", "32"}
     assert set(table["temperature_sweep"]) == {"0.5", "0.7", "0.9", "1"}
@@ -221,7 +221,7 @@ def test_quick_hierarchical_as_shipped_improves_its_elbo_and_writes_samples(tmp_
     test = run_cli("test", "--config", config, "--trainer.enable_progress_bar", "false",
                    "--ckpt_path", str(run_dir / "version_0/checkpoints/last.ckpt"), cwd=tmp_path, timeout=900)
     assert test.returncode == 0, test.stderr[-3000:]
-    table = json.loads((run_dir / "version_1/metrics.json").read_text())
+    table = json.loads((run_dir / "version_0/metrics.json").read_text())
     assert table["model"] == "HierarchicalFlow32" and set(table["bpd_bound"]) == {"32"}
     assert table["bpd"] == {}  # the ELBO is a bound: nothing is reported as exact
     assert abs(table["bpd_bound"]["32"] - elbo[-1]) < 0.2  # the EMA weights were saved
@@ -272,6 +272,11 @@ def test_wandb_offline_run_holds_config_metrics_images_and_a_relaunch_reuses_its
     for key in (b"resolved_config", b"steps_per_scale", b"val/bpd_16", b"train/loss", b"samples/res16_t1"):
         assert key in record, key
     assert list((runs[0] / "files" / "media" / "images").rglob("*.png"))
+    # One run folder, as for CSV and TensorBoard: <save_dir>/<project>/<run id>/ holds the
+    # checkpoints and the sample grids (W&B's own files stay in <save_dir>/wandb/).
+    run_folder = tmp_path / "run" / "msflows-test" / run_id
+    assert (run_folder / "checkpoints" / "last.ckpt").is_file()
+    assert len(list((run_folder / "samples").glob("*.png"))) == 2
     second = subprocess.run([*CLI, "fit", *wandb_args, "--trainer.max_epochs", "2"], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
@@ -298,6 +303,88 @@ def test_quick_diffusion_flow_as_shipped_improves_its_bound_and_writes_ddim_samp
     test = run_cli("test", "--config", config, "--trainer.enable_progress_bar", "false",
                    "--ckpt_path", str(run_dir / "version_0/checkpoints/last.ckpt"), cwd=tmp_path, timeout=900)
     assert test.returncode == 0, test.stderr[-3000:]
-    table = json.loads((run_dir / "version_1/metrics.json").read_text())
+    table = json.loads((run_dir / "version_0/metrics.json").read_text())
     assert table["model"] == "DiffusionFlow16" and table["bpd"] == {} and set(table["bpd_bound"]) == {"16"}
     assert table["sampling_time_s"] > 0 and table["sampling_time_samples"] == 25
+
+
+# --- run folders (issue 22: default_root_dir; issue 23 item 14) -------------------------------------
+def in_process(capsys, *args) -> tuple[int, str]:
+    """The `lightning` command in this process: (exit status, stderr)."""
+    from lightning_modules.cli import main
+
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
+TINY_FIT = [*TINY_QUICKSTART, "--data.init_args.train_size", "32", "--data.init_args.val_size", "16",
+            "--data.init_args.batch_size", "8", "--trainer.max_epochs", "1"]
+
+
+def test_default_root_dir_on_the_command_line_holds_the_lock_checkpoints_logs_and_test_outputs(
+        tmp_path, capsys, monkeypatch):
+    import json
+
+    from lightning_modules import cli
+    from lightning_modules.checkpointing import resume_checkpoint
+
+    monkeypatch.chdir(tmp_path)  # the YAML's logger would write under ./runs/quickstart
+    locks = []
+
+    class RecordingLock(cli.RunLock):
+        def acquire(self):
+            locks.append(self.path)
+            return super().acquire()
+
+    monkeypatch.setattr(cli, "RunLock", RecordingLock)
+    root = tmp_path / "elsewhere"
+    config = ["--config", str(REPO / "experiments/quickstart.yaml"), *TINY_FIT, "--trainer.default_root_dir", str(root)]
+    code, err = in_process(capsys, "fit", *config)
+    assert code == 0, err[-3000:]
+    run = root / "glow32" / "version_0"
+    assert locks == [root / "msflows.lock"]
+    assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "metrics.csv").is_file()
+    assert len(list((run / "samples").glob("*.png"))) == 2
+    assert not (tmp_path / "runs").exists()
+    assert resume_checkpoint(root) == run / "checkpoints" / "last.ckpt"  # where ckpt_path: auto looks
+    # lightning test writes its table beside the checkpoint it tested, and says where
+    code, err = in_process(capsys, "test", *config, "--ckpt_path", str(run / "checkpoints" / "best.ckpt"))
+    assert code == 0, err[-3000:]
+    assert json.loads((run / "metrics.json").read_text())["model"] == "Glow16"
+    assert f"outputs of this run (test): {run}" in err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "experiments").glob("*.yaml"))
+                         + sorted(f"overrides/{p.name}" for p in (REPO / "experiments/overrides").glob("*.yaml")))
+def test_every_config_moves_its_loggers_to_the_command_line_default_root_dir(config, tmp_path):
+    """The YAML as the parser reads it (class_path / init_args), without the seconds a
+    full parse takes per config; the quickstart test above goes through the parser."""
+    import yaml
+    from jsonargparse import dict_to_namespace
+
+    from lightning_modules.cli import follow_default_root_dir
+
+    trainer = yaml.safe_load((REPO / "experiments" / config).read_text()).get("trainer", {})
+    if not trainer.get("logger"):
+        pytest.skip("sets no logger")  # the callback add-ons
+    trainer.setdefault("default_root_dir", None)
+    trainer["logger"].setdefault("class_path", "pytorch_lightning.loggers.WandbLogger")  # overrides: init_args
+    namespace = dict_to_namespace({"trainer": trainer})
+    namespace.trainer.default_root_dir = str(tmp_path)
+    follow_default_root_dir(namespace, ["--config", config, "--trainer.default_root_dir", str(tmp_path)])
+    loggers = namespace.trainer.logger if isinstance(namespace.trainer.logger, list) else [namespace.trainer.logger]
+    assert [logger.init_args.save_dir for logger in loggers] == [str(tmp_path)] * len(loggers)
+    callbacks = namespace.trainer.get("callbacks") or []
+    dirpaths = [c.init_args.get("dirpath") for c in callbacks if getattr(c, "init_args", None)]
+    assert all(d is None or d.startswith(str(tmp_path)) for d in dirpaths), dirpaths
+    # a save_dir given on the command line stays
+    namespace.trainer.logger = loggers[0]
+    loggers[0].init_args.save_dir = "mine"
+    follow_default_root_dir(namespace, ["--trainer.default_root_dir", str(tmp_path),
+                                        "--trainer.logger.init_args.save_dir", "mine"])
+    assert namespace.trainer.logger.init_args.save_dir == "mine"

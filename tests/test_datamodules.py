@@ -230,3 +230,141 @@ def test_embedded_data_needs_no_download_and_holds_out_validation():
     assert torch.equal(again.datasets["train"].source.images, train)  # deterministic
     # no validation crop equals a training crop
     assert not (val[:, None] == train[None]).flatten(2).all(-1).any()
+
+
+def same_images(a: torch.Tensor, b: torch.Tensor) -> int:
+    """How many images of ``a`` equal one of ``b`` pixel for pixel."""
+    return int((a[:, None] == b[None]).flatten(2).all(-1).any(1).sum())
+
+
+def test_embedded_test_split_is_held_out_from_validation_and_training():
+    from datamodules.sources import EMBEDDED_SPLITS, split_sources
+
+    dm = EmbeddedDataModule(image_size=16, train_size=64, val_size=16, test_size=24, batch_size=8)
+    dm.setup("fit")
+    dm.setup("test")
+    train, val, test = (dm.datasets[s].source.images for s in ("train", "val", "test"))
+    assert test.shape == (24, 3, 16, 16)
+    assert same_images(test, val) == 0 and same_images(test, train) == 0
+    # Disjoint at the source: no photo or face of one split is a photo or face of
+    # another (skimage's `cat` is its `chelsea`, so naming them apart is not enough).
+    sources = {split: split_sources(split) for split in EMBEDDED_SPLITS}
+    for first, second in [("train", "val"), ("train", "test"), ("val", "test")]:
+        (photos_a, faces_a), (photos_b, faces_b) = sources[first], sources[second]
+        assert not any(a.shape == b.shape and torch.equal(a, b) for a in photos_a for b in photos_b), (first, second)
+        assert same_images(faces_a, faces_b) == 0, (first, second)
+
+
+def test_image_folder_test_split_is_disjoint_or_refused(tmp_path):
+    from datamodules.sources import DataSettingsError
+
+    for i in range(20):
+        Image.new("RGB", (20, 20), (i * 12, 0, 0)).save(tmp_path / f"{i:02d}.png")
+    settings = dict(image_size=16, batch_size=2, val_fraction=0.2, num_workers=0)
+    with pytest.raises(DataSettingsError, match="test_fraction"):
+        ImageFolderDataModule(str(tmp_path), **settings).setup("test")  # test would repeat validation
+    dm = ImageFolderDataModule(str(tmp_path), test_fraction=0.1, **settings)
+    dm.setup("fit")
+    dm.setup("test")
+    train, val, test = (set(dm.datasets[s].source.indices) for s in ("train", "val", "test"))
+    assert len(val) == 4 and len(test) == 2 and len(train) == 14
+    assert not test & val and not test & train and not val & train
+    before = ImageFolderDataModule(str(tmp_path), **settings)
+    before.setup("fit")
+    assert set(before.datasets["val"].source.indices) == val  # adding a test split keeps validation
+
+
+def test_mnist_trained_on_its_test_split_warns_at_test(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    write_idx(raw / "t10k-images-idx3-ubyte.gz", np.zeros((20, 28, 28)))
+    write_idx(raw / "t10k-labels-idx1-ubyte.gz", np.repeat(np.arange(10), 2))
+    with pytest.warns(UserWarning, match="not held-out"):
+        MNISTDataModule(str(tmp_path), batch_size=4, val_per_class=1, fit_split="test").setup("test")
+
+
+# --- image decoding: the setup scan decodes what the loader decodes -----------------------
+
+def jpeg_folder(root, n=6):
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(root / f"ok{i}.jpg")
+    whole = (root / "ok0.jpg").read_bytes()
+    (root / "truncated.jpg").write_bytes(whole[:len(whole) // 2])
+    with Image.open(root / "truncated.jpg") as handle:
+        handle.verify()  # the header check the old scan relied on passes it
+
+
+def test_truncated_jpeg_is_reported_at_setup_or_left_out(tmp_path):
+    from datamodules.sources import UnreadableImagesError
+
+    jpeg_folder(tmp_path)
+    settings = dict(image_size=16, resolutions=[16], batch_size=2, val_fraction=0.2, num_workers=0)
+    with pytest.raises(UnreadableImagesError, match=r"truncated\.jpg \(OSError: image file is truncated") as error:
+        ImageFolderDataModule(str(tmp_path), **settings).setup("fit")
+    assert "1 of 7 files" in str(error.value) and "bad_images: skip" in str(error.value)
+    dm = ImageFolderDataModule(str(tmp_path), bad_images="skip", **settings)
+    with pytest.warns(UserWarning, match="leaving out 1 unreadable"):
+        dm.setup("fit")
+    folder = dm.datasets["train"].source.dataset
+    assert [p.name for p in folder.files] == [f"ok{i}.jpg" for i in range(6)]
+    batches = list(dm.train_dataloader()) + list(dm.val_dataloader())  # every remaining file loads
+    assert sum(len(b["label"]) for b in batches) == 4 + 1  # 5 train (drop_last of batch 2) + 1 val
+
+
+def test_a_file_broken_after_setup_meets_the_same_rule_in_the_loader(tmp_path):
+    from datamodules.sources import ImageFolderSource, UnreadableImagesError
+
+    jpeg_folder(tmp_path)
+    (tmp_path / "truncated.jpg").unlink()
+    strict = ImageFolderSource(str(tmp_path), 16)
+    lenient = ImageFolderSource(str(tmp_path), 16, bad_images="skip")
+    whole = (tmp_path / "ok2.jpg").read_bytes()
+    (tmp_path / "ok2.jpg").write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(UnreadableImagesError, match="ok2.jpg"):
+        strict[2]
+    with pytest.warns(UserWarning, match="skipping unreadable image .*ok2.jpg"):
+        image, _ = lenient[2]
+    assert torch.equal(image, lenient[3][0])  # the next readable file instead
+
+
+def write_png16(path, array):
+    """A 16-bit PNG (grey [H, W] or RGB [H, W, 3]) written by hand: PIL cannot write 16-bit RGB."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    height, width = array.shape[:2]
+    header = struct.pack(">IIBBBBB", width, height, 16, 2 if array.ndim == 3 else 0, 0, 0, 0)
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in array)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+                     + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_16_bit_pngs_load_at_their_8_bit_values(tmp_path, channels):
+    from datamodules.sources import ImageFolderSource
+
+    ramp = np.linspace(0, 65535, 32 * 32).round().astype(np.uint16).reshape(32, 32)
+    expected = torch.from_numpy((ramp >> 8).astype(np.uint8))
+    write_png16(tmp_path / "grey.png", ramp)
+    write_png16(tmp_path / "rgb.png", np.stack([ramp, 65535 - ramp, ramp // 2], -1))
+    with Image.open(tmp_path / "grey.png") as handle:
+        assert handle.mode == "I;16"
+    folder = ImageFolderSource(str(tmp_path), 32, channels=channels)
+    grey, rgb = (folder[i][0] for i in range(2))  # sorted: grey.png, rgb.png
+    assert torch.equal(grey, expected.expand(channels, 32, 32))
+    assert (grey == 255).float().mean() < 0.01  # PIL's convert made 99.6 % of it white
+    if channels == 3:
+        assert torch.equal(rgb, torch.stack([expected, 255 - expected, (torch.from_numpy(ramp // 2 >> 8)).to(torch.uint8)]))
+
+
+def test_floating_point_images_are_refused_by_name(tmp_path):
+    from datamodules.sources import UnreadableImagesError
+
+    Image.fromarray(np.ones((20, 20), dtype=np.float32)).save(tmp_path / "float.tif")
+    Image.new("RGB", (20, 20)).save(tmp_path / "fine.png")
+    with pytest.raises(UnreadableImagesError, match=r"float\.tif \(ValueError: floating-point"):
+        ImageFolderDataModule(str(tmp_path), image_size=16, val_fraction=0.5).setup("fit")

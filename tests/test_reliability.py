@@ -1,7 +1,11 @@
 """Bad input and faults: each case gets one paragraph that says what to do, and loses
 no work (issue: reliability)."""
+import contextlib
 import errno
+import io
+import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -86,7 +90,7 @@ def test_test_time_settings_on_the_command_line_are_honoured(glow_checkpoint, tm
     assert code == 0, err[-3000:]
     import json
 
-    table = json.loads((tmp_path / "metrics.json").read_text())
+    table = json.loads((glow_checkpoint.parent.parent / "metrics.json").read_text())  # beside the checkpoint
     assert table["evaluation"]["num_samples"] == 16 and set(table["fid"]) == {"16"}
 
 
@@ -167,7 +171,7 @@ def test_auto_resume_skips_a_truncated_newest_checkpoint_and_keeps_it_aside(glow
     (["--model.init_args.flow.init_args.scales", "5"], "not divisible by 2**scales"),
     (["--trainer.callbacks.init_args.fid.temperature", "[0.5, 0.5]"], "one per stage"),
     (["--data.init_args.batch_size", "64"], "fewer than one batch"),
-    (["--data.init_args.image_size", "8", "--data.init_args.resolutions", "[8]"], "add [16] to data.init_args"),
+    (["--data.init_args.image_size", "8", "--data.init_args.resolutions", "[8]"], "set data.init_args.image_size: 16"),
 ])
 def test_bad_values_give_one_paragraph_before_training(args, expected, tmp_path, capsys):
     base = QUICKSTART
@@ -246,3 +250,226 @@ def test_a_checkpoint_loads_and_samples_from_python_as_the_readme_says(glow_chec
     assert images.dtype == torch.uint8
     step = 256 // 2 ** module.n_bits  # the outermost bin centres are step / 2 and 256 - step / 2
     assert int(images.min()) >= step // 2 and int(images.max()) <= 256 - step // 2
+
+
+# --- signals, requeue, diverged runs, step checkpoints (issue 23: 2, 6, 7, 8, 12) ----------------
+# QUICKSTART has 4 steps per epoch; two epochs validate (and save last.ckpt) at steps 4 and 8.
+TWO_EPOCHS = [*QUICKSTART, "--trainer.max_epochs", "2"]
+
+
+def signal_at(step: int, name: str) -> str:
+    """Adds tests.resume_job.SignalAt: ``name`` arrives in the middle of step ``step + 1``."""
+    callback = {"class_path": "tests.resume_job.SignalAt", "init_args": {"step": step, "signal": name}}
+    return "--trainer.callbacks+=" + json.dumps(callback)
+
+
+def fit_capturing(root, *args) -> tuple[int, str]:
+    """``lightning fit`` of TWO_EPOCHS in this process: (exit status, stderr)."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main_quiet(*TWO_EPOCHS, "--trainer.default_root_dir", str(root), *args)
+    return code, err.getvalue()
+
+
+def assert_same_training_state(a, b) -> None:
+    """Two checkpoints hold the same step, parameters and optimizer states (1e-6)."""
+    x, y = load_checkpoint_file(a), load_checkpoint_file(b)
+    assert x["global_step"] == y["global_step"]
+    for key, value in x["state_dict"].items():
+        assert torch.allclose(value.float(), y["state_dict"][key].float(), atol=1e-6, rtol=0), key
+    for ox, oy in zip(x["optimizer_states"], y["optimizer_states"], strict=True):
+        for index, state in ox["state"].items():
+            for name, value in state.items():
+                if torch.is_tensor(value):
+                    assert torch.allclose(value.float(), oy["state"][index][name].float(), atol=1e-6, rtol=0), name
+
+
+_UNINTERRUPTED: dict = {}
+
+
+def uninterrupted_last_checkpoint(tmp_path_factory):
+    """last.ckpt (step 8) of TWO_EPOCHS without a signal, trained once per session."""
+    if "last" not in _UNINTERRUPTED:
+        root = tmp_path_factory.mktemp("uninterrupted")
+        code, err = fit_capturing(root)
+        assert code == 0, err[-3000:]
+        _UNINTERRUPTED["last"] = root / "checkpoints" / "last.ckpt"
+    return _UNINTERRUPTED["last"]
+
+
+@pytest.fixture(scope="module")
+def sigterm_run(tmp_path_factory):
+    """SIGTERM in step 6 of a run of 8 steps per epoch (no validation yet) that saves
+    every 4 steps."""
+    root = tmp_path_factory.mktemp("sigterm")
+    code, err = fit_capturing(root, "--data.init_args.train_size", "64",
+                              "--trainer.callbacks.every_n_train_steps", "4", signal_at(5, "SIGTERM"))
+    return root, code, err
+
+
+def test_sigterm_saves_at_the_step_end_and_exits_non_zero(sigterm_run):
+    root, code, err = sigterm_run
+    assert code == 128 + signal.SIGTERM, err[-3000:]
+    saved = root / "checkpoints" / "last-interrupted.ckpt"
+    assert f"SIGTERM: saved {saved} at step 6" in err and "ckpt_path: auto" in err
+    assert load_checkpoint_file(saved)["global_step"] == 6  # the steps since the last periodic save are kept
+    assert resume_checkpoint(root) == saved
+
+
+def test_last_checkpoint_follows_every_n_train_steps_before_the_first_validation(sigterm_run):
+    root, code, err = sigterm_run
+    last = root / "checkpoints" / "last.ckpt"
+    assert last.is_file(), sorted(p.name for p in root.rglob("*.ckpt"))
+    assert load_checkpoint_file(last)["global_step"] == 4
+    assert not (root / "checkpoints" / "best.ckpt").exists()  # top-k waits for val/bpd_16
+
+
+@pytest.fixture(scope="module")
+def sigint_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sigint")
+    code, err = fit_capturing(root, signal_at(5, "SIGINT"))
+    return root, code, err
+
+
+def test_ctrl_c_saves_the_interrupted_step_and_exits_non_zero(sigint_run):
+    root, code, err = sigint_run
+    assert code == 128 + signal.SIGINT, err[-3000:]
+    saved = root / "checkpoints" / "last-interrupted.ckpt"
+    assert f"SIGINT: saved {saved} at step 6" in err
+    assert load_checkpoint_file(saved)["global_step"] == 6
+
+
+@pytest.mark.slow
+def test_the_ctrl_c_checkpoint_resumes_to_the_uninterrupted_run(sigint_run, tmp_path_factory):
+    root, code, _ = sigint_run
+    assert code == 128 + signal.SIGINT
+    code, err = fit_capturing(root, "--ckpt_path", "auto")
+    assert code == 0, err[-3000:]
+    assert f"resuming from {root / 'checkpoints' / 'last-interrupted.ckpt'}" in err
+    assert_same_training_state(root / "checkpoints" / "last.ckpt", uninterrupted_last_checkpoint(tmp_path_factory))
+
+
+def test_a_run_whose_every_step_is_skipped_does_not_end_with_status_0(tmp_path):
+    # 4 steps per epoch, fewer than max_skipped_steps (100): the in-step rule never fires.
+    code, err = fit_capturing(tmp_path, "--model.init_args.optimizer.lr", "1e3")
+    assert code == 2, err[-3000:]
+    message = one_paragraph_error(err)
+    assert "training ended diverged" in message and "lower learning rate" in message
+    assert "The best checkpoint is none" in message
+    for path in tmp_path.rglob("*.ckpt"):
+        state = next(v for k, v in load_checkpoint_file(path)["callbacks"].items() if "ModelCheckpoint" in k)
+        assert state["best_model_path"] == "", (path, state)  # nan is never best
+    assert not (tmp_path / "checkpoints" / "best.ckpt").exists()
+
+
+# --- issue 23 items 9 and 17: disk faults and bad input, one paragraph, status 2 ------------------
+def test_a_read_only_default_root_dir_is_one_paragraph_with_status_2(tmp_path, capsys, monkeypatch):
+    from pathlib import Path
+
+    root = tmp_path / "read-only"
+    root.mkdir()
+    # Tests run as root here, where chmod does not stop writes: the file system's answer instead.
+    for method in ("write_text", "write_bytes", "touch", "mkdir"):
+        original = getattr(Path, method)
+
+        def refuse(self, *args, _original=original, **kwargs):
+            if Path(self).resolve().is_relative_to(root):
+                raise OSError(errno.EROFS, "Read-only file system", str(self))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, method, refuse)
+    code, err = run_main(capsys, "fit", *QUICKSTART, "--trainer.default_root_dir", str(root))
+    assert code == 2
+    message = one_paragraph_error(err)
+    assert "read-only file system" in message and str(root / "msflows.lock") in message
+    assert "--trainer.default_root_dir" in message
+
+
+def test_a_full_disk_during_training_is_one_paragraph_with_status_2(tmp_path, capsys, monkeypatch):
+    def full_disk(*args, **kwargs):  # what torch's zip writer says when the disk fills
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 77120 vs 77008")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    code, err = run_main(capsys, "fit", *QUICKSTART, "--trainer.default_root_dir", str(tmp_path))
+    assert code == 2
+    message = one_paragraph_error(err)
+    assert "no space left on device writing" in message and ".ckpt" in message and "free space" in message
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_a_directory_as_ckpt_path_is_named_a_directory_with_its_checkpoints(glow_checkpoint, capsys, tmp_path):
+    run = glow_checkpoint.parent.parent
+    code, err = run_main(capsys, "fit", *QUICKSTART, "--trainer.default_root_dir", str(tmp_path),
+                         "--ckpt_path", str(run))
+    assert code == 2
+    message = one_paragraph_error(err)
+    assert "is a directory" in message and "checkpoints/last.ckpt" in message and "does not exist" not in message
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("cascade", "written by GlowModule"),  # a file of another family
+    ("truncated", "cannot read checkpoint"), ("text", "cannot read checkpoint"), ("directory", "is a directory")])
+def test_load_from_checkpoint_of_a_wrong_file_is_a_checkpoint_error(content, expected, glow_checkpoint, tmp_path):
+    from lightning_modules import CascadeModule, GlowModule
+    from lightning_modules.errors import CheckpointError
+
+    path = {"cascade": glow_checkpoint, "truncated": tmp_path / "cut.ckpt", "text": tmp_path / "notes.ckpt",
+            "directory": glow_checkpoint.parent}[content]
+    if content == "truncated":
+        path.write_bytes(glow_checkpoint.read_bytes()[:5000])
+    if content == "text":
+        path.write_text("hello, this is not a checkpoint\n")
+    module = CascadeModule if content == "cascade" else GlowModule
+    with pytest.raises(CheckpointError, match=expected) as error:
+        module.load_from_checkpoint(path)
+    if content == "cascade":
+        assert "CascadeModule" in str(error.value) and "GlowModule.load_from_checkpoint" in str(error.value)
+
+
+def test_the_resolution_mismatch_advice_works_when_followed():
+    from types import SimpleNamespace
+
+    from datamodules import EmbeddedDataModule
+    from flows import Glow
+    from lightning_modules import GlowModule
+    from lightning_modules.errors import ConfigurationError
+
+    module = GlowModule(flow=Glow(image_size=16, scales=2, steps_per_scale=1, hidden_channels=8), n_bits=5)
+    module._trainer = SimpleNamespace(datamodule=EmbeddedDataModule(image_size=8, resolutions=[8]))
+    with pytest.raises(ConfigurationError) as error:
+        module.setup("fit")
+    message = str(error.value)
+    assert "add [16] to data.init_args.resolutions" not in message  # a pyramid cannot add a larger size
+    with pytest.raises(ValueError):
+        EmbeddedDataModule(image_size=8, resolutions=[8, 16])
+    assert "set data.init_args.image_size: 16 and data.init_args.resolutions: [16]" in message
+    module._trainer = SimpleNamespace(datamodule=EmbeddedDataModule(image_size=16, resolutions=[16]))
+    module.setup("fit")  # the advice, followed
+
+
+def parser_error(err: str) -> str:
+    """A bad argument: one line, the cause first, no usage page and no tree of alternatives."""
+    lines = [line for line in err.split("\n--- stdout ---")[0].splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err[-3000:]
+    return lines[0]
+
+
+def test_a_per_stage_temperature_list_in_sample_grids_is_one_line(tmp_path, capsys):
+    grids = tmp_path / "grids.yaml"
+    grids.write_text("trainer:\n  callbacks:\n    - class_path: lightning_modules.SampleGrids\n"
+                     "      init_args: {temperatures: [[0.8, 0.8, 0.8]]}\n")
+    code, err = run_main(capsys, "fit", *TINY_CASCADE, "--config", str(grids), "--trainer.default_root_dir",
+                         str(tmp_path))
+    assert code == 2
+    line = parser_error(err)
+    assert line.startswith("error: trainer.callbacks: lightning_modules.SampleGrids: temperatures: Expected a float")
+    assert "[0.8, 0.8, 0.8]" in line
+
+
+def test_a_misspelt_class_path_names_the_cause_first(tmp_path, capsys):
+    code, err = run_main(capsys, "fit", *QUICKSTART, "--model", "lightning_modules.GlowModul",
+                         "--trainer.default_root_dir", str(tmp_path))
+    assert code == 2
+    line = parser_error(err)
+    assert line.startswith("error: model: lightning_modules.GlowModul: module 'lightning_modules' has no "
+                           "attribute 'GlowModul' (did you mean lightning_modules.GlowModule?)")

@@ -1,28 +1,78 @@
 """SLURM auto-requeue without SLURM: the SLURM variables are set, a fake ``scontrol``
-records the requeue and then kills the job (as SLURM does), SIGUSR1 arrives during
-training, and the relaunch with ``ckpt_path: auto`` resumes from the saved step."""
+records the requeue, the requeue signal (SIGUSR1) arrives during training, and the
+relaunch with ``ckpt_path: auto`` resumes from the saved step. The job must stop by
+itself after requeueing (SLURM would kill it), with a checkpoint taken at the end of a
+step, not from inside the signal handler."""
 import csv
 import os
 import signal
 import subprocess
 import time
 
+import pytest
 import torch
 
+from lightning_modules.checkpointing import load_checkpoint_file
 from tests.conftest import REPO
 from tests.test_cli import CLI, TINY_QUICKSTART
+from tests.test_reliability import (assert_same_training_state, fit_capturing, signal_at,
+                                    uninterrupted_last_checkpoint)
+
+SLURM = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_NAME": "msflows",
+         "SLURM_NODELIST": "localhost", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}
 
 
-def test_slurm_sigusr1_saves_requeues_and_the_relaunch_resumes(tmp_path):
+def fake_scontrol(tmp_path, then: str = "") -> dict:
+    """The environment of a SLURM job whose ``scontrol`` records its arguments in
+    ``tmp_path/scontrol_args`` (and then runs ``then``)."""
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
+    bin_dir.mkdir(exist_ok=True)
     scontrol = bin_dir / "scontrol"
-    # Record the call, then kill the job the way a requeue does.
-    scontrol.write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/scontrol_args\nkill -9 $PPID\n')
+    scontrol.write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/scontrol_args\n{then}\n')
     scontrol.chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
-           "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_NAME": "msflows",
-           "SLURM_NODELIST": "localhost", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}
+    return {**SLURM, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
+@pytest.fixture(scope="module")
+def requeued_run(tmp_path_factory):
+    """The two-epoch quickstart of test_reliability, SIGUSR1 in step 6, in this process."""
+    root = tmp_path_factory.mktemp("requeue")
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in fake_scontrol(root).items():
+            patch.setenv(key, value)
+        code, err = fit_capturing(root / "run", signal_at(5, "SIGUSR1"))
+    return root, code, err
+
+
+def test_slurm_requeue_signal_saves_at_the_step_end_requeues_and_stops(requeued_run):
+    root, code, err = requeued_run
+    assert code == 128 + signal.SIGUSR1, err[-3000:]  # stopped by itself, did not train on
+    assert (root / "scontrol_args").read_text().split() == ["requeue", "4242"]
+    hpc = root / "run" / "hpc_ckpt_1.ckpt"
+    assert f"SIGUSR1: saved {hpc} at step 6; requeued SLURM job 4242" in err
+    assert load_checkpoint_file(hpc)["global_step"] == 6
+    assert max(load_checkpoint_file(p)["global_step"] for p in (root / "run").rglob("*.ckpt")) == 6
+
+
+@pytest.mark.slow
+def test_the_requeue_checkpoint_alone_resumes_to_the_uninterrupted_run(requeued_run, tmp_path_factory):
+    root, code, _ = requeued_run
+    assert code == 128 + signal.SIGUSR1
+    for path in (root / "run" / "checkpoints").glob("*.ckpt"):
+        path.unlink()  # the hpc checkpoint alone
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in fake_scontrol(root).items():
+            patch.setenv(key, value)
+        code, err = fit_capturing(root / "run", "--ckpt_path", "auto")
+    assert code == 0, err[-3000:]
+    assert f"resuming from {root / 'run' / 'hpc_ckpt_1.ckpt'}" in err
+    assert_same_training_state(root / "run" / "checkpoints" / "last.ckpt",
+                               uninterrupted_last_checkpoint(tmp_path_factory))
+
+
+def test_slurm_sigusr1_from_outside_saves_requeues_stops_and_the_relaunch_resumes(tmp_path):
+    """The signal sent to a `lightning fit` process from outside, at whatever it is doing."""
+    env = {**os.environ, **fake_scontrol(tmp_path)}
     args = ["fit", "--config", str(REPO / "experiments/quickstart.yaml"), "--trainer.default_root_dir", "run",
             "--trainer.logger.init_args.save_dir", "run", "--ckpt_path", "auto", *TINY_QUICKSTART,
             "--data.init_args.train_size", "2048"]
@@ -37,7 +87,7 @@ def test_slurm_sigusr1_saves_requeues_and_the_relaunch_resumes(tmp_path):
     assert job.poll() is None, job.stdout.read()[-3000:]
     job.send_signal(signal.SIGUSR1)
     output, _ = job.communicate(timeout=300)
-    assert job.returncode == -9, output[-3000:]  # killed by the "requeue"
+    assert job.returncode == 128 + signal.SIGUSR1, output[-3000:]  # stopped after the requeue
     assert (tmp_path / "scontrol_args").read_text().split() == ["requeue", "4242"]
     hpc = tmp_path / "run" / "hpc_ckpt_1.ckpt"
     saved_step = torch.load(hpc, map_location="cpu", weights_only=False)["global_step"]

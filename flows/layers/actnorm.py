@@ -15,13 +15,21 @@ class ActNorm(Bijection):
     variance per channel. The ``initialized`` flag is a buffer, so a model loaded from a
     checkpoint never re-initializes; an explicit :meth:`initialize_from` lets callers
     (e.g. a DDP set-up that all-reduces statistics) run the initialization themselves.
+
+    ``data_init=False`` starts as the identity and never initializes from data (seed
+    001's official code at resolution 1, ``Actnorm.initialize``): on 1x1 maps the
+    statistics of a small first batch are those of a handful of numbers per channel, and
+    with an init batch of 2 the scale can be ~1e12 (one channel whose two values nearly
+    agree), which no later step recovers from.
     """
 
-    def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
+    def __init__(self, num_channels: int, eps: float = 1e-6, data_init: bool = True) -> None:
         super().__init__()
         self.bias = nn.Parameter(torch.zeros(1, num_channels, 1, 1))
         self.log_scale = nn.Parameter(torch.zeros(1, num_channels, 1, 1))
-        self.register_buffer("initialized", torch.tensor(False))
+        # Identity start: marked initialized, so the flag (saved in checkpoints) means the
+        # same for both kinds and a loaded model never re-initializes.
+        self.register_buffer("initialized", torch.tensor(not data_init))
         self.eps = eps
 
     @torch.no_grad()
