@@ -75,8 +75,8 @@ def load_mnist(image_size: int) -> torch.Tensor:
 
 def load_embedded(image_size: int, channels: int) -> torch.Tensor:
     from datamodules.sources import EmbeddedImages
-    train = EmbeddedImages(9000, image_size, channels, held_out=False).images
-    held_out = EmbeddedImages(1000, image_size, channels, held_out=True).images
+    train = EmbeddedImages(9000, image_size, channels, split="train").images
+    held_out = EmbeddedImages(1000, image_size, channels, split="val").images
     return torch.cat([train, held_out])
 
 

@@ -316,8 +316,10 @@ class ImageFolderDataModule(PyramidDataModule):
     """Any folder of images (LSUN / FFHQ exports, your own): centre square crop, resized
     to ``image_size``. ``val_fraction`` of the files (fixed seed) is held out for
     validation. The test split is ``test_dir`` (a separate folder) or else
-    ``test_fraction`` of the files, disjoint from train and validation; with neither,
-    ``lightning test`` is refused rather than report the validation files as a test.
+    ``test_fraction`` of the files, disjoint from train and validation (set it when
+    training: it takes its files from the training split). With neither, ``lightning
+    test`` measures the validation files again and warns that these are no held-out
+    test figures.
     ``bad_images``: unreadable files stop the run with their list (``error``) or are left
     out with a warning (``skip``)."""
 
@@ -349,17 +351,17 @@ class ImageFolderDataModule(PyramidDataModule):
     def build_sources(self, stage: str) -> dict[str, Dataset]:
         if stage not in ("fit", "validate") and self.test_dir:
             return {"test": self._folder(self.test_dir)}
-        if stage not in ("fit", "validate") and not self.test_fraction:
-            raise DataSettingsError(
-                f"ImageFolderDataModule has no test split for {self.data_dir}: its held-out files are the "
-                "validation split, and a test on them would only repeat the validation numbers. Set "
-                "data.init_args.test_dir to a folder of test images, or data.init_args.test_fraction "
-                "(e.g. 0.05) to hold out files for test at training time as well; or run `lightning "
-                "validate` for the validation numbers.")
         full = self._folder(self.data_dir)
         train, held, test = random_split_indices(len(full), self.val_fraction, self.seed, self.test_fraction)
         if stage in ("fit", "validate"):
             return {"train": Subset(full, train), "val": Subset(full, held)}
+        if not test:
+            # Kept working rather than refused: `lightning test` also computes the FID the
+            # hierarchical configs take against the training images (seed 001's code).
+            warnings.warn(f"ImageFolderDataModule has no test split for {self.data_dir}: test/* are "
+                          "measured on the validation files and repeat val/*; set data.init_args.test_dir "
+                          "or data.init_args.test_fraction (at training time) for a held-out test", stacklevel=2)
+            return {"test": Subset(full, held)}
         return {"test": Subset(full, test)}
 
 

@@ -10,8 +10,12 @@ Cluster behaviour (README "Running on a cluster"):
 * The config the user wrote wins over a checkpoint's saved hyper-parameters: a
   checkpoint that does not fit the configured model fails before training starts
   (LightningCLI would otherwise build the checkpoint's model instead).
+* ``--trainer.default_root_dir DIR`` on the command line moves the whole run (lock,
+  ``ckpt_path: auto``, W&B id, and the loggers' ``save_dir``: checkpoints, logs, samples)
+  to DIR (:func:`follow_default_root_dir`).
 * Errors a user can fix (``errors.py``, a missing dataset, a constructor argument that
-  cannot work) print one paragraph and exit with status 2.
+  cannot work, a full or read-only disk) print one paragraph and exit with status 2; so
+  does a bad argument, its cause first (:class:`MsflowsArgumentParser`).
 * Checkpoints are written atomically (:class:`AtomicCheckpointIO`).
 * Every run gets the :class:`~lightning_modules.callbacks.ExactResume` callback (RNG
   states in checkpoints, mid-epoch resume), whether or not the config lists it.
@@ -304,8 +308,39 @@ def integers_first(function) -> None:
             annotations[name] = functools.reduce(operator.or_, ordered)
 
 
+# Lightning's lines on every run that a user of this project cannot act on (matched by the
+# start of the message, so the project's own warnings and Lightning's other ones still show):
+THIRD_PARTY_NOISE = (
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning's own call into torch's pytree
+    # `lightning test` and resumes: the checkpoint's ModelCheckpoint is not in the test config
+    # (the configs choose the callbacks; a resume restores the ones configured).
+    r"Be aware that when using `ckpt_path`, callbacks used to create the checkpoint need to be provided",
+    r"Checkpoint directory .* exists and is not empty",  # a resume or a test in its run's folder
+)
+THIRD_PARTY_TIPS = ("\N{ELECTRIC LIGHT BULB} Tip:",)  # litlogger / litmodels adverts (logged, not warned)
+
+
+class _DropTips:
+    def filter(self, record) -> bool:
+        return not str(record.msg).startswith(THIRD_PARTY_TIPS)
+
+
+_DROP_TIPS = _DropTips()
+
+
+def silence_third_party_noise() -> None:
+    import warnings
+
+    import lightning_utilities.core.rank_zero as rank_zero
+
+    for message in THIRD_PARTY_NOISE:
+        warnings.filterwarnings("ignore", message=message)
+    rank_zero.log.addFilter(_DROP_TIPS)  # the logger rank_zero_info writes to (adds it once)
+
+
 def build_cli(args=None, run: bool = True) -> LightningCLI:
     integers_first(pl.Trainer.__init__)
+    silence_third_party_noise()
     return MsflowsCLI(pl.LightningModule, PyramidDataModule, subclass_mode_model=True,
                       parser_class=MsflowsArgumentParser,
                       subclass_mode_data=True,

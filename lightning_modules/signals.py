@@ -77,53 +77,82 @@ class SignalCheckpoint(pl.Callback):
         self.signals = [signal.Signals[name] if isinstance(name, str) else signal.Signals(name) for name in signals]
         self.requeue_signal: int | None = None
         self.received: int | None = None
-        self._previous: dict[int, object] = {}
+        self._active = False
+        self._pid = os.getpid()
+        self._previous: dict[int, object] = {}  # the handlers from before fit
 
-    # --- the handlers: only a flag ------------------------------------------------------
+    # --- the handler: only a flag ---------------------------------------------------------
     def _handle(self, signum: int, frame) -> None:
+        if os.getpid() != self._pid:
+            return  # a DataLoader worker forked from the trainer: the main process stops the run
+        if not self._active:
+            self._pass_on(signum, frame)
+            return
         if self.received is not None:
             if signum == signal.SIGINT and self.received == signal.SIGINT:
                 self._restore()
                 raise KeyboardInterrupt  # the second Ctrl-C: stop now, without saving
-            # A requeue signal outranks a termination (the job is to come back).
             if signum == self.requeue_signal:
-                self.received = signum
+                self.received = signum  # a requeue outranks a termination: the job is to come back
             return
         self.received = signum
         again = " (Ctrl-C again stops at once, without saving)" if signum == signal.SIGINT else ""
         print(f"received {_name(signum)}: a checkpoint is saved at the end of the current step, then the run "
               f"stops{again}", file=sys.stderr, flush=True)
 
-    def _install(self, trainer: pl.Trainer) -> None:
+    def _pass_on(self, signum: int, frame) -> None:
+        """Outside training (Lightning's teardown after an exception puts this handler
+        back): hand the signal to the handler from before fit, as if never replaced."""
+        previous = self._previous.get(signum, signal.SIG_DFL)
+        previous = signal.SIG_DFL if previous is None else previous
+        signal.signal(signum, previous)
+        if callable(previous):
+            previous(signum, frame)
+        elif previous == signal.SIG_DFL:
+            signal.raise_signal(signum)
+
+    def _install(self, trainer: pl.Trainer, capture: bool) -> None:
         if threading.current_thread() is not threading.main_thread():
             return  # Python takes signals in the main thread only
         environment = getattr(trainer._accelerator_connector, "cluster_environment", None)
         if isinstance(environment, SLURMEnvironment) and environment.auto_requeue and environment.requeue_signal:
             self.requeue_signal = int(environment.requeue_signal)
         wanted = {int(s) for s in self.signals} | ({self.requeue_signal} if self.requeue_signal else set())
+        if capture:
+            self._previous = {signum: signal.getsignal(signum) for signum in wanted}
+        self._pid, self._active = os.getpid(), True
         for signum in wanted:
-            self._previous[signum] = signal.getsignal(signum)
+            self._previous.setdefault(signum, signal.getsignal(signum))
             signal.signal(signum, self._handle)
 
     def _restore(self) -> None:
+        self._active = False
         if threading.current_thread() is not threading.main_thread():
             return
         for signum, handler in self._previous.items():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
-        self._previous = {}
 
     # --- hooks ----------------------------------------------------------------------------
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit":
+            # Before the DataLoader workers fork, so they inherit a handler that ignores
+            # the signal (a scheduler signals every process of the job; Lightning's SLURM
+            # handler would save and requeue from a worker). Lightning then does not
+            # register its requeue handler over this one.
+            self.received = None
+            self._install(trainer, capture=True)
+
     def on_train_start(self, trainer, pl_module) -> None:
-        # After Lightning registered its handlers (just before the training stage), so
-        # these replace them; Lightning's teardown puts the ones from before fit back.
-        self.received = None
-        self._install(trainer)
+        # Again: Lightning registered its SIGTERM handler after setup (just before the
+        # training stage), and it would end the run with status 0 and no checkpoint.
+        self._install(trainer, capture=False)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         received = self._agreed_signal(trainer)
         if received is None or not self._at_step_boundary(trainer, pl_module):
             return
-        self._restore()
+        # The handler stays: a second SIGTERM during the save is ignored (a second Ctrl-C
+        # still stops at once; the atomic write keeps the previous file whole).
         if received == self.requeue_signal:
             path = trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
         else:
@@ -148,6 +177,12 @@ class SignalCheckpoint(pl.Callback):
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         self._restore()
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit":
+            # Lightning's teardown put back the handlers it found at its registration
+            # (these, after setup): back to the ones from before fit.
+            self._restore()
 
     # --- helpers --------------------------------------------------------------------------
     def _agreed_signal(self, trainer: pl.Trainer) -> int | None:

@@ -2,10 +2,15 @@
 SIGKILL like a preempted cluster job:
 
     python -m tests.resume_job FAMILY ROOT MAX_STEPS [--kill-at STEP] [--kill-in-write N] [--resume]
+                               [--train-size N] [--ema {msflows,lightning}]
 
 ``--kill-in-write N`` kills the job halfway through its N-th checkpoint write (a
 partial temporary file is on disk). ``--resume`` follows ``ckpt_path: auto``: stale
 temporaries are removed and the newest readable checkpoint is resumed.
+``--train-size`` sets the batches per epoch (batch 8); ``--ema`` adds an EMA of the
+weights (``msflows``: lightning_modules.EMAWeights, ``lightning``: Lightning's
+EMAWeightAveraging, to show what it loses). ``final.pt`` also holds the epoch every
+training step saw (:class:`EpochTrace`).
 """
 import argparse
 import os
@@ -23,9 +28,22 @@ from lightning_modules import (CascadeModule, ExactResume, GlowModule, GlowStage
 from lightning_modules.checkpointing import AtomicCheckpointIO, remove_stale_temporaries, resume_checkpoint
 
 
-def build(family: str):
+def build(family: str, train_size: int = 128):
     optimizer = OptimizerSettings(lr=2e-3, warmup_steps=3)
-    if family == "glow":
+    if family == "hierarchical":
+        from flows import HierarchicalFlow
+        from lightning_modules import HierarchicalModule
+        from tests.test_hierarchical import tiny_levels
+
+        # Epoch-driven schedules on: the encoders freeze at epoch 2 and every group's
+        # rate decays per epoch (seed 001 Table 2's rules, at toy epochs).
+        groups = [OptimizerSettings(algorithm="adam", lr=lr, betas=(0.9, 0.999), weight_decay=0.0,
+                                    warmup_epochs=0.0, epoch_decay=0.5) for lr in (5e-4, 2e-3, 5e-3)]
+        module = HierarchicalModule(flow=HierarchicalFlow(levels=tiny_levels(), skip_channels=3),
+                                    encoder_optimizer=groups[0], decoder_optimizer=groups[1],
+                                    flow_optimizer=groups[2], freeze_encoders_at_epoch=2, n_bits=5)
+        resolutions = [8]
+    elif family == "glow":
         module = GlowModule(flow=Glow(image_size=8, scales=2, steps_per_scale=2, hidden_channels=16),
                             optimizer=optimizer, n_bits=5)
         resolutions = [8]
@@ -41,7 +59,7 @@ def build(family: str):
                                                                warmup_epochs=0.0, lr_milestones=[12]))],
             failure_probe_every_n_steps=4, n_bits=5)
         resolutions = [16, 8]
-    data = EmbeddedDataModule(image_size=resolutions[0], resolutions=resolutions, train_size=128,
+    data = EmbeddedDataModule(image_size=resolutions[0], resolutions=resolutions, train_size=train_size,
                               val_size=16, batch_size=8)
     return module, data
 
@@ -85,20 +103,46 @@ class SignalAt(pl.Callback):
             os.kill(os.getpid(), getattr(signal, self.signal))
 
 
+class EpochTrace(pl.Callback):
+    """Records, at every training step, the epoch the module's schedules see (the
+    freezes read ``current_epoch``) and the sampler's epoch (the batch order)."""
+
+    def __init__(self) -> None:
+        self.epochs: dict[int, tuple[int, int]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        sampler = getattr(trainer.train_dataloader, "sampler", None)
+        self.epochs[trainer.global_step] = (pl_module.current_epoch, getattr(sampler, "epoch", -1))
+
+
+def ema_callback(kind: str) -> pl.Callback:
+    if kind == "lightning":
+        from pytorch_lightning.callbacks import EMAWeightAveraging
+        return EMAWeightAveraging(decay=0.9)
+    from lightning_modules import EMAWeights
+    return EMAWeights(decay=0.9)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("family", choices=["glow", "cascade"])
+    parser.add_argument("family", choices=["glow", "cascade", "hierarchical"])
     parser.add_argument("root")
     parser.add_argument("max_steps", type=int)
     parser.add_argument("--kill-at", type=int)
     parser.add_argument("--kill-in-write", type=int)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--train-size", type=int, default=128)
+    parser.add_argument("--ema", choices=["msflows", "lightning"])
     args = parser.parse_args()
     root = Path(args.root)
     pl.seed_everything(0)
-    module, data = build(args.family)
+    module, data = build(args.family, args.train_size)
     callbacks = [ModelCheckpoint(dirpath=root / "checkpoints", every_n_train_steps=3, save_last=True,
                                  save_top_k=-1), ExactResume()]
+    trace = EpochTrace()
+    callbacks.append(trace)
+    if args.ema:  # before ModelCheckpoint, as in the configs (the order Lightning calls them in)
+        callbacks.insert(0, ema_callback(args.ema))
     if args.kill_at:
         callbacks.append(KillAt(args.kill_at))
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=args.max_steps, logger=False,
@@ -111,7 +155,8 @@ def main() -> None:
         ckpt_path = resume_checkpoint(root)
     trainer.fit(module, data, ckpt_path=str(ckpt_path) if ckpt_path else None)
     torch.save({"state_dict": module.state_dict(), "global_step": trainer.global_step,
-                "resumed_from": str(ckpt_path)}, root / "final.pt")
+                "resumed_from": str(ckpt_path), "epochs": trace.epochs,
+                "current_epoch": trainer.current_epoch}, root / "final.pt")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from datamodules import (CelebADataModule, CIFAR10DataModule, DatasetNotFoundErr
 from datamodules.datamodules import landmark_crop
 from datamodules.pyramid import resize_uint8
 from flows.quantization import bits_per_dim, dequantize, to_uint8
-from tests.conftest import SHARED_DATA
+from tests.conftest import REPO, SHARED_DATA
 
 
 # --- pyramid and quantization --------------------------------------------------------
@@ -255,14 +255,12 @@ def test_embedded_test_split_is_held_out_from_validation_and_training():
         assert same_images(faces_a, faces_b) == 0, (first, second)
 
 
-def test_image_folder_test_split_is_disjoint_or_refused(tmp_path):
-    from datamodules.sources import DataSettingsError
-
+def test_image_folder_test_split_is_disjoint_or_says_it_repeats_validation(tmp_path):
     for i in range(20):
         Image.new("RGB", (20, 20), (i * 12, 0, 0)).save(tmp_path / f"{i:02d}.png")
     settings = dict(image_size=16, batch_size=2, val_fraction=0.2, num_workers=0)
-    with pytest.raises(DataSettingsError, match="test_fraction"):
-        ImageFolderDataModule(str(tmp_path), **settings).setup("test")  # test would repeat validation
+    with pytest.warns(UserWarning, match="repeat val/.*test_fraction"):
+        ImageFolderDataModule(str(tmp_path), **settings).setup("test")
     dm = ImageFolderDataModule(str(tmp_path), test_fraction=0.1, **settings)
     dm.setup("fit")
     dm.setup("test")
@@ -368,3 +366,39 @@ def test_floating_point_images_are_refused_by_name(tmp_path):
     Image.new("RGB", (20, 20)).save(tmp_path / "fine.png")
     with pytest.raises(UnreadableImagesError, match=r"float\.tif \(ValueError: floating-point"):
         ImageFolderDataModule(str(tmp_path), image_size=16, val_fraction=0.5).setup("fit")
+
+
+# --- batch limits as the CLI reads them ------------------------------------------------
+
+def test_an_integer_limit_batches_is_a_number_of_batches_on_the_command_line_and_in_yaml(tmp_path, monkeypatch):
+    """Lightning: an int is a number of batches, a float a fraction. jsonargparse read
+    ``1`` as ``1.0`` (the whole set) for the Trainer's float-first Union annotations."""
+    import pytorch_lightning as pl
+
+    from lightning_modules.cli import build_cli
+    from tests.test_cli import TINY_QUICKSTART
+
+    class CountValidationBatches(pl.Callback):
+        batches = 0
+
+        def on_validation_batch_end(self, *args, **kwargs):
+            self.batches += 1
+
+    monkeypatch.chdir(tmp_path)  # the YAML's logger and callbacks write under ./runs
+    (tmp_path / "limits.yaml").write_text("trainer:\n  limit_val_batches: 1\n")
+    common = ["--config", str(REPO / "experiments" / "quickstart.yaml"), *TINY_QUICKSTART,
+              "--data.init_args.eval_batch_size", "8", "--trainer.logger", "false",
+              "--trainer.default_root_dir", str(tmp_path)]  # 32 validation images: 4 batches
+    cli = build_cli([*common, "--trainer.limit_val_batches", "1"], run=False)
+    counter = CountValidationBatches()
+    cli.trainer.callbacks.append(counter)
+    cli.trainer.validate(cli.model, datamodule=cli.datamodule)
+    assert counter.batches == 1
+    # in YAML too, and in the config W&B records (it showed limit_train_batches: 3.0)
+    cli = build_cli([*common, "--config", str(tmp_path / "limits.yaml"), "--trainer.limit_train_batches", "3"],
+                    run=False)
+    assert (cli.trainer.limit_val_batches, cli.trainer.limit_train_batches) == (1, 3)
+    assert type(cli.config.trainer.limit_val_batches) is int and type(cli.config.trainer.limit_train_batches) is int
+    # a float is still a fraction: 1.0 the whole set
+    cli = build_cli([*common, "--trainer.limit_val_batches", "1.0"], run=False)
+    assert type(cli.trainer.limit_val_batches) is float and cli.trainer.limit_val_batches == 1.0

@@ -71,13 +71,14 @@ def test_the_requeue_checkpoint_alone_resumes_to_the_uninterrupted_run(requeued_
 
 
 def test_slurm_sigusr1_from_outside_saves_requeues_stops_and_the_relaunch_resumes(tmp_path):
-    """The signal sent to a `lightning fit` process from outside, at whatever it is doing."""
+    """The signal sent from outside, at whatever the run is doing, to every process of
+    the job (as SLURM signals a job step), its DataLoader workers included."""
     env = {**os.environ, **fake_scontrol(tmp_path)}
     args = ["fit", "--config", str(REPO / "experiments/quickstart.yaml"), "--trainer.default_root_dir", "run",
             "--trainer.logger.init_args.save_dir", "run", "--ckpt_path", "auto", *TINY_QUICKSTART,
-            "--data.init_args.train_size", "2048"]
+            "--data.init_args.train_size", "2048", "--data.init_args.num_workers", "2"]
     job = subprocess.Popen([*CLI, *args, "--trainer.max_epochs", "50"], cwd=tmp_path, env=env,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     metrics = tmp_path / "run" / "glow32" / "version_0" / "metrics.csv"
     deadline = time.time() + 300
     while time.time() < deadline and job.poll() is None:  # wait until a few steps are logged
@@ -85,7 +86,8 @@ def test_slurm_sigusr1_from_outside_saves_requeues_stops_and_the_relaunch_resume
             break
         time.sleep(0.5)
     assert job.poll() is None, job.stdout.read()[-3000:]
-    job.send_signal(signal.SIGUSR1)
+    assert len(subprocess.run(["pgrep", "-g", str(job.pid)], capture_output=True, text=True).stdout.split()) > 1
+    os.killpg(job.pid, signal.SIGUSR1)
     output, _ = job.communicate(timeout=300)
     assert job.returncode == 128 + signal.SIGUSR1, output[-3000:]  # stopped after the requeue
     assert (tmp_path / "scontrol_args").read_text().split() == ["requeue", "4242"]
