@@ -378,7 +378,8 @@ class FlowModule(pl.LightningModule):
         if at_end:
             # last.ckpt holds the diverged state; the best one has a finite metric
             # (lightning_modules.ModelCheckpoint never ranks a non-finite value best).
-            checkpoint = getattr(callback, "best_model_path", "") or "none (no checkpoint with a finite metric)"
+            checkpoint = getattr(callback, "best_model_path", "") or \
+                "none (no checkpoint has a finite metric: start again)"
             what = (f"training ended diverged: its last {self.consecutive_skipped_steps} optimizer steps in a row "
                     f"were skipped because the {reason} was not finite (a whole epoch, or max_skipped_steps = "
                     f"{self.max_skipped_steps}, without an applied step). The best checkpoint is {checkpoint}")

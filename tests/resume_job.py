@@ -2,12 +2,13 @@
 SIGKILL like a preempted cluster job:
 
     python -m tests.resume_job FAMILY ROOT MAX_STEPS [--kill-at STEP] [--kill-in-write N] [--resume]
-                               [--train-size N] [--ema {msflows,lightning}]
+                               [--train-size N] [--ema {msflows,lightning}] [--save-at {steps,epochs}]
 
 ``--kill-in-write N`` kills the job halfway through its N-th checkpoint write (a
 partial temporary file is on disk). ``--resume`` follows ``ckpt_path: auto``: stale
 temporaries are removed and the newest readable checkpoint is resumed.
-``--train-size`` sets the batches per epoch (batch 8); ``--ema`` adds an EMA of the
+``--train-size`` sets the batches per epoch (batch 8); ``--save-at epochs`` writes
+the checkpoints at epoch ends (after validation) instead of every 3 steps; ``--ema`` adds an EMA of the
 weights (``msflows``: lightning_modules.EMAWeights, ``lightning``: Lightning's
 EMAWeightAveraging, to show what it loses). ``final.pt`` also holds the epoch every
 training step saw (:class:`EpochTrace`).
@@ -133,12 +134,14 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--train-size", type=int, default=128)
     parser.add_argument("--ema", choices=["msflows", "lightning"])
+    parser.add_argument("--save-at", choices=["steps", "epochs"], default="steps")
     args = parser.parse_args()
     root = Path(args.root)
     pl.seed_everything(0)
     module, data = build(args.family, args.train_size)
-    callbacks = [ModelCheckpoint(dirpath=root / "checkpoints", every_n_train_steps=3, save_last=True,
-                                 save_top_k=-1), ExactResume()]
+    schedule = {"every_n_train_steps": 3} if args.save_at == "steps" else {"every_n_epochs": 1}
+    callbacks = [ModelCheckpoint(dirpath=root / "checkpoints", **schedule, save_last=True, save_top_k=-1),
+                 ExactResume()]
     trace = EpochTrace()
     callbacks.append(trace)
     if args.ema:  # before ModelCheckpoint, as in the configs (the order Lightning calls them in)
