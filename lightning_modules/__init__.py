@@ -2,6 +2,7 @@
 callbacks any of them can use."""
 from lightning_modules.analyses import (LatentInterpolation, LatentZeroing, NearestNeighbours, NoiseSweep,
                                         ResamplingMaps)
+from lightning_modules.averaging import EMAWeights
 from lightning_modules.base import Batch, FlowModule, LossOutput
 from lightning_modules.callbacks import ExactResume, SampleGrids, TestMetrics, ValidationFID
 from lightning_modules.cascade_module import CascadeModule, GlowStage, SRFlowStage
@@ -19,4 +20,4 @@ __all__ = ["Batch", "FlowModule", "LossOutput", "ExactResume", "SampleGrids", "T
            "CascadeModule", "DiffusionFlowModule", "PixelDiffusionModule", "GlowStage", "SRFlowStage", "GlowModule",
            "HierarchicalModule", "FIDSettings", "Freeze", "OptimizerSettings", "Part", "RRDBPretrainModule",
            "LatentInterpolation", "LatentZeroing", "NearestNeighbours", "NoiseSweep", "ResamplingMaps", "LeNetFeatures",
-           "MNISTClassifierModule", "ModelCheckpoint", "RunStopped", "SignalCheckpoint"]
+           "MNISTClassifierModule", "ModelCheckpoint", "EMAWeights", "RunStopped", "SignalCheckpoint"]

@@ -15,7 +15,9 @@ family through the model contract (``encode``/``decode``/``sample``):
 A model's "scales" are the groups of its latents: a Glow's split-off latents (finest
 first) and its top latent; a cascade's stages (finest first). A prior mean is what the
 prior samples at temperature 0. Each callback writes PNGs and a JSON of its numbers to
-``<log dir>/analyses/`` and sends the images to every logger. Switch them on under
+``<log dir>/analyses/`` and sends the images to every logger. The PNGs are labelled
+figures (title, row and column labels, tiles upscaled by nearest neighbour to at least
+``MIN_TILE_PX``); ``analyses/raw/`` keeps the bare grids at 1:1. Switch them on under
 ``trainer.callbacks`` (``experiments/analyses.yaml`` lists all of them).
 """
 from __future__ import annotations
@@ -219,7 +221,8 @@ class FigureLayout:
         return left, self.title_h, left + self.pitch_x - GAP, self.title_h + self.header_h
 
 
-def labelled_figure(tiles: list[Tensor], rows: list[str], columns: list[str], title: str = "") -> tuple[Tensor, FigureLayout]:
+def labelled_figure(tiles: list[Tensor], rows: list[str], columns: list[str],
+                    title: str = "") -> tuple[Tensor, FigureLayout]:
     """A figure ([3, H, W] uint8) of ``tiles`` (one uint8 [columns, C, h, w] tensor per
     row, C = 1 or 3) upscaled by nearest neighbour, each row and column labelled, with
     ``title`` wrapped over it; and its layout."""
@@ -485,7 +488,10 @@ class NoiseSweep(Analysis):
         failure: dict[str, dict[str, float]] = {}
         for sigma in sigmas:
             for r, recon in pl_module.noisy_reconstructions(batch, sigma).items():
-                rows.setdefault(r, []).append(recon.images)
+                shown = to_uint8(recon.images.cpu(), pl_module.n_bits).expand(-1, 3, -1, -1).clone()
+                # A failed (non-finite) reconstruction would show as a flat grey tile: paint it red.
+                shown[recon.failed.cpu()] = torch.tensor([255, 0, 0], dtype=torch.uint8)[:, None, None]
+                rows.setdefault(r, []).append(shown)
                 failure.setdefault(str(r), {})[f"{sigma:g}"] = float(recon.failure_rate)
         sigma_is = getattr(pl_module, "sigma_is", "std")
         symbol = "sigma^2" if sigma_is == "variance" else "sigma"  # the default font has no Greek
@@ -494,5 +500,6 @@ class NoiseSweep(Analysis):
                            [f"{symbol}={s:g}\nfailed {failure[str(r)][f'{s:g}']:.0%}" for s in sigmas],
                            [f"test {i}" for i in range(self.images)],
                            f"Reconstructions f^-1(f(x) + sigma eps), eps ~ N(0, I), sigma the noise {sigma_is}, "
-                           f"one row per sigma, {r}x{r} (seed 000 Fig. 4.1, 4.2)")
+                           f"one row per sigma, {r}x{r}; red = a failed (non-finite) reconstruction "
+                           f"(seed 000 Fig. 4.1, 4.2)")
         return {"sigmas": list(sigmas), "sigma_is": sigma_is, "failure_rate": failure}

@@ -8,9 +8,10 @@
   (model name, bits per dim per resolution, exact or bound, the time to draw 25
   samples) and, given FID settings, FID/KID per resolution (torch-fidelity) and the
   FID-vs-temperature sweep.
-* :class:`ExactResume`: RNG states of every process in each checkpoint, and a run
-  resumed mid-epoch continues with the batches an uninterrupted run would draw. The
-  ``lightning`` command adds it to every run.
+* :class:`ExactResume`: RNG states of every process in each checkpoint, a run
+  resumed mid-epoch continues with the batches an uninterrupted run would draw, and
+  one resumed from an end-of-epoch checkpoint with the uninterrupted run's epoch
+  number. The ``lightning`` command adds it to every run.
 
 The sampling callbacks need ``pl_module.sample_images(n, temperature)`` (a dict of
 model-space images per resolution) and ``pl_module.n_bits``; what "temperature" means
@@ -361,11 +362,40 @@ class TestMetrics(pl.Callback):
         return results
 
 
+def _as_saved_at_the_last_batch(fit_loop_state: dict) -> None:
+    """Rewrite, in place, the fit-loop progress of a checkpoint written at the end of an
+    epoch (in ``on_train_epoch_end``, or at a validation end after the epoch's last
+    batch) into the progress of one written at that batch's end, the end-of-epoch state
+    whose resume Lightning (2.6) gets right: it goes on with the next epoch under the
+    next number. From an ``on_train_epoch_end`` checkpoint of a ``max_steps`` run it
+    runs the finished epoch's end again and counts it twice: the next epoch trains with
+    epoch e + 2's batch order and every epoch-driven schedule one epoch ahead."""
+    epochs, batches = fit_loop_state["epoch_progress"], fit_loop_state["epoch_loop.batch_progress"]
+    e, b = epochs["current"], batches["current"]
+    batches_done = b["ready"] == b["started"] == b["processed"] == b["completed"] > 0
+    if e["ready"] == e["started"] == e["processed"] == e["completed"] + 1 and batches_done:
+        # Written in on_train_epoch_end: the epoch is already counted as processed, and
+        # the logging step already advanced past its last batch.
+        for kind in ("current", "total"):
+            epochs[kind]["processed"] -= 1
+            batches[kind]["completed"] -= 1
+        fit_loop_state["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1
+        batches["is_last_batch"] = True
+    elif e["ready"] == e["started"] == e["processed"] + 1 == e["completed"] + 1 and batches_done \
+            and batches.get("is_last_batch"):
+        for kind in ("current", "total"):  # written at the validation end after the last batch
+            batches[kind]["completed"] -= 1
+
+
 class ExactResume(pl.Callback):
     """What an exact resume needs beyond Lightning's own state: the RNG states of every
-    process (dequantization and variational noise continue the same stream), and a run
+    process (dequantization and variational noise continue the same stream); a run
     resumed mid-epoch continues with the batches an uninterrupted run would draw next
-    (the sampler's order depends on seed and epoch only)."""
+    (the sampler's order depends on seed and epoch only); and a run resumed from a
+    checkpoint written at the end of an epoch goes on with the next epoch, numbered as
+    in the uninterrupted run (``current_epoch``, the sampler's epoch, the epoch-driven
+    freezes and decays), whichever hook wrote it. The finished epoch's remaining end
+    work (its validation, when the checkpoint was written before it) is not redone."""
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         checkpoint[RNG_KEY] = gather_rng_states()
@@ -373,6 +403,12 @@ class ExactResume(pl.Callback):
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         if RNG_KEY in checkpoint:
             restore_rng_states(checkpoint[RNG_KEY], trainer.global_rank)
+        # Callbacks load before the loops do: the loops then read the rewritten progress.
+        from pytorch_lightning.trainer.states import TrainerFn
+
+        fit_loop_state = (checkpoint.get("loops") or {}).get("fit_loop")
+        if trainer.state.fn == TrainerFn.FITTING and fit_loop_state and "epoch_progress" in fit_loop_state:
+            _as_saved_at_the_last_batch(fit_loop_state)
 
     def on_train_start(self, trainer, pl_module) -> None:
         # Lightning does not call on_train_epoch_start for the resumed epoch;
@@ -381,6 +417,17 @@ class ExactResume(pl.Callback):
         if not loop.restarting:
             return
         done = loop.batch_progress.current.processed
+        if done >= trainer.num_training_batches:
+            # Saved after the epoch's last batch: Lightning counted that epoch in
+            # FitLoop.reset and begins the next one afresh (nothing to skip; a skip would
+            # empty the next epoch), but leaves its ready/started counters one behind an
+            # uninterrupted run's, which would make a mid-epoch checkpoint of this epoch
+            # look like one written between epochs.
+            progress = trainer.fit_loop.epoch_progress
+            if loop.restarted_on_train_batch_end and progress.current.ready == progress.current.processed:
+                progress.increment_ready()
+                progress.increment_started()
+            return
         loader = trainer.train_dataloader
         sampler = getattr(loader, "sampler", None)
         if done and isinstance(sampler, ResumableSampler):

@@ -8,10 +8,12 @@ SIGKILL like a preempted cluster job:
 partial temporary file is on disk). ``--resume`` follows ``ckpt_path: auto``: stale
 temporaries are removed and the newest readable checkpoint is resumed.
 ``--train-size`` sets the batches per epoch (batch 8); ``--save-at epochs`` writes
-the checkpoints at epoch ends (after validation) instead of every 3 steps; ``--ema`` adds an EMA of the
-weights (``msflows``: lightning_modules.EMAWeights, ``lightning``: Lightning's
-EMAWeightAveraging, to show what it loses). ``final.pt`` also holds the epoch every
-training step saw (:class:`EpochTrace`).
+the checkpoints at epoch ends (after validation) instead of every 3 steps; ``--ema``
+adds an EMA of the weights (``msflows``: lightning_modules.EMAWeights, ``lightning``:
+Lightning's EMAWeightAveraging, to show what it loses). ``final.pt`` also holds the
+epoch every training step saw and the live (training) weights after the last step,
+before an EMA callback puts the averaged ones in the model (:class:`EpochTrace`);
+``after_fit.ckpt`` is ``trainer.save_checkpoint`` after ``fit``.
 """
 import argparse
 import os
@@ -106,14 +108,19 @@ class SignalAt(pl.Callback):
 
 class EpochTrace(pl.Callback):
     """Records, at every training step, the epoch the module's schedules see (the
-    freezes read ``current_epoch``) and the sampler's epoch (the batch order)."""
+    freezes read ``current_epoch``) and the sampler's epoch (the batch order); and the
+    weights after the last step."""
 
     def __init__(self) -> None:
         self.epochs: dict[int, tuple[int, int]] = {}
+        self.live: dict = {}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         sampler = getattr(trainer.train_dataloader, "sampler", None)
         self.epochs[trainer.global_step] = (pl_module.current_epoch, getattr(sampler, "epoch", -1))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.live = {name: value.detach().clone() for name, value in pl_module.state_dict().items()}
 
 
 def ema_callback(kind: str) -> pl.Callback:
@@ -158,8 +165,9 @@ def main() -> None:
         ckpt_path = resume_checkpoint(root)
     trainer.fit(module, data, ckpt_path=str(ckpt_path) if ckpt_path else None)
     torch.save({"state_dict": module.state_dict(), "global_step": trainer.global_step,
-                "resumed_from": str(ckpt_path), "epochs": trace.epochs,
+                "resumed_from": str(ckpt_path), "epochs": trace.epochs, "live_state_dict": trace.live,
                 "current_epoch": trainer.current_epoch}, root / "final.pt")
+    trainer.save_checkpoint(root / "after_fit.ckpt")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import torch
 
 import random
 
-from lightning_modules.checkpointing import AtomicCheckpointIO, newest_checkpoint
+from lightning_modules.checkpointing import AtomicCheckpointIO, load_checkpoint_file, newest_checkpoint
 from tests.conftest import REPO
 
 
@@ -93,3 +93,117 @@ def test_resume_after_ten_random_kills_in_training_and_in_checkpoint_writes(tmp_
         for key, value in reference.items():
             assert torch.allclose(value.float(), final["state_dict"][key].float(), atol=1e-6, rtol=0), (fault, where, key)
         assert not list(root.rglob("*.tmp")), (fault, where)
+
+
+# --- issue 23 items 1 and 3: EMA live weights and the epoch counter after a resume ----------------
+# 48 images, batch 8: 6 steps per epoch. Checkpoints at epoch ends (steps 6 and 12, after
+# validation, in on_train_epoch_end); 14 steps; the kill at step 13 leaves last.ckpt of
+# step 12, so the resumed run starts with epoch 2 and trains steps 13 and 14.
+EPOCH_END_RUN = ["glow", 14, "--train-size", 48, "--save-at", "epochs", "--ema", "msflows"]
+
+
+def kill_and_resume(root, kill_at, *args):
+    """(uninterrupted, resumed) results of a run of ``args`` killed at step ``kill_at``
+    (SIGKILL) and resumed from its newest checkpoint."""
+    straight = job(args[0], root / "straight", *args[1:])
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killed = job(args[0], root / "killed", *args[1:], "--kill-at", kill_at)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    resumed = job(args[0], root / "killed", *args[1:], "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return root / "straight", root / "killed"
+
+
+@pytest.fixture(scope="module")
+def epoch_end_resume(tmp_path_factory):
+    return kill_and_resume(tmp_path_factory.mktemp("epoch_end"), 13, *EPOCH_END_RUN)
+
+
+def largest_difference(a: dict, b: dict) -> float:
+    return max(float((value.float() - b[key].float()).abs().max()) for key, value in a.items())
+
+
+def assert_same_tensors(a: dict, b: dict, what: str) -> None:
+    assert a.keys() == b.keys(), what
+    for key, value in a.items():
+        assert torch.allclose(value.float(), b[key].float(), atol=1e-6, rtol=0), (what, key)
+
+
+def assert_resumed_epochs_are_the_uninterrupted_ones(straight, resumed) -> None:
+    a, b = torch.load(straight / "final.pt"), torch.load(resumed / "final.pt")
+    assert b["resumed_from"].endswith("last.ckpt") and b["global_step"] == a["global_step"]
+    # At every step the resumed run trained: the epoch the schedules read
+    # (current_epoch) and the sampler's epoch (the batch order).
+    assert b["epochs"] and {s: a["epochs"][s] for s in b["epochs"]} == b["epochs"]
+    assert b["current_epoch"] == a["current_epoch"]
+    x, y = (load_checkpoint_file(run / "after_fit.ckpt") for run in (straight, resumed))
+    assert (y["epoch"], y["global_step"]) == (x["epoch"], x["global_step"])
+    assert_same_tensors(a["state_dict"], b["state_dict"], "parameters")
+
+
+def test_resume_from_an_epoch_end_checkpoint_keeps_the_uninterrupted_epoch(epoch_end_resume):
+    straight, resumed = epoch_end_resume
+    assert load_checkpoint_file(resumed / "checkpoints" / "epoch=1-step=12.ckpt")["global_step"] == 12
+    assert torch.load(resumed / "final.pt")["epochs"] == {12: (2, 2), 13: (2, 2)}
+    assert_resumed_epochs_are_the_uninterrupted_ones(straight, resumed)
+
+
+def test_resumed_ema_run_keeps_the_live_and_the_averaged_weights_apart(epoch_end_resume):
+    straight, resumed = epoch_end_resume
+    a, b = torch.load(straight / "final.pt"), torch.load(resumed / "final.pt")
+    # After fit the model holds the averaged weights (state_dict); live_state_dict is the
+    # training weights after the last step. Both runs end with the same of each.
+    assert_same_tensors(a["state_dict"], b["state_dict"], "averaged")
+    assert_same_tensors(a["live_state_dict"], b["live_state_dict"], "live")
+    assert largest_difference(a["live_state_dict"], a["state_dict"]) > 1e-4
+    # The resumed run saved nothing during its two steps, so ModelCheckpoint wrote
+    # last.ckpt at the train end, after the EMA put the averaged weights in the model;
+    # trainer.save_checkpoint after fit is that case too.
+    last = load_checkpoint_file(resumed / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == 14
+    for checkpoint in (last, load_checkpoint_file(straight / "after_fit.ckpt"),
+                       load_checkpoint_file(resumed / "after_fit.ckpt")):
+        assert_same_tensors(checkpoint["current_model_state"], a["live_state_dict"], "current_model_state")
+        assert_same_tensors(checkpoint["state_dict"], a["state_dict"], "state_dict")
+
+
+def test_ema_checkpoint_tests_with_the_averaged_weights_without_a_warning(epoch_end_resume):
+    import warnings
+
+    import pytorch_lightning as pl
+
+    from lightning_modules import EMAWeights
+    from tests.resume_job import build
+
+    straight, _ = epoch_end_resume
+    path = straight / "checkpoints" / "last.ckpt"
+    checkpoint = load_checkpoint_file(path)
+    seen = {}
+
+    class Weights(pl.Callback):
+        def on_test_start(self, trainer, pl_module):
+            seen.update({k: v.detach().clone() for k, v in pl_module.state_dict().items()})
+
+    module, data = build("glow", 48)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_test_batches=1, default_root_dir=str(straight),
+                         callbacks=[EMAWeights(decay=0.9), Weights()], plugins=[AtomicCheckpointIO()])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.test(module, data, ckpt_path=str(path), verbose=False)
+    assert not [w for w in caught if "WeightAveraging" in str(w.message)], [str(w.message) for w in caught]
+    assert_same_tensors(seen, checkpoint["state_dict"], "tested weights")
+    live = checkpoint["current_model_state"]
+    assert largest_difference(seen, live) > 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["glow", "hierarchical"])
+def test_resume_from_the_last_batch_of_an_epoch_keeps_the_uninterrupted_epoch(tmp_path, family):
+    """Checkpoints every 3 steps, 6 steps per epoch: last.ckpt of step 6 is written at the
+    end of epoch 0's last batch, before its validation. The hierarchical flow freezes its
+    encoders at epoch 2 and halves its rates per epoch: a resumed run one epoch ahead
+    freezes them at step 6 instead of 12."""
+    straight, resumed = kill_and_resume(tmp_path, 8, family, 14, "--train-size", 48)
+    assert torch.load(resumed / "final.pt")["epochs"][6] == (1, 1)
+    assert_resumed_epochs_are_the_uninterrupted_ones(straight, resumed)

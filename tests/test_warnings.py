@@ -12,7 +12,8 @@ NOISE = ("LeafSpec", "litlogger", "litmodels", "Tip:", "callbacks used to create
          "exists and is not empty")
 TINY = ["--config", str(REPO / "experiments/quickstart.yaml"), "--trainer.enable_progress_bar", "false",
         "--model.init_args.flow.init_args.image_size", "16", "--model.init_args.flow.init_args.scales", "2",
-        "--model.init_args.flow.init_args.steps_per_scale", "1", "--model.init_args.flow.init_args.hidden_channels", "8",
+        "--model.init_args.flow.init_args.steps_per_scale", "1",
+        "--model.init_args.flow.init_args.hidden_channels", "8",
         "--data.init_args.image_size", "16", "--data.init_args.resolutions", "[16]",
         "--data.init_args.train_size", "64", "--data.init_args.val_size", "32", "--data.init_args.batch_size", "32"]
 
