@@ -362,29 +362,28 @@ class TestMetrics(pl.Callback):
         return results
 
 
-def _as_saved_at_the_last_batch(fit_loop_state: dict) -> None:
-    """Rewrite, in place, the fit-loop progress of a checkpoint written at the end of an
-    epoch (in ``on_train_epoch_end``, or at a validation end after the epoch's last
-    batch) into the progress of one written at that batch's end, the end-of-epoch state
-    whose resume Lightning (2.6) gets right: it goes on with the next epoch under the
-    next number. From an ``on_train_epoch_end`` checkpoint of a ``max_steps`` run it
-    runs the finished epoch's end again and counts it twice: the next epoch trains with
-    epoch e + 2's batch order and every epoch-driven schedule one epoch ahead."""
+def _as_saved_at_the_last_batch(fit_loop_state: dict, max_epochs: int | None) -> None:
+    """Rewrite, in place, the fit-loop progress of a checkpoint written in
+    ``on_train_epoch_end`` (ModelCheckpoint's epoch-end save when validation runs at the
+    epoch end) into that of one written at the end of the epoch's last batch, whose
+    resume Lightning (2.6) gets right: it goes on with the next epoch under the next
+    number. From the former, in a ``max_steps`` run, it runs the finished epoch's end
+    again and counts it twice: the next epoch trains with the batch order of the epoch
+    after it. (A checkpoint written at a validation end after the last batch resumes
+    right as it is.)"""
     epochs, batches = fit_loop_state["epoch_progress"], fit_loop_state["epoch_loop.batch_progress"]
     e, b = epochs["current"], batches["current"]
     batches_done = b["ready"] == b["started"] == b["processed"] == b["completed"] > 0
-    if e["ready"] == e["started"] == e["processed"] == e["completed"] + 1 and batches_done:
-        # Written in on_train_epoch_end: the epoch is already counted as processed, and
-        # the logging step already advanced past its last batch.
+    # The last epoch's checkpoint is left alone: Lightning sees the run finished.
+    finished = max_epochs not in (None, -1) and e["processed"] >= max_epochs
+    if e["ready"] == e["started"] == e["processed"] == e["completed"] + 1 and batches_done and not finished:
+        # The epoch is already counted as processed, and the logging step has already
+        # advanced past its last batch (Lightning adds that step back on this resume).
         for kind in ("current", "total"):
             epochs[kind]["processed"] -= 1
             batches[kind]["completed"] -= 1
         fit_loop_state["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1
         batches["is_last_batch"] = True
-    elif e["ready"] == e["started"] == e["processed"] + 1 == e["completed"] + 1 and batches_done \
-            and batches.get("is_last_batch"):
-        for kind in ("current", "total"):  # written at the validation end after the last batch
-            batches[kind]["completed"] -= 1
 
 
 class ExactResume(pl.Callback):
@@ -408,7 +407,7 @@ class ExactResume(pl.Callback):
 
         fit_loop_state = (checkpoint.get("loops") or {}).get("fit_loop")
         if trainer.state.fn == TrainerFn.FITTING and fit_loop_state and "epoch_progress" in fit_loop_state:
-            _as_saved_at_the_last_batch(fit_loop_state)
+            _as_saved_at_the_last_batch(fit_loop_state, trainer.max_epochs)
 
     def on_train_start(self, trainer, pl_module) -> None:
         # Lightning does not call on_train_epoch_start for the resumed epoch;

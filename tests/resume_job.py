@@ -2,13 +2,14 @@
 SIGKILL like a preempted cluster job:
 
     python -m tests.resume_job FAMILY ROOT MAX_STEPS [--kill-at STEP] [--kill-in-write N] [--resume]
-                               [--train-size N] [--ema {msflows,lightning}] [--save-at {steps,epochs}]
+                               [--train-size N] [--ema {msflows,lightning}] [--save-at {steps,epochs,validation}]
 
 ``--kill-in-write N`` kills the job halfway through its N-th checkpoint write (a
 partial temporary file is on disk). ``--resume`` follows ``ckpt_path: auto``: stale
 temporaries are removed and the newest readable checkpoint is resumed.
 ``--train-size`` sets the batches per epoch (batch 8); ``--save-at epochs`` writes
-the checkpoints at epoch ends (after validation) instead of every 3 steps; ``--ema``
+the checkpoints at epoch ends (in on_train_epoch_end, after validation) instead of
+every 3 steps, ``--save-at validation`` at the validation ends; ``--ema``
 adds an EMA of the weights (``msflows``: lightning_modules.EMAWeights, ``lightning``:
 Lightning's EMAWeightAveraging, to show what it loses). ``final.pt`` also holds the
 epoch every training step saw and the live (training) weights after the last step,
@@ -141,12 +142,13 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--train-size", type=int, default=128)
     parser.add_argument("--ema", choices=["msflows", "lightning"])
-    parser.add_argument("--save-at", choices=["steps", "epochs"], default="steps")
+    parser.add_argument("--save-at", choices=["steps", "epochs", "validation"], default="steps")
     args = parser.parse_args()
     root = Path(args.root)
     pl.seed_everything(0)
     module, data = build(args.family, args.train_size)
-    schedule = {"every_n_train_steps": 3} if args.save_at == "steps" else {"every_n_epochs": 1}
+    schedule = {"steps": {"every_n_train_steps": 3}, "epochs": {"every_n_epochs": 1},
+                "validation": {"every_n_epochs": 1, "save_on_train_epoch_end": False}}[args.save_at]
     callbacks = [ModelCheckpoint(dirpath=root / "checkpoints", **schedule, save_last=True, save_top_k=-1),
                  ExactResume()]
     trace = EpochTrace()

@@ -289,7 +289,8 @@ def test_lightning_test_writes_the_sampling_time(tmp_path):
     recorder = Recorder()
     run = trainer(tmp_path, limit_test_batches=1, logger=recorder, callbacks=[TestMetrics(sampling_time_samples=5)])
     run.test(module, tiny_data(top=8))
-    table = json.loads((tmp_path / "metrics.json").read_text())
+    # The run folder of a logger: <save_dir>/<name>/<version> (callbacks.log_dir).
+    table = json.loads((tmp_path / "recorder" / "version_0" / "metrics.json").read_text())
     assert table["sampling_time_samples"] == 5 and table["sampling_time_s"] > 0
     assert calls == [(5, 1.0), (5, 1.0)]  # a warm-up and the timed call
     assert recorder.logged["test/sampling_time_s"] == table["sampling_time_s"]

@@ -198,12 +198,12 @@ def test_ema_checkpoint_tests_with_the_averaged_weights_without_a_warning(epoch_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["glow", "hierarchical"])
-def test_resume_from_the_last_batch_of_an_epoch_keeps_the_uninterrupted_epoch(tmp_path, family):
-    """Checkpoints every 3 steps, 6 steps per epoch: last.ckpt of step 6 is written at the
-    end of epoch 0's last batch, before its validation. The hierarchical flow freezes its
-    encoders at epoch 2 and halves its rates per epoch: a resumed run one epoch ahead
-    freezes them at step 6 instead of 12."""
-    straight, resumed = kill_and_resume(tmp_path, 8, family, 14, "--train-size", 48)
+@pytest.mark.parametrize("family, save_at", [("glow", "steps"), ("hierarchical", "steps"), ("glow", "validation")])
+def test_resume_from_the_last_batch_of_an_epoch_keeps_the_uninterrupted_epoch(tmp_path, family, save_at):
+    """6 steps per epoch, last.ckpt of step 6 written at the end of epoch 0's last batch
+    (checkpoints every 3 steps), before its validation, or at its validation end. The
+    hierarchical flow freezes its encoders at epoch 2 and halves its rates per epoch: a
+    resumed run one epoch ahead freezes them at step 6 instead of 12."""
+    straight, resumed = kill_and_resume(tmp_path, 8, family, 14, "--train-size", 48, "--save-at", save_at)
     assert torch.load(resumed / "final.pt")["epochs"][6] == (1, 1)
     assert_resumed_epochs_are_the_uninterrupted_ones(straight, resumed)
