@@ -42,6 +42,11 @@ class EMAWeights(EMAWeightAveraging):
         self._swapped = False  # during validation the model holds the averaged weights
         self._live_at_train_end: dict | None = None
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":  # a second fit with this callback starts from a clean slate
+            self._swapped, self._live_at_train_end = False, None
+
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         super().on_validation_epoch_start(trainer, pl_module)
         if self._average_model is not None:
