@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lightning_modules import TestMetrics
-from tests.conftest import REPO
+from tests.conftest import REPO, run_command
 
 CLI = [sys.executable, "-m", "lightning_modules.cli"]
 
@@ -311,14 +311,8 @@ def test_quick_diffusion_flow_as_shipped_improves_its_bound_and_writes_ddim_samp
 # --- run folders (issue 22: default_root_dir; issue 23 item 14) -------------------------------------
 def in_process(capsys, *args) -> tuple[int, str]:
     """The `lightning` command in this process: (exit status, stderr)."""
-    from lightning_modules.cli import main
-
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    return code, capsys.readouterr().err
+    code, err, _ = run_command(capsys, *args)
+    return code, err
 
 
 TINY_FIT = [*TINY_QUICKSTART, "--data.init_args.train_size", "32", "--data.init_args.val_size", "16",

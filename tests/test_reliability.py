@@ -16,7 +16,7 @@ import torch
 from lightning_modules.checkpointing import (AtomicCheckpointIO, RunLock, load_checkpoint_file,
                                              remove_stale_temporaries, resume_checkpoint)
 from lightning_modules.cli import main
-from tests.conftest import REPO
+from tests.conftest import REPO, run_command
 from tests.test_cli import TINY_QUICKSTART
 
 QUICKSTART = ["--config", str(REPO / "experiments/quickstart.yaml"), *TINY_QUICKSTART,
@@ -30,13 +30,8 @@ TINY_CASCADE = ["--config", str(REPO / "experiments/quick_cascade.yaml"),
 
 def run_main(capsys, *args) -> tuple[int, str]:
     """The `lightning` command in this process: (exit status, stderr then stdout)."""
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.err + "\n--- stdout ---\n" + captured.out
+    code, err, out = run_command(capsys, *args)
+    return code, err + "\n--- stdout ---\n" + out
 
 
 def one_paragraph_error(stderr: str) -> str:
