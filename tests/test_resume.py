@@ -141,6 +141,7 @@ def assert_resumed_epochs_are_the_uninterrupted_ones(straight, resumed) -> None:
     assert_same_tensors(a["state_dict"], b["state_dict"], "parameters")
 
 
+@pytest.mark.slow  # three training jobs (~60 s on 2 cores)
 def test_resume_from_an_epoch_end_checkpoint_keeps_the_uninterrupted_epoch(epoch_end_resume):
     straight, resumed = epoch_end_resume
     assert load_checkpoint_file(resumed / "checkpoints" / "epoch=1-step=12.ckpt")["global_step"] == 12
@@ -148,6 +149,7 @@ def test_resume_from_an_epoch_end_checkpoint_keeps_the_uninterrupted_epoch(epoch
     assert_resumed_epochs_are_the_uninterrupted_ones(straight, resumed)
 
 
+@pytest.mark.slow  # three training jobs (~60 s on 2 cores)
 def test_resumed_ema_run_keeps_the_live_and_the_averaged_weights_apart(epoch_end_resume):
     straight, resumed = epoch_end_resume
     a, b = torch.load(straight / "final.pt"), torch.load(resumed / "final.pt")
@@ -167,6 +169,7 @@ def test_resumed_ema_run_keeps_the_live_and_the_averaged_weights_apart(epoch_end
         assert_same_tensors(checkpoint["state_dict"], a["state_dict"], "state_dict")
 
 
+@pytest.mark.slow  # three training jobs (~60 s on 2 cores)
 def test_ema_checkpoint_tests_with_the_averaged_weights_without_a_warning(epoch_end_resume):
     import warnings
 

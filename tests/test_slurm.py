@@ -70,6 +70,7 @@ def test_the_requeue_checkpoint_alone_resumes_to_the_uninterrupted_run(requeued_
                                uninterrupted_last_checkpoint(tmp_path_factory))
 
 
+@pytest.mark.slow  # a CLI subprocess with DataLoader workers and a relaunch (~35 s)
 def test_slurm_sigusr1_from_outside_saves_requeues_stops_and_the_relaunch_resumes(tmp_path):
     """The signal sent from outside, at whatever the run is doing, to every process of
     the job (as SLURM signals a job step), its DataLoader workers included."""
