@@ -128,6 +128,93 @@ def _sum(x: Tensor) -> Tensor:
     return x.flatten(1).sum(dim=1)
 
 
+# --- which time steps the one-step estimate of the bound draws -----------------------------
+BoundEstimator = Literal["uniform", "endpoints", "importance"]
+
+
+class TimestepSampler(nn.Module):
+    """The time steps of the training estimate of the bound, and their weights.
+
+    The bound is L_T + sum_{t=0}^{T-1} L_t. For any p(t) > 0 on a set S of steps,
+    L_t / p(t) with t ~ p is an unbiased estimate of sum_{t in S} L_t. ``kind``:
+
+    * ``"uniform"``: S = all T steps, p = 1/T, the estimate T L_t (DDPM's L_vlb and
+      seed 003 Alg. 1). For a flow's latent L_0 is a *continuous* density of z_0 (a few
+      hundred nats below zero for a 192-dim latent), so the rare draw t = 0 gives
+      T L_0 and the per-image estimate has a standard deviation of tens of bits per
+      dim (benchmarks/diffusion_bound_estimators.py).
+    * ``"endpoints"``: L_0 is computed for every image (the same denoiser call, the
+      batch doubled) and only S = 1..T-1 is sampled uniformly: (T - 1) L_t.
+    * ``"importance"``: as endpoints, with p over 1..T-1 proportional to
+      sqrt(E[L_t^2]) over the last ``history`` values of each L_t, mixed with
+      ``uniform_mix`` of the uniform distribution, and uniform until every step has
+      ``history`` values (improved-diffusion's ``LossSecondMomentResampler``, whose
+      default 10 and 0.001 these are). The history is training state: the module
+      saves it in its checkpoints (:meth:`state` / :meth:`load_state`).
+    """
+
+    def __init__(self, timesteps: int, kind: BoundEstimator = "endpoints", history: int = 10,
+                 uniform_mix: float = 1e-3) -> None:
+        super().__init__()
+        if kind not in ("uniform", "endpoints", "importance"):
+            raise ValueError(f"bound_estimator must be 'uniform', 'endpoints' or 'importance', got {kind!r}")
+        self.timesteps = timesteps
+        self.kind = kind
+        self.uniform_mix = uniform_mix
+        # Not in the state_dict (checkpoints of other estimators load unchanged).
+        self.register_buffer("history", torch.zeros(timesteps, history, dtype=torch.float64), persistent=False)
+        self.register_buffer("counts", torch.zeros(timesteps, dtype=torch.long), persistent=False)
+
+    @property
+    def first(self) -> int:
+        """The first sampled step: 0, or 1 where L_0 is computed for every image."""
+        return 0 if self.kind == "uniform" else 1
+
+    def probabilities(self) -> Tensor:
+        """p(t) over 0..T-1 (zero below :attr:`first`), float64."""
+        p = torch.zeros(self.timesteps, dtype=torch.float64, device=self.history.device)
+        steps = slice(self.first, self.timesteps)
+        p[steps] = 1.0
+        if self.kind == "importance" and bool((self.counts[steps] >= self.history.shape[1]).all()):
+            weights = self.history[steps].pow(2).mean(dim=1).sqrt()
+            if not bool(weights.sum() > 0):
+                return p / p.sum()
+            weights = weights / weights.sum()
+            p[steps] = (1.0 - self.uniform_mix) * weights + self.uniform_mix / (self.timesteps - self.first)
+            return p
+        return p / p.sum()
+
+    def sample(self, n: int, device) -> tuple[Tensor, Tensor]:
+        """n steps t ~ p and their weights 1 / p(t) (float64)."""
+        p = self.probabilities()
+        t = torch.multinomial(p, n, replacement=True)
+        return t.to(device), (1.0 / p[t]).to(device)
+
+    @torch.no_grad()
+    def update(self, t: Tensor, terms: Tensor) -> None:
+        """Adds the drawn L_t (nats, one per image) to the history (importance only)."""
+        if self.kind != "importance":
+            return
+        width = self.history.shape[1]
+        for step, value in zip(t.tolist(), terms.detach().double().tolist()):
+            if self.counts[step] >= width:
+                self.history[step] = torch.roll(self.history[step], -1)
+                self.history[step, -1] = value
+            else:
+                self.history[step, self.counts[step]] = value
+            self.counts[step] += 1
+
+    def state(self) -> dict:
+        return {"history": self.history.cpu(), "counts": self.counts.cpu()}
+
+    def load_state(self, state: dict) -> None:
+        if state["history"].shape != self.history.shape:
+            raise ValueError(f"the saved time-step history has shape {tuple(state['history'].shape)}, this "
+                             f"sampler's is {tuple(self.history.shape)} (another T or history length)")
+        self.history.copy_(state["history"])
+        self.counts.copy_(state["counts"])
+
+
 # --- the diffusion prior -------------------------------------------------------------------
 class DiffusionPrior(LatentPrior):
     """p(z) of a DDPM over tensors of ``shape`` (C, H, W); ``log_prob`` is the
@@ -306,6 +393,27 @@ class DiffusionPrior(LatentPrior):
                 "vlb_term": self._term(z0, zt, t, mean, log_var),
                 "vlb_term_frozen_mean": self._term(z0, zt, t, frozen_mean, log_var),
                 "prior": self.prior_term(z0), "t": t}
+
+    def estimate_negative_elbo(self, z0: Tensor, sampler: TimestepSampler) -> dict[str, Tensor]:
+        """An unbiased estimate of :meth:`negative_elbo` per sample (nats) from one
+        denoiser call: L_T + L_t / p(t) with t ~ ``sampler``, plus L_0 of every image
+        where the sampler leaves t = 0 out (the batch doubled, in the same call).
+        Returns ``negative_elbo`` (the estimate), ``sampled_term`` (L_t, for the
+        sampler's history), ``t``, ``weight`` (1 / p(t)), and ``mse`` (L_simple at t)."""
+        z0 = z0.to(self.compute_dtype())
+        n = z0.shape[0]
+        t, weight = sampler.sample(n, z0.device)
+        with_first = sampler.first == 1
+        if with_first:
+            terms = self.training_terms(torch.cat([z0, z0]), torch.cat([t, torch.zeros_like(t)]))
+        else:
+            terms = self.training_terms(z0, t)
+        sampled = terms["vlb_term"][:n]
+        estimate = terms["prior"][:n] + weight.to(sampled.dtype) * sampled
+        if with_first:
+            estimate = estimate + terms["vlb_term"][n:]
+        return {"negative_elbo": estimate, "sampled_term": sampled, "t": t, "weight": weight,
+                "mse": terms["mse"][:n]}
 
     def negative_elbo(self, z0: Tensor, per_term: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """The full bound L_T + sum_t L_t per sample in nats, each L_t with its own draw of

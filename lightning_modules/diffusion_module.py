@@ -9,24 +9,29 @@ Logged (``train/``, ``val/``, ``test/``), every number in stated units:
   the bins' probability). It costs T denoiser passes per batch: evaluation only; limit
   it with ``trainer.limit_val_batches`` where that is too slow.
 * ``loss``: what the module minimizes (see ``loss_mode``), not a likelihood.
-* ``mse``: L_simple; ``vlb_bpd``: the one-step estimate of the DDPM's bound of z_0 in
-  bits per dim; ``logdet_bpd``: -log|det| / (D log 2) (flow only);
-  ``nll_estimate_bpd`` (training): the unbiased one-step estimate of ``nll_bpd``.
+* ``mse``: L_simple; ``logdet_bpd``: -log|det| / (D log 2) (flow only).
+* ``vlb_bpd`` and ``nll_estimate_bpd`` (training only): the unbiased one-step estimates
+  of the DDPM's bound of z_0 and of ``nll_bpd``, with fresh time steps every step. At
+  evaluation they are not logged: the draws there are fixed by ``evaluation_seed`` (so
+  that epochs compare), which would make them one frozen sample of a noisy estimate,
+  and ``nll_bpd`` gives the quantity itself.
 """
 from __future__ import annotations
 
 import math
 from typing import Literal
 
+import torch
 from torch import Tensor
 
-from flows.diffusion import DiffusionPrior, PixelDiffusion, hybrid_loss
+from flows.diffusion import BoundEstimator, DiffusionPrior, PixelDiffusion, TimestepSampler, hybrid_loss
 from flows.glow import Glow
 from lightning_modules.base import Batch, FlowModule, LossOutput
 from lightning_modules.errors import ConfigurationError
 from lightning_modules.parts import OptimizerSettings, Part
 
 LN2 = math.log(2.0)
+SAMPLER_KEY = "timestep_sampler"
 LossMode = Literal["seed", "bound"]
 
 
@@ -82,11 +87,19 @@ class DiffusionFlowModule(_DiffusionModule):
               FID mode), so sample quality does not rest on the bound's high-variance
               gradient alone.
         vlb_weight: lambda of the hybrid loss (improved DDPM and seed 003: 0.001).
+        bound_estimator: how ``loss_mode: bound`` estimates the DDPM's bound each step
+            (:class:`~flows.diffusion.TimestepSampler`): ``"endpoints"`` (default: L_0
+            and L_T for every image, one t in 1..T-1 sampled; chosen by
+            benchmarks/diffusion_bound_estimators.py, README "Diffusion-flow training
+            estimate"), ``"importance"`` (t by the second moment of L_t) or
+            ``"uniform"`` (T L_t at t in 0..T-1, the estimate before; ``loss_mode:
+            seed`` always uses it, as Alg. 1 does).
         flow_optimizer, diffusion_optimizer: the Glow's and the DDPM's Adam groups.
     The remaining args are :class:`FlowModule`'s.
     """
 
     def __init__(self, *, flow: Glow, loss_mode: LossMode = "bound", vlb_weight: float = 1e-3,
+                 bound_estimator: BoundEstimator = "endpoints",
                  flow_optimizer: OptimizerSettings | None = None,
                  diffusion_optimizer: OptimizerSettings | None = None, n_bits: int = 8,
                  grad_clip_norm: float | None = 1.0, evaluation_seed: int = 1234, channels_last: bool = False,
@@ -105,6 +118,8 @@ class DiffusionFlowModule(_DiffusionModule):
         self.model = flow
         self.loss_mode = loss_mode
         self.vlb_weight = vlb_weight
+        self.timestep_sampler = TimestepSampler(flow.joint_prior.timesteps,
+                                                bound_estimator if loss_mode == "bound" else "uniform")
         self.settings = {"flow": flow_optimizer or adam(1e-3), "diffusion": diffusion_optimizer or adam(2e-4)}
         self.load_parts()
 
@@ -126,23 +141,46 @@ class DiffusionFlowModule(_DiffusionModule):
         z0 = self.model.gather_latents(latents)
         dims, timesteps = self.model.dims, self.diffusion.timesteps
         per_dim_bits = 1.0 / (dims * LN2)
-        terms = self.diffusion.training_terms(z0)
-        vlb_bpd = (timesteps * terms["vlb_term"] + terms["prior"]) * per_dim_bits
         logdet_bpd = -logdet * per_dim_bits
-        nll_estimate_bpd = logdet_bpd + vlb_bpd + self.n_bits  # + D log 2^n / (D log 2)
+        extra = {"logdet_bpd": logdet_bpd.mean()}
         if self.loss_mode == "seed":
+            terms = self.diffusion.training_terms(z0)
             loss = hybrid_loss(terms, timesteps, dims, self.vlb_weight) + logdet_bpd
+            vlb_bpd = (timesteps * terms["vlb_term"] + terms["prior"]) * per_dim_bits
+            extra["mse"] = terms["mse"].mean()
         else:
+            estimate = self.diffusion.estimate_negative_elbo(z0, self.timestep_sampler)
+            vlb_bpd = estimate["negative_elbo"] * per_dim_bits
             detached = self.diffusion.training_terms(z0.detach())
-            loss = nll_estimate_bpd + hybrid_loss(detached, timesteps, dims, self.vlb_weight)
-        extra = {"mse": terms["mse"].mean(), "vlb_bpd": vlb_bpd.mean(), "logdet_bpd": logdet_bpd.mean()}
+            loss = logdet_bpd + vlb_bpd + self.n_bits + hybrid_loss(detached, timesteps, dims, self.vlb_weight)
+            extra["mse"] = detached["mse"].mean()
+            if self.training:
+                self._update_sampler(estimate["t"], estimate["sampled_term"])
         log_prob = {}
         if self.training:
-            extra["nll_estimate_bpd"] = nll_estimate_bpd.mean()
+            extra["vlb_bpd"] = vlb_bpd.mean()
+            extra["nll_estimate_bpd"] = (logdet_bpd + vlb_bpd).mean() + self.n_bits  # + D log 2^n / (D log 2)
         else:  # the full bound: T denoiser passes
             log_prob = {self.resolution: logdet - self.diffusion.negative_elbo(z0)}
         return LossOutput(loss.mean(), log_prob, {self.resolution: dims}, {self.resolution: False}, extra,
                           batch_size=x.shape[0])
+
+    def _update_sampler(self, t: Tensor, terms: Tensor) -> None:
+        if self.timestep_sampler.kind != "importance":
+            return
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed and torch.distributed.get_world_size() > 1:  # every rank keeps the same history
+            t, terms = self.all_gather(t).flatten(), self.all_gather(terms.detach()).flatten()
+        self.timestep_sampler.update(t, terms)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[SAMPLER_KEY] = self.timestep_sampler.state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if SAMPLER_KEY in checkpoint:  # older checkpoints have none: the history starts empty
+            self.timestep_sampler.load_state(checkpoint[SAMPLER_KEY])
 
 
 class PixelDiffusionModule(_DiffusionModule):
@@ -194,7 +232,9 @@ class PixelDiffusionModule(_DiffusionModule):
             loss = terms["mse"]
         else:
             loss = hybrid_loss(terms, diffusion.timesteps, dims, self.vlb_weight)
-        extra = {"mse": terms["mse"].mean(), "vlb_bpd": vlb_bpd.mean()}
+        extra = {"mse": terms["mse"].mean()}
+        if self.training:
+            extra["vlb_bpd"] = vlb_bpd.mean()
         log_prob = {} if self.training else {self.resolution: self.model.encode(batch.images[self.resolution]).log_prob}
         return LossOutput(loss.mean(), log_prob, {self.resolution: dims}, {self.resolution: False}, extra,
                           batch_size=data.shape[0])

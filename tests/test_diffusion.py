@@ -9,7 +9,7 @@ from torch import nn
 
 from flows.base import FlowSequential
 from flows.denoiser import TimeConditionedUNet
-from flows.diffusion import (DiffusionPrior, PixelDiffusion, cosine_betas, ddim_timesteps,
+from flows.diffusion import (DiffusionPrior, PixelDiffusion, TimestepSampler, cosine_betas, ddim_timesteps,
                              discretized_gaussian_log_likelihood, hybrid_loss, linear_betas)
 from flows.glow import Glow
 from flows.layers import Squeeze
@@ -264,8 +264,9 @@ def test_the_evaluated_nll_is_the_flow_log_det_plus_the_full_ddpm_bound():
         out = module.compute_losses(batch_of(x))
         torch.manual_seed(3)
         latents, _, logdet = module.model.transform(x)
-        for _ in range(2):  # the same draws as the loss's two hybrid passes
-            module.diffusion.training_terms(module.model.gather_latents(latents))
+        z0 = module.model.gather_latents(latents)
+        module.diffusion.estimate_negative_elbo(z0, module.timestep_sampler)  # the same draws as the loss's
+        module.diffusion.training_terms(z0)
         expected = logdet - module.diffusion.negative_elbo(module.model.gather_latents(latents))
     assert out.exact == {8: False}  # logged as val/nll_bpd_8, a bound
     assert torch.allclose(out.log_prob[8], expected)
@@ -329,3 +330,89 @@ def test_an_untrained_gaussian_residual_prior_is_the_standard_normal():
     assert abs(samples.std().item() - 1.0) < 0.03 and abs(samples.mean().item()) < 0.03
     standard_error = gap.std().item() / math.sqrt(len(gap))  # the bound's own Monte Carlo noise
     assert abs(gap.mean().item()) < 4 * standard_error + 0.005
+
+
+# --- the training estimate of the bound (issue 21) ----------------------------------------------
+def warmed_importance_sampler(timesteps):
+    sampler = TimestepSampler(timesteps, "importance", history=4)
+    generator = torch.Generator().manual_seed(5)
+    for _ in range(3):  # every step's history full, with values of very different sizes
+        steps = torch.arange(timesteps).repeat(2)
+        sampler.update(steps, torch.rand(len(steps), generator=generator, dtype=torch.float64) * (1 + steps))
+    return sampler
+
+
+@pytest.mark.parametrize("kind", ["uniform", "endpoints", "importance"])
+def test_every_bound_estimator_is_unbiased(kind):
+    """The mean of many one-call estimates equals the full T-step bound (itself averaged
+    over its noise) within four standard errors; a missing L_0, a wrong weight 1/p(t) or
+    a t = 0 counted twice would move the mean by far more."""
+    torch.manual_seed(0)
+    timesteps, draws = 10, 100000
+    prior = gaussian_prior(timesteps)  # learned variance, closed-form denoiser: fast
+    sampler = warmed_importance_sampler(timesteps) if kind == "importance" else TimestepSampler(timesteps, kind)
+    if kind == "importance":
+        p = sampler.probabilities()
+        assert p[0] == 0 and p[1:].max() / p[1:].min() > 2  # really non-uniform
+    z0 = 0.2 * torch.randn(2, 1, 4, 4, dtype=torch.float64) - 0.4  # off the data: large KLs too
+    repeated = z0.repeat(draws, 1, 1, 1)
+    with torch.no_grad():
+        estimate = prior.estimate_negative_elbo(repeated, sampler)["negative_elbo"].view(draws, 2)
+        full = prior.negative_elbo(repeated[:2 * 20000]).view(20000, 2)
+    difference = estimate.mean(0) - full.mean(0)
+    standard_error = (estimate.var(0) / draws + full.var(0) / len(full)).sqrt()
+    assert (difference.abs() < 4 * standard_error).all(), (difference, standard_error)
+
+
+def test_computing_the_first_term_for_every_image_lowers_the_variance():
+    """With a continuous L_0 far from the other terms (a flow's latent), uniform t puts
+    T L_0 into the estimate once in T draws; the endpoints estimator never does."""
+    torch.manual_seed(0)
+    prior = gaussian_prior(10)  # the optimal denoiser: every KL small, L_0 a sharp density
+    z0 = (MEAN + STD * torch.randn(1, 1, 4, 4, dtype=torch.float64)).repeat(4000, 1, 1, 1)
+    with torch.no_grad():
+        spread = {kind: prior.estimate_negative_elbo(z0, TimestepSampler(10, kind))["negative_elbo"].std()
+                  for kind in ("uniform", "endpoints")}
+    assert spread["endpoints"] < 0.5 * spread["uniform"], spread
+
+
+def test_the_importance_sampler_follows_the_second_moment_and_keeps_its_history():
+    sampler = TimestepSampler(4, "importance", history=2)
+    assert torch.allclose(sampler.probabilities(), torch.tensor([0, 1 / 3, 1 / 3, 1 / 3], dtype=torch.float64))
+    sampler.update(torch.tensor([1, 1, 2, 2, 3, 3, 3]), torch.tensor([3.0, 4.0, 1.0, 1.0, 9.0, 2.0, 2.0]))
+    rms = torch.tensor([math.sqrt(12.5), 1.0, 2.0], dtype=torch.float64)  # step 3 kept its last two values
+    expected = (1 - 1e-3) * rms / rms.sum() + 1e-3 / 3
+    assert torch.allclose(sampler.probabilities()[1:], expected)
+    restored = TimestepSampler(4, "importance", history=2)
+    restored.load_state(sampler.state())
+    assert torch.equal(restored.probabilities(), sampler.probabilities())
+    with pytest.raises(ValueError, match="another T"):
+        TimestepSampler(5, "importance", history=2).load_state(sampler.state())
+
+
+def test_the_module_checkpoints_the_sampler_history_and_loads_checkpoints_without_one():
+    from lightning_modules.diffusion_module import SAMPLER_KEY, DiffusionFlowModule
+
+    torch.manual_seed(0)
+    glow = Glow(image_size=8, scales=2, steps_per_scale=1, hidden_channels=8,
+                joint_prior=lambda shape: DiffusionPrior(shape, tiny_unet, timesteps=8, schedule="cosine"))
+    module = DiffusionFlowModule(flow=glow, n_bits=5, bound_estimator="importance").train()
+    x = dequantize(torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8), 5)
+    module.compute_losses(batch_of(x))
+    assert int(module.timestep_sampler.counts.sum()) == 4  # one L_t per image entered the history
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    assert int(checkpoint[SAMPLER_KEY]["counts"].sum()) == 4
+    assert not any("timestep_sampler" in key for key in checkpoint["state_dict"])  # old checkpoints still load
+    seed_mode = DiffusionFlowModule(flow=glow, n_bits=5, loss_mode="seed", bound_estimator="importance")
+    assert seed_mode.timestep_sampler.kind == "uniform"  # Alg. 1's estimate, as printed
+
+
+def test_evaluation_logs_no_frozen_one_step_estimate():
+    module = make_module().eval()
+    x = dequantize(torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8), 5)
+    with torch.no_grad():
+        evaluated = module.compute_losses(batch_of(x))
+        trained = module.train().compute_losses(batch_of(x))
+    assert "vlb_bpd" not in evaluated.extra and "nll_estimate_bpd" not in evaluated.extra
+    assert {"vlb_bpd", "nll_estimate_bpd"} <= set(trained.extra)
