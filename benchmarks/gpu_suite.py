@@ -41,8 +41,10 @@ skipped.
 CPU at tiny sizes (Glow K=2, hidden 16, 16x16, batch 2, one timed iteration; the
 families' networks shrunk to width 8 and depth 1, the hierarchical flow from
 ``experiments/quick_hierarchical.yaml``), all pieces in one shared worker process (a
-fresh process per piece would spend the minute on imports); its numbers are not
-measurements. ``tests/test_gpu_suite.py`` runs it so the script cannot rot.
+fresh process per piece would spend minutes importing torch and Lightning) with one
+torch thread; its numbers are not measurements. ``tests/test_gpu_suite.py`` runs it so
+the script cannot rot. Without CUDA a GPU run stops after the first worker's start and
+writes no table.
 """
 from __future__ import annotations
 
@@ -106,6 +108,8 @@ class Sizes:
     peer_hidden: int
     peer_image: int
     peer_batch: int
+    peer_iterations: int  # section 1: versus_peers' own defaults on a GPU run
+    peer_warmup: int
     memory_steps: tuple[int, ...]
     memory_hidden: int
     memory_image: int
@@ -123,18 +127,17 @@ class Sizes:
     hierarchical_limit_s: float
 
 
-GPU_SIZES = Sizes(peer_steps=32, peer_hidden=512, peer_image=32, peer_batch=64,
+GPU_SIZES = Sizes(peer_steps=32, peer_hidden=512, peer_image=32, peer_batch=64, peer_iterations=10, peer_warmup=3,
                   memory_steps=(8, 16, 32), memory_hidden=512, memory_image=64, memory_batch=32,
                   family_batch_cap=64, shrink_families=False, hierarchical_config=HIERARCHICAL_CONFIG_A,
                   hierarchical_batch=16, iterations=5, warmup=2,
                   peer_limit_s=90, memory_limit_s=90, family_limit_s=120, hierarchical_limit_s=150)
-DRY_SIZES = Sizes(peer_steps=2, peer_hidden=16, peer_image=16, peer_batch=2,
+DRY_SIZES = Sizes(peer_steps=2, peer_hidden=16, peer_image=16, peer_batch=2, peer_iterations=1, peer_warmup=0,
                   memory_steps=(1, 2, 4), memory_hidden=16, memory_image=16, memory_batch=2,
                   family_batch_cap=2, shrink_families=True, hierarchical_config=DRY_HIERARCHICAL_CONFIG,
                   hierarchical_batch=2, iterations=1, warmup=0,
                   # The first piece of the shared worker pays for importing torch and Lightning.
                   peer_limit_s=90, memory_limit_s=60, family_limit_s=90, hierarchical_limit_s=60)
-PEER_TIMED = (10, 3)  # section 1: (iterations, warmup) on a GPU run, versus_peers' defaults
 
 
 @dataclass
@@ -184,7 +187,7 @@ def _shrunk(node, shrink: dict):
     return node
 
 
-def build_family_module(config_path: str, shrink: bool, workdir: str, model_overrides: dict | None = None):
+def build_family_module(config_path: str, shrink: bool, workdir: str):
     """The LightningModule of an experiment YAML, built by the project's CLI as ``lightning
     fit`` builds it, and the YAML's training batch size. Only the model and data sections
     are kept: the trainer's loggers and callbacks play no part in a step."""
@@ -194,7 +197,6 @@ def build_family_module(config_path: str, shrink: bool, workdir: str, model_over
 
     config = yaml.safe_load((REPO / config_path).read_text())
     model = _shrunk(config["model"], DRY_SHRINK) if shrink else config["model"]
-    model.setdefault("init_args", {}).update(model_overrides or {})
     trimmed = {"model": model, "data": config["data"]}  # no ckpt_path: not a key without a subcommand
     path = Path(workdir) / Path(config_path).name
     path.write_text(yaml.safe_dump(trimmed))
@@ -214,11 +216,12 @@ def run_family(spec: dict) -> dict:
     _cuda_fresh_start()
     torch.manual_seed(0)
     device = torch.device(spec["device"])
-    # The cascade's failure probe runs every 500 steps in training; without a trainer the
-    # step count stays 0 and it would run on every timed step.
-    overrides = {"failure_probe_every_n_steps": 0} if "cascade" in spec["config"] else {}
     with tempfile.TemporaryDirectory() as workdir:
-        module, yaml_batch = build_family_module(spec["config"], spec["shrink"], workdir, overrides)
+        module, yaml_batch = build_family_module(spec["config"], spec["shrink"], workdir)
+    if getattr(module, "failure_probe_every_n_steps", 0):
+        # The cascade's sample-failure probe runs every 500 steps in training; without a
+        # trainer the step count stays 0 and it would run on every timed step.
+        module.failure_probe_every_n_steps = 0
     batch_size = min(yaml_batch, spec["batch_cap"])
     module.configure_model()  # channels_last where the YAML asks for it
     module = module.to(device)
@@ -302,13 +305,14 @@ def _one_line(error: BaseException) -> str:
 def worker(tasks_file: str) -> None:
     tasks = json.loads(Path(tasks_file).read_text())
     if any(task["kind"] != "_sleep" for task in tasks):
-        print(ENV_PREFIX + json.dumps(_environment()), flush=True)
+        print("\n" + ENV_PREFIX + json.dumps(_environment()), flush=True)
     for task in tasks:
         try:
             line = {"id": task["id"], "result": WORKERS[task["kind"]](task["spec"])}
         except Exception as error:  # noqa: BLE001 -- any failure of a piece is that piece's row
             line = {"id": task["id"], "error": _one_line(error)}
-        print(RESULT_PREFIX + json.dumps(line), flush=True)
+        # On a line of its own even after a library's unterminated print.
+        print("\n" + RESULT_PREFIX + json.dumps(line), flush=True)
 
 
 # --- the driver: tasks through workers, with limits ---------------------------------------------
@@ -316,6 +320,7 @@ def worker(tasks_file: str) -> None:
 class Outcome:
     results: dict[str, dict] = field(default_factory=dict)  # id -> {"result": ...} or {"error": ...}
     environment: dict | None = None
+    fatal: str | None = None  # a reason every piece fails alike (no CUDA): the rest are not started
 
 
 def _seconds(value: float) -> str:
@@ -373,11 +378,9 @@ def _run_worker(tasks: list[Task], outcome: Outcome, deadline: float, budget_s: 
                             outcome.environment = outcome.environment or environment
                             if require_cuda and not environment["cuda"]:
                                 # Every piece would fail alike, each after starting a process.
-                                reason = (f"CUDA is not available to torch {environment['torch']} "
-                                          f"({python}); --dry-run is the CPU check")
-                                for pending in tasks:
-                                    outcome.results.setdefault(pending.id, {"error": reason})
-                                log(f"  {reason}")
+                                outcome.fatal = (f"CUDA is not available to torch {environment['torch']} "
+                                                 f"({python}); --dry-run is the CPU check")
+                                log(f"  {outcome.fatal}")
                                 return
                         elif line.startswith(RESULT_PREFIX):
                             reply = json.loads(line[len(RESULT_PREFIX):])
@@ -417,19 +420,21 @@ def run_tasks(tasks: list[Task], *, shared: bool, budget_s: float, python: str =
             _skip(pending, outcome, budget_s, log)
             break
         _run_worker(pending if shared else pending[:1], outcome, deadline, budget_s, python, log, require_cuda, env)
+        if outcome.fatal:
+            for task in pending:
+                outcome.results.setdefault(task.id, {"error": outcome.fatal})
     return outcome
 
 
 # --- the pieces ---------------------------------------------------------------------------------
 def build_tasks(sizes: Sizes, device: str, dry_run: bool) -> list[Task]:
     tasks = []
-    peer_iterations, peer_warmup = (sizes.iterations, sizes.warmup) if dry_run else PEER_TIMED
     for precision in ("fp32", "bf16"):
         for implementation in ("ours", NORMFLOWS):
             spec = dict(label=implementation, implementation=implementation, glow_kwargs={},
                         steps=sizes.peer_steps, hidden=sizes.peer_hidden, image_size=sizes.peer_image,
-                        device=device, batch=sizes.peer_batch, precision=precision, iterations=peer_iterations,
-                        warmup=peer_warmup, seed=0)
+                        device=device, batch=sizes.peer_batch, precision=precision,
+                        iterations=sizes.peer_iterations, warmup=sizes.peer_warmup, seed=0)
             tasks.append(Task(f"peers/{precision}/{implementation}", "glow", spec, sizes.peer_limit_s))
     for steps in sizes.memory_steps:
         for mode, kwargs in (("plain", {}), ("memory_efficient", {"memory_efficient": True})):
@@ -525,7 +530,8 @@ def markdown(tasks: list[Task], outcome: Outcome, header: dict, sizes: Sizes) ->
                 lines.append(f"| {steps} | {mode} | {_failed(reply)} | | | | |")
                 continue
             r = reply["result"]
-            ratios = "– | –" if mode == "plain" else f"{_ratio(reply, plain, 'train_mib')} | {_ratio(reply, plain, 'step_s')}"
+            ratios = ("– | –" if mode == "plain"
+                      else f"{_ratio(reply, plain, 'train_mib')} | {_ratio(reply, plain, 'step_s')}")
             lines.append(f"| {steps} | {mode} | {r['parameters']:,} | {r['train_mib']:,.0f} | {_ms(r['step_s'])} "
                          f"| {ratios} |")
     family_tasks = [task for task in tasks if task.kind == "family"]
@@ -536,8 +542,8 @@ def markdown(tasks: list[Task], outcome: Outcome, header: dict, sizes: Sizes) ->
         "",
         f"Built from the YAML by the project's CLI; one optimizer step per batch of random 8-bit images, "
         f"{first['precision']}, mean of {first['iterations']} after {first['warmup']} warm-up; batch: the YAML's, "
-        f"at most {first['batch_cap']}" + ("; dry run: networks shrunk to width 8, depth 1" if first["shrink"] else "")
-        + ".",
+        f"at most {first['batch_cap']}; the cascade trains its three stages in one step"
+        + ("; dry run: networks shrunk to width 8, depth 1" if first["shrink"] else "") + ".",
         "",
         "| family | config | model | parameters (M) | batch | resolutions | images/s | step ms | peak MiB |",
         "|---|---|---|---:|---:|---|---:|---:|---:|",
@@ -586,7 +592,8 @@ def _cpu_name() -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="The GPU check in one run: ours vs normflows, memory modes, "
                                                  "every family's images/s, a Config A step; one markdown file.")
-    parser.add_argument("--out", type=Path, default=Path("gpu_suite.md"), help="the markdown file (default gpu_suite.md)")
+    parser.add_argument("--out", type=Path, default=Path("gpu_suite.md"),
+                        help="the markdown file (default gpu_suite.md)")
     parser.add_argument("--dry-run", action="store_true",
                         help="CPU, tiny sizes, one shared worker: checks the suite runs (numbers are not measurements)")
     parser.add_argument("--budget-s", type=float, default=None,
@@ -623,10 +630,8 @@ def main(argv: list[str] | None = None) -> None:
     environment = outcome.environment or {"torch": "?", "cuda": False, "device_name": "?", "cpu_count": os.cpu_count(),
                                           "threads": "?", "platform": platform.platform(),
                                           "python": platform.python_version()}
-    if device == "cuda" and outcome.environment is not None and not outcome.environment["cuda"]:
-        raise SystemExit(f"gpu_suite: CUDA is not available to {args.python} (torch "
-                         f"{outcome.environment['torch']}); no table written. On a CUDA machine run it again; "
-                         "--dry-run is the CPU check.")
+    if outcome.fatal:
+        raise SystemExit(f"gpu_suite: {outcome.fatal}; no table written.")
     launcher = os.environ.get("GPU_SUITE_LAUNCHER", "python -m benchmarks.gpu_suite")
     header = {**environment,
               "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),

@@ -8,6 +8,9 @@ import math
 import subprocess
 from pathlib import Path
 
+import pytest
+import torch
+
 from benchmarks.gpu_suite import FAMILY_CONFIGS, Task, run_tasks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,6 +45,7 @@ def _number(cell: str) -> float:
     return float(cell.replace(",", ""))
 
 
+@pytest.mark.slow  # ~35 s: the fast suite keeps to its budget; CI runs the slow tests
 def test_dry_run_writes_every_section_with_a_number_in_every_row(tmp_path):
     out = tmp_path / "t.md"
     completed = subprocess.run(["bash", str(REPO / "benchmarks/gpu_suite.sh"), "--dry-run", "--out", str(out)],
@@ -99,3 +103,14 @@ def test_pieces_past_the_budget_are_skipped():
     errors = _errors(run_tasks(tasks, shared=False, budget_s=1.0, log=lambda message: None))
     assert errors["long"].startswith("timed out after 1 s (the suite's budget)"), errors
     assert errors["next"] == "skipped: the suite's budget of 1 s was spent"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the run on a machine without CUDA")
+def test_a_gpu_run_without_cuda_stops_at_once_and_writes_no_table(tmp_path):
+    out = tmp_path / "gpu.md"
+    completed = subprocess.run(["bash", str(REPO / "benchmarks/gpu_suite.sh"), "--out", str(out)],
+                               cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert completed.returncode != 0
+    assert "CUDA is not available" in completed.stderr and "--dry-run" in completed.stderr
+    assert completed.stderr.count("CUDA is not available") == 2  # one worker's report, then the exit: no more starts
+    assert not out.exists()
