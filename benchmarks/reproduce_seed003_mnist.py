@@ -315,8 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "seed003_mnist")
-    parser.add_argument("--steps", type=int, default=1200)
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--fid-samples", type=int, default=1000)
     parser.add_argument("--bound-images", type=int, default=200,
                         help="held-out images for the DDPMs' T-step bound (the flows use all)")
