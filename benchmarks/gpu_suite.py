@@ -457,6 +457,18 @@ def build_tasks(sizes: Sizes, device: str, dry_run: bool) -> list[Task]:
 
 
 # --- the table ---------------------------------------------------------------------------------
+def _row(reply: dict, leading: str, cells: int, render) -> str:
+    """One table row: the leading cells, then ``render(result)`` (``cells`` cells) or the
+    failure in the first of them."""
+    if "error" in reply:
+        return f"| {leading} | {_failed(reply)} |" + " |" * (cells - 1)
+    return f"| {leading} | {render(reply['result'])} |"
+
+
+def _rate(result: dict) -> str:
+    return f"{result['batch'] / result['step_s']:.4g}" if result["step_s"] else "n/a"
+
+
 def _failed(reply: dict) -> str:
     reason = reply["error"].replace("|", "/").replace("\n", " ")
     return f"failed: {reason[:160]}"
@@ -526,14 +538,10 @@ def markdown(tasks: list[Task], outcome: Outcome, header: dict, sizes: Sizes) ->
         plain = results[f"memory/{steps}/plain"]
         for mode in ("plain", "memory_efficient"):
             reply = results[f"memory/{steps}/{mode}"]
-            if "error" in reply:
-                lines.append(f"| {steps} | {mode} | {_failed(reply)} | | | | |")
-                continue
-            r = reply["result"]
             ratios = ("– | –" if mode == "plain"
                       else f"{_ratio(reply, plain, 'train_mib')} | {_ratio(reply, plain, 'step_s')}")
-            lines.append(f"| {steps} | {mode} | {r['parameters']:,} | {r['train_mib']:,.0f} | {_ms(r['step_s'])} "
-                         f"| {ratios} |")
+            lines.append(_row(reply, f"{steps} | {mode}", 5, lambda r: (
+                f"{r['parameters']:,} | {r['train_mib']:,.0f} | {_ms(r['step_s'])} | {ratios}")))
     family_tasks = [task for task in tasks if task.kind == "family"]
     first = family_tasks[0].spec
     lines += [
@@ -549,14 +557,10 @@ def markdown(tasks: list[Task], outcome: Outcome, header: dict, sizes: Sizes) ->
         "|---|---|---|---:|---:|---|---:|---:|---:|",
     ]
     for task in family_tasks:
-        reply = results[task.id]
-        if "error" in reply:
-            lines.append(f"| {task.spec['family']} | `{task.spec['config']}` | {_failed(reply)} | | | | | | |")
-            continue
-        r = reply["result"]
-        lines.append(f"| {task.spec['family']} | `{task.spec['config']}` | {r['model_name']} "
-                     f"| {r['parameters'] / 1e6:.2f} | {r['batch']} | {', '.join(map(str, r['resolutions']))} "
-                     f"| {r['images_per_second']:.4g} | {_ms(r['step_s'])} | {_mib(r['peak_mib'])} |")
+        lines.append(_row(results[task.id], f"{task.spec['family']} | `{task.spec['config']}`", 7, lambda r: (
+            f"{r['model_name']} | {r['parameters'] / 1e6:.2f} | {r['batch']} | "
+            f"{', '.join(map(str, r['resolutions']))} | {r['images_per_second']:.4g} | {_ms(r['step_s'])} | "
+            f"{_mib(r['peak_mib'])}")))
     step = by_id["hierarchical/fp32"].spec
     lines += [
         "",
@@ -570,14 +574,9 @@ def markdown(tasks: list[Task], outcome: Outcome, header: dict, sizes: Sizes) ->
         "|---|---|---:|---:|---:|---:|",
     ]
     for precision in ("fp32", "bf16"):
-        reply = results[f"hierarchical/{precision}"]
-        if "error" in reply:
-            lines.append(f"| {precision} | `{step['config']}` | {_failed(reply)} | | | |")
-            continue
-        r = reply["result"]
-        rate = f"{r['batch'] / r['step_s']:.4g}" if r["step_s"] else "n/a"
-        lines.append(f"| {precision} | `{step['config']}` | {r['parameters_millions']:.2f} | {r['step_s']:.4g} "
-                     f"| {rate} | {_mib(r['peak_mib'])} |")
+        lines.append(_row(results[f"hierarchical/{precision}"], f"{precision} | `{step['config']}`", 4,
+                          lambda r: f"{r['parameters_millions']:.2f} | {r['step_s']:.4g} | {_rate(r)} | "
+                                    f"{_mib(r['peak_mib'])}"))
     return "\n".join(lines) + "\n"
 
 

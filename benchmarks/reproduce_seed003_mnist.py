@@ -79,11 +79,11 @@ MODULES = {"pixel_ddpm": "PixelDiffusionModule", "nsf": "GlowModule", "diffused_
 UNET = "model.init_args.denoiser.init_args"
 DF_UNET = "flow.init_args.joint_prior.init_args.denoiser.init_args"
 SIZE = {
-    "pixel_ddpm": [(f"{UNET}.base_channels", 32), (f"{UNET}.num_res_blocks", 1)],
+    "pixel_ddpm": [(f"{UNET}.base_channels", 16), (f"{UNET}.num_res_blocks", 1)],
     "nsf": [("flow.init_args.steps_per_scale", 4), ("flow.init_args.coupling_net.init_args.num_blocks", 1)],
     "diffused_flows": [("flow.init_args.steps_per_scale", 2),
                        ("flow.init_args.coupling_net.init_args.num_blocks", 1),
-                       (f"{DF_UNET}.base_channels", 32), (f"{DF_UNET}.num_res_blocks", 1)],
+                       (f"{DF_UNET}.base_channels", 16), (f"{DF_UNET}.num_res_blocks", 1)],
     "glow": [("flow.init_args.steps_per_scale", 4), ("flow.init_args.hidden_channels", 128),
              ("n_bits", 8)],
 }
@@ -315,10 +315,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "seed003_mnist")
-    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--fid-samples", type=int, default=1000)
-    parser.add_argument("--bound-images", type=int, default=200,
+    parser.add_argument("--bound-images", type=int, default=100,
                         help="held-out images for the DDPMs' T-step bound (the flows use all)")
     parser.add_argument("--classifier-epochs", type=int, default=3)
     parser.add_argument("--val-per-class", type=int, default=100)
