@@ -22,6 +22,12 @@ What it does:
    to fit the budget, 8-bit images for all (the Glow config models 5 bits; bits per dim
    of 8-bit data are comparable only at 8 bits). The number of diffusion steps T stays
    as shipped (DDPM 1000, Diffused-Flows 500): sampling time depends on it.
+   Cost: on CPU the DDPMs' evaluation dominates (the bound is T denoiser passes per
+   image, 25 ancestral samples T passes, each FID sample 50 DDIM passes): on a 2-core
+   VM the defaults did not fit in 90 minutes beside other work (the first attempt spent
+   over 15 minutes on the pixel DDPM's bound alone): lower ``--bound-images`` and
+   ``--fid-samples`` there. Trainings and evaluation run on the CPU (a GPU device
+   option is still to come).
 4. **Per model**: held-out bits per dim of the 8-bit images: exact for the flows (all
    1,000 images), an upper bound (the full T-step bound, labelled) for the two DDPMs on
    ``--bound-images`` of them; FID of ``--fid-samples`` samples (temperature 1; the DDPMs
@@ -207,11 +213,16 @@ def evaluate(name: str, config: dict, checkpoint: Path, weights: Path, args, fig
 
     module = getattr(lightning_modules, MODULES[name]).load_from_checkpoint(str(checkpoint), map_location="cpu")
     module.eval()
-    data = MNISTDataModule(**{k: v for k, v in config["data"]["init_args"].items()})
-    data.setup("fit")
-    held_out = data.val_dataloader()
     diffusion = getattr(module.model, "joint_prior", None) or getattr(module.model, "diffusion", None)
     limit = args.bound_images if diffusion is not None else None
+    settings = dict(config["data"]["init_args"])
+    if limit:  # batches no larger than the images the T-step bound is computed on
+        settings["eval_batch_size"] = min(limit, 50)
+    data = MNISTDataModule(**settings)
+    data.setup("fit")
+    held_out = data.val_dataloader()
+    print(f"{name}: evaluating ({'the T-step bound on ' + str(limit) if limit else 'all'} held-out images, "
+          f"{args.fid_samples} samples for FID)", flush=True)
     bpd, seen = [], 0
     started = time.perf_counter()
     for index, batch in enumerate(held_out):
