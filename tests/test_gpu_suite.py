@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,8 @@ import torch
 from benchmarks.gpu_suite import FAMILY_CONFIGS, Task, run_tasks
 
 REPO = Path(__file__).resolve().parents[1]
+# The wrapper's interpreter is this one (CI's virtual environment is not the repo's .venv).
+SAME_PYTHON = {**os.environ, "PYTHON": sys.executable}
 NORMFLOWS_INSTALLED = importlib.util.find_spec("normflows") is not None
 
 # Section heading -> (rows expected, the column every measured row must hold a positive number in).
@@ -49,6 +53,7 @@ def _number(cell: str) -> float:
 def test_dry_run_writes_every_section_with_a_number_in_every_row(tmp_path):
     out = tmp_path / "t.md"
     completed = subprocess.run(["bash", str(REPO / "benchmarks/gpu_suite.sh"), "--dry-run", "--out", str(out)],
+                               env=SAME_PYTHON,
                                cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert completed.returncode == 0, completed.stderr[-3000:]
     text = out.read_text()
@@ -108,7 +113,7 @@ def test_pieces_past_the_budget_are_skipped():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the run on a machine without CUDA")
 def test_a_gpu_run_without_cuda_stops_at_once_and_writes_no_table(tmp_path):
     out = tmp_path / "gpu.md"
-    completed = subprocess.run(["bash", str(REPO / "benchmarks/gpu_suite.sh"), "--out", str(out)],
+    completed = subprocess.run(["bash", str(REPO / "benchmarks/gpu_suite.sh"), "--out", str(out)], env=SAME_PYTHON,
                                cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert completed.returncode != 0
     assert "CUDA is not available" in completed.stderr and "--dry-run" in completed.stderr
