@@ -103,6 +103,7 @@ SMOKE_SIZE = {
     "glow": [("flow.init_args.steps_per_scale", 1), ("flow.init_args.hidden_channels", 8), ("n_bits", 8)],
 }
 DDIM_STEPS = 50
+CHILD_ENVIRONMENT: dict[str, str] = {}  # extra environment of the training subprocesses
 
 
 def set_path(tree: dict, dotted: str, value) -> None:
@@ -163,7 +164,7 @@ def run(command: list[str], log: Path) -> float:
     started = time.perf_counter()
     with open(log, "w") as handle:
         result = subprocess.run(command, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT,
-                                env={**os.environ, "WANDB_MODE": "disabled"})
+                                env={**os.environ, "WANDB_MODE": "disabled", **CHILD_ENVIRONMENT})
     if result.returncode != 0:
         tail = log.read_text().splitlines()[-25:]
         raise RuntimeError(f"{' '.join(command)} failed (exit {result.returncode}); the end of {log}:\n"
@@ -342,10 +343,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped: no MNIST test split under {raw} (t10k-images-idx3-ubyte[.gz]); pass --data-dir "
               "to the folder that holds MNIST/raw")
         return 0
-    if args.smoke:  # one thread: tiny ops on a shared 2-core machine stall with more
+    if args.smoke:
         args.fid_samples, args.bound_images = min(args.fid_samples, 40), min(args.bound_images, 4)
-        torch.set_num_threads(1)
-        os.environ["OMP_NUM_THREADS"] = "1"
+    threads = torch.get_num_threads()
+    try:
+        if args.smoke:  # one thread: tiny ops on a shared 2-core machine stall with more
+            torch.set_num_threads(1)
+            CHILD_ENVIRONMENT["OMP_NUM_THREADS"] = "1"
+        return reproduce(args, parser, argv)
+    finally:  # the caller's process (a test session) keeps its settings
+        torch.set_num_threads(threads)
+        CHILD_ENVIRONMENT.pop("OMP_NUM_THREADS", None)
+
+
+def reproduce(args, parser, argv) -> int:
     names = [name.strip() for name in args.models.split(",")]
     unknown = [name for name in names if name not in CONFIGS]
     if unknown:
