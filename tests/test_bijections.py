@@ -1,12 +1,21 @@
-"""Generic properties every Bijection must satisfy, parametrized over all layers."""
+"""Generic properties every Bijection must satisfy, parametrized over all layers.
+
+``CASES`` must hold every public Bijection class under ``flows/``: a discovery test
+(:func:`test_every_bijection_in_flows_has_a_case`) fails on a new layer without a case."""
+import importlib
+import pkgutil
 from functools import partial
 
 import pytest
 import torch
 
-from flows.base import FlowSequential
+import flows
+from flows.base import Bijection, FlowSequential
+from flows.folding import fold_actnorm_conv
 from flows.layers import (ActNorm, AdditiveCoupling, AffineCoupling, AffineInjector, CheckerboardMask,
-                          InvertibleConv1x1, InvertibleConv1x1LU, SplineCoupling, Squeeze, flow_step)
+                          InvertibleConv1x1, InvertibleConv1x1LU, OrthogonalConv1x1, SplineCoupling, Squeeze,
+                          flow_step)
+from flows.reversible import CheckpointedSequential, ReversibleSequential
 from flows.nets import CouplingNet, ResNetCouplingNet
 from tests.conftest import perturb_parameters
 
@@ -20,8 +29,17 @@ def make_actnorm():
     return layer
 
 
+def make_folded_actnorm_conv():
+    """What ``fold_for_inference`` puts in place of an ActNorm and its 1x1 convolution."""
+    actnorm, conv = make_actnorm(), InvertibleConv1x1LU(C)
+    perturb_parameters(conv, 0.2)
+    return fold_actnorm_conv(actnorm, conv)
+
+
 CASES = {
     "actnorm": (make_actnorm, False),
+    "folded_actnorm_conv": (make_folded_actnorm_conv, False),
+    "invconv_orthogonal": (lambda: OrthogonalConv1x1(C, init_scale=0.5), False),
     "invconv_full": (lambda: InvertibleConv1x1(C), False),
     "invconv_lu": (lambda: InvertibleConv1x1LU(C), False),
     "affine_coupling_glow": (lambda: AffineCoupling(C, 8, scale_fn="glow"), False),
@@ -54,6 +72,11 @@ CASES = {
     "conditional_flow_step": (lambda: flow_step(C, 8, cond_channels=COND_C, affine_injector=True,
                                                 scale_fn="squish"), True),
     "sequential": (lambda: FlowSequential(Squeeze(), flow_step(4 * C, 8), flow_step(4 * C, 8)), False),
+    # The memory options' compositions (Glow's memory_efficient and activation_checkpointing);
+    # the Jacobian test differentiates through their custom backward passes.
+    "reversible_sequential": (lambda: ReversibleSequential(Squeeze(), flow_step(4 * C, 8), flow_step(4 * C, 8)),
+                              False),
+    "checkpointed_sequential": (lambda: CheckpointedSequential(Squeeze(), flow_step(4 * C, 8)), False),
     # An SRFlow stage's step stack: the condition is resized after the squeeze.
     "conditional_sequential": (lambda: FlowSequential(
         Squeeze(), *(flow_step(4 * C, 8, cond_channels=COND_C, affine_injector=True,
@@ -78,6 +101,28 @@ def build(name):
     # Conditions come at a lower resolution: layers must resize them themselves.
     cond = torch.randn(5, COND_C, H // 2, W // 2) if conditional else None
     return layer, x, cond, conditional
+
+
+def bijection_classes() -> set[type]:
+    """Every public Bijection subclass defined under ``flows/`` (private bases such as
+    ``_Coupling`` are abstract helpers and have no instances of their own)."""
+    for module in pkgutil.walk_packages(flows.__path__, "flows."):
+        importlib.import_module(module.name)
+    found, stack = set(), [Bijection]
+    while stack:
+        for subclass in stack.pop().__subclasses__():
+            stack.append(subclass)
+            if subclass.__module__.startswith("flows.") and not subclass.__name__.startswith("_"):
+                found.add(subclass)
+    return found
+
+
+def test_every_bijection_in_flows_has_a_case():
+    """Found by discovery, not by a hand list: a new layer without a case here would skip
+    the round trip and the brute-force Jacobian."""
+    built = {type(factory()) for factory, _ in CASES.values()}
+    missing = sorted(f"{c.__module__}.{c.__name__}" for c in bijection_classes() - built)
+    assert not missing, f"add a case to tests/test_bijections.py CASES for {missing}"
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
