@@ -1,5 +1,5 @@
-"""The contract every whole model follows (Glow, SRFlow, the cascade; the hierarchical
-and diffusion-augmented flows next).
+"""The contract every whole model follows (Glow and NSF, SRFlow, the cascade, the
+hierarchical flow, the diffusion-augmented flow and the pixel DDPM).
 
     encode(x, cond) -> Encoding          data -> latents, log-det and prior term apart
     decode(latents, cond, temperature)   latents -> data; a latent given as None is drawn

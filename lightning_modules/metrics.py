@@ -129,27 +129,33 @@ class RandomConvFeatures(nn.Module):
         return x.mean(dim=(2, 3)).double()
 
 
-def _register_random_conv() -> None:
+def register_fidelity_extractor(name: str, build: Callable[[str | None], nn.Module],
+                                layers: tuple[str, ...] = ("features",)) -> None:
+    """Register a feature net with torch-fidelity under ``name`` (once).
+
+    ``build(feature_extractor_weights_path)`` returns the net: uint8 [B, 3, H, W] images ->
+    a tensor (the ``"features"`` layer) or a dict with every name in ``layers``. FID and
+    KID read ``"features"``; the Inception score reads ``"logits"`` where it is given."""
     import torch_fidelity
     from torch_fidelity.feature_extractor_base import FeatureExtractorBase
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-    if "random-conv" in FEATURE_EXTRACTORS_REGISTRY:
+    if name in FEATURE_EXTRACTORS_REGISTRY:
         return
 
-    class TorchFidelityRandomConv(FeatureExtractorBase):
-        def __init__(self, name, features_list, **kwargs):
+    class Extractor(FeatureExtractorBase):
+        def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
             super().__init__(name, features_list)
-            self.net = RandomConvFeatures()
+            self.net = build(feature_extractor_weights_path)
             self.eval()
 
         @staticmethod
         def get_provided_features_list():
-            return ("features",)
+            return layers
 
         @staticmethod
         def get_default_feature_layer_for_metric(metric):
-            return "features"
+            return "logits" if metric == "isc" and "logits" in layers else "features"
 
         @staticmethod
         def can_be_compiled():
@@ -160,9 +166,12 @@ def _register_random_conv() -> None:
             return torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
 
         def forward(self, x):
-            return (self.net(x),)
+            out = self.net(x)
+            out = out if isinstance(out, dict) else {"features": out}
+            return tuple(out[layer].double() for layer in self.features_list)
 
-    torch_fidelity.register_feature_extractor("random-conv", TorchFidelityRandomConv)
+    Extractor.__name__ = Extractor.__qualname__ = f"TorchFidelity_{name.replace('-', '_')}"
+    torch_fidelity.register_feature_extractor(name, Extractor)
 
 
 class ImagesAtResolution(Dataset):
@@ -200,7 +209,7 @@ def register_feature_extractors() -> None:
     """This project's torch-fidelity extractors: "random-conv" and "mnist-lenet"."""
     from lightning_modules.mnist_classifier import register_mnist_lenet
 
-    _register_random_conv()
+    register_fidelity_extractor("random-conv", lambda weights: RandomConvFeatures())
     register_mnist_lenet()
 
 
@@ -276,8 +285,8 @@ def fidelity(fake: Dataset, real: Dataset, settings: FIDSettings, real_cache_nam
             raise RuntimeError(
                 f"FID needs torch-fidelity's Inception weights and they could not be downloaded "
                 f"({error}). Fetch {INCEPTION_URL} on a machine with internet, copy it here and "
-                f"set evaluation.inception_weights: /path/to/{INCEPTION_FILE} in the model config "
-                "(or feature_extractor: random-conv for a smoke run).") from error
+                f"set inception_weights: /path/to/{INCEPTION_FILE} in the fid settings of the TestMetrics or "
+                "ValidationFID callback (trainer.callbacks; or feature_extractor: random-conv for a smoke run).") from error
         raise
     return {"fid": float(metrics["frechet_inception_distance"]),
             "kid": float(metrics["kernel_inception_distance_mean"]),
@@ -314,7 +323,7 @@ def in_loop_fid(settings: FIDSettings):
     except (OSError, RuntimeError) as error:
         raise RuntimeError(
             f"in-loop FID needs the Inception weights ({error}). Fetch {INCEPTION_URL} and set "
-            f"evaluation.inception_weights: /path/to/{INCEPTION_FILE}") from error
+            f"inception_weights: /path/to/{INCEPTION_FILE} in ValidationFID's fid settings (trainer.callbacks)") from error
 
 
 def generate_uint8(sample: Callable[[int], dict[int, Tensor]], num_samples: int, batch_size: int,

@@ -110,45 +110,24 @@ def load_lenet_features(path: str | os.PathLike | None) -> LeNetFeatures:
     return net.eval()
 
 
+class _FeaturesAndLogits(nn.Module):
+    """The classifier as torch-fidelity reads it: penultimate features and logits."""
+
+    def __init__(self, net: LeNetFeatures) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, images_uint8: Tensor) -> dict[str, Tensor]:
+        features = self.net.features(images_uint8)
+        return {"features": features, "logits": self.net.head(features)}
+
+
 def register_mnist_lenet() -> None:
     """Register ``"mnist-lenet"`` with torch-fidelity (once)."""
-    import torch_fidelity
-    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
-    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+    from lightning_modules.metrics import register_fidelity_extractor
 
-    if "mnist-lenet" in FEATURE_EXTRACTORS_REGISTRY:
-        return
-
-    class TorchFidelityMNISTLeNet(FeatureExtractorBase):
-        def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
-            super().__init__(name, features_list)
-            self.net = load_lenet_features(feature_extractor_weights_path)
-            self.eval()
-
-        @staticmethod
-        def get_provided_features_list():
-            return ("features", "logits")
-
-        @staticmethod
-        def get_default_feature_layer_for_metric(metric):
-            return "logits" if metric == "isc" else "features"
-
-        @staticmethod
-        def can_be_compiled():
-            return False
-
-        @staticmethod
-        def get_dummy_input_for_compile():
-            return torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
-
-        def forward(self, x):
-            features = self.net.features(x)
-            out = {"features": features.double()}
-            if "logits" in self.features_list:
-                out["logits"] = self.net.head(features).double()
-            return tuple(out[name] for name in self.features_list)
-
-    torch_fidelity.register_feature_extractor("mnist-lenet", TorchFidelityMNISTLeNet)
+    register_fidelity_extractor("mnist-lenet", lambda weights: _FeaturesAndLogits(load_lenet_features(weights)),
+                                layers=("features", "logits"))
 
 
 class MNISTClassifierModule(pl.LightningModule):

@@ -47,4 +47,28 @@ def test_ddp_fid_samples_are_split_across_ranks_and_scored_once(ddp_runs):
 
     table = json.loads((ddp_runs / "ddp" / "metrics.json").read_text())
     assert table["evaluation"]["num_samples"] == 12
-    assert set(table["fid"]) == {"8", "16"} and all(v >= 0 for v in table["fid"].values())
+    assert set(table["fid"]) == {"8", "16"}
+    # Scored once, on the 6 + 6 samples of both ranks (each with its own seed): the same
+    # FID as the trained model's two shares drawn and scored here in one process, and not
+    # the FID of 12 samples drawn by rank 0 alone.
+    from lightning_modules import FIDSettings
+    from lightning_modules.callbacks import draw_samples
+    from lightning_modules.metrics import ImagesAtResolution, TensorImages, fidelity
+    from tests.resume_job import build
+
+    module, data = build("cascade")
+    module.load_state_dict(torch.load(ddp_runs / "ddp" / "rank0_end.pt"))
+    data.setup("test")
+    settings = FIDSettings(num_samples=12, feature_extractor="random-conv", batch_size=4, kid_subset_size=4)
+    temperature = table["evaluation"]["temperature"]
+    shares = [draw_samples(module, 6, temperature, settings.seed + rank, 4) for rank in (0, 1)]
+    alone = draw_samples(module, 12, temperature, settings.seed, 4)
+    for resolution in (8, 16):
+        real = ImagesAtResolution(data.datasets["test"], resolution, module.n_bits)
+
+        def fid(images):
+            return fidelity(TensorImages(images), real, settings, None, cuda=False)["fid"]
+
+        split = fid(torch.cat([share[resolution] for share in shares]))
+        assert table["fid"][str(resolution)] == pytest.approx(split, rel=1e-4, abs=1e-6)
+        assert table["fid"][str(resolution)] != pytest.approx(fid(alone[resolution]), rel=1e-4)
