@@ -79,7 +79,9 @@ def bpd_name(resolution: int, exact: bool, bound_metric: str = "bpd_bound") -> s
 
 
 class FlowModule(pl.LightningModule):
-    """Shared training logic.
+    """Shared training logic. A family module takes its own arguments and passes the rest,
+    ``**training``, to this constructor, so every family accepts every argument below
+    (a family states only the defaults it changes, e.g. Glow's relative clipping).
 
     Args:
         n_bits: bits per colour channel the data are reduced to before dequantizing.

@@ -111,13 +111,8 @@ class CascadeModule(FlowModule):
                  class_loss_weight: float = 0.01, max_reconstruction_abs: float = 1.0,
                  failure_probe_sigmas: list[float] | None = None,
                  failure_probe_every_n_steps: int = 100, sigma_is: Literal["std", "variance"] = "std",
-                 n_bits: int = 8,
-                 grad_clip_norm: float | None = None, grad_clip_relative: float | None = None,
-                 evaluation_seed: int = 1234, channels_last: bool = False, compile: bool = False,
-                 max_skipped_steps: int = 100) -> None:
-        super().__init__(n_bits=n_bits, grad_clip_norm=grad_clip_norm, grad_clip_relative=grad_clip_relative,
-                         evaluation_seed=evaluation_seed,
-                         channels_last=channels_last, compile=compile, max_skipped_steps=max_skipped_steps)
+                 **training) -> None:
+        super().__init__(**training)
         self.save_config()
         self.model = Cascade(base=base.flow, sr_stages=self._sr_flows(base.flow, sr_stages), n_bits=self.n_bits)
         self.stage_settings = {r: s for r, s in zip(self.model.resolutions, [base, *sr_stages])}

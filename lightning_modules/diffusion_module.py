@@ -102,11 +102,9 @@ class DiffusionFlowModule(_DiffusionModule):
     def __init__(self, *, flow: Glow, loss_mode: LossMode = "bound", vlb_weight: float = 1e-3,
                  bound_estimator: BoundEstimator = "importance",
                  flow_optimizer: OptimizerSettings | None = None,
-                 diffusion_optimizer: OptimizerSettings | None = None, n_bits: int = 8,
-                 grad_clip_norm: float | None = 1.0, evaluation_seed: int = 1234, channels_last: bool = False,
-                 compile: bool = False, max_skipped_steps: int = 100) -> None:
-        super().__init__(n_bits=n_bits, grad_clip_norm=grad_clip_norm, evaluation_seed=evaluation_seed,
-                         channels_last=channels_last, compile=compile, max_skipped_steps=max_skipped_steps)
+                 diffusion_optimizer: OptimizerSettings | None = None, grad_clip_norm: float | None = 1.0,
+                 **training) -> None:
+        super().__init__(grad_clip_norm=grad_clip_norm, **training)
         self.save_config()
         if not isinstance(getattr(flow, "joint_prior", None), DiffusionPrior):
             raise ConfigurationError(
@@ -197,11 +195,9 @@ class PixelDiffusionModule(_DiffusionModule):
     """
 
     def __init__(self, *, model: PixelDiffusion, loss: Literal["simple", "hybrid"] = "simple",
-                 vlb_weight: float = 1e-3, optimizer: OptimizerSettings | None = None, n_bits: int = 8,
-                 grad_clip_norm: float | None = 1.0, evaluation_seed: int = 1234, channels_last: bool = False,
-                 compile: bool = False, max_skipped_steps: int = 100) -> None:
-        super().__init__(n_bits=n_bits, grad_clip_norm=grad_clip_norm, evaluation_seed=evaluation_seed,
-                         channels_last=channels_last, compile=compile, max_skipped_steps=max_skipped_steps)
+                 vlb_weight: float = 1e-3, optimizer: OptimizerSettings | None = None,
+                 grad_clip_norm: float | None = 1.0, **training) -> None:
+        super().__init__(grad_clip_norm=grad_clip_norm, **training)
         self.save_config()
         if loss not in ("simple", "hybrid"):
             raise ConfigurationError(f"loss must be 'simple' or 'hybrid', got {loss!r}")
@@ -210,8 +206,8 @@ class PixelDiffusionModule(_DiffusionModule):
         if loss == "simple" and model.diffusion.variance == "learned":
             raise ConfigurationError("L_simple does not train the variance: use variance fixed_large or "
                                      "fixed_small, or loss: hybrid")
-        if model.n_bits != n_bits:
-            raise ConfigurationError(f"the model's n_bits ({model.n_bits}) differs from the module's ({n_bits}); "
+        if model.n_bits != self.n_bits:
+            raise ConfigurationError(f"the model's n_bits ({model.n_bits}) differs from the module's ({self.n_bits}); "
                                      "set both to the same value")
         self.check_vlb_weight(vlb_weight)
         self.model = model

@@ -28,12 +28,8 @@ class GlowModule(FlowModule):
     """
 
     def __init__(self, *, flow: Glow, optimizer: OptimizerSettings | None = None,
-                 class_loss_weight: float = 0.01, n_bits: int = 8, grad_clip_norm: float | None = None,
-                 grad_clip_relative: float | None = 2.0, evaluation_seed: int = 1234, channels_last: bool = False, compile: bool = False,
-                 max_skipped_steps: int = 100) -> None:
-        super().__init__(n_bits=n_bits, grad_clip_norm=grad_clip_norm, grad_clip_relative=grad_clip_relative,
-                         evaluation_seed=evaluation_seed,
-                         channels_last=channels_last, compile=compile, max_skipped_steps=max_skipped_steps)
+                 class_loss_weight: float = 0.01, grad_clip_relative: float | None = 2.0, **training) -> None:
+        super().__init__(grad_clip_relative=grad_clip_relative, **training)
         self.save_config()
         self.model = flow
         self.optimizer_settings = optimizer or OptimizerSettings()

@@ -74,12 +74,8 @@ class HierarchicalModule(FlowModule):
                  decoder_optimizer: OptimizerSettings | None = None,
                  flow_optimizer: OptimizerSettings | None = None,
                  freeze_encoders_at_epoch: int | None = 60, train_noise_std: float = 5e-3,
-                 n_bits: int = 8, grad_clip_norm: float | None = 50.0, evaluation_seed: int = 1234,
-                 channels_last: bool = False, compile: bool = False, max_skipped_steps: int = 100,
-                 accumulate_grad_batches: int = 1) -> None:
-        super().__init__(n_bits=n_bits, grad_clip_norm=grad_clip_norm, evaluation_seed=evaluation_seed,
-                         channels_last=channels_last, compile=compile, max_skipped_steps=max_skipped_steps,
-                         accumulate_grad_batches=accumulate_grad_batches)
+                 grad_clip_norm: float | None = 50.0, **training) -> None:
+        super().__init__(grad_clip_norm=grad_clip_norm, **training)
         self.save_config()
         if train_noise_std < 0:
             raise ConfigurationError(f"train_noise_std must be >= 0, got {train_noise_std}")
