@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Subset
 
 from flows.model import map_latents
 from flows.quantization import reduce_bits, to_uint8
-from lightning_modules.callbacks import log_dir, save_uint8_png, send_image
+from lightning_modules.callbacks import log_dir, sampling_mode, save_uint8_png, send_image
 
 Latents = Any  # a list of tensors (one model) or {resolution: list} (a cascade); None = draw from the prior
 
@@ -277,16 +277,9 @@ class Analysis(pl.Callback):
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(self.seed)
-                self.figures: dict[str, dict] = {}  # tag -> the labels save_grid drew
-                numbers = self.analyse(trainer, pl_module)
-        finally:
-            pl_module.train(was_training)
+        with sampling_mode(pl_module, self.seed):
+            self.figures: dict[str, dict] = {}  # tag -> the labels save_grid drew
+            numbers = self.analyse(trainer, pl_module)
         self.write_json(trainer, numbers)
 
     def analyse(self, trainer, pl_module) -> dict:

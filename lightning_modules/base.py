@@ -33,8 +33,8 @@ from torch import Tensor, nn
 from datamodules.pyramid import check_resolutions
 from flows.model import NoisyReconstruction, map_latents
 from flows.quantization import bits_per_dim, check_n_bits, dequantize, per_sample_uniform
-from lightning_modules.checkpointing import (load_checkpoint_file, newest_checkpoint, state_dict_mismatch,
-                                             upgrade_state_dict)
+from lightning_modules.checkpointing import (load_checkpoint_file, newest_checkpoint, seeded_rng,
+                                             state_dict_mismatch, upgrade_state_dict)
 from lightning_modules.errors import CheckpointError, ConfigurationError, TrainingDivergedError
 from lightning_modules.parts import (OptimizerGroup, OptimizerSettings, Part, RelativeGradientClipping,
                                      build_optimizer, load_and_freeze, steps_per_epoch)
@@ -412,9 +412,7 @@ class FlowModule(pl.LightningModule):
         # Evaluation noise comes from a forked RNG seeded by the batch index: val bpd of
         # different epochs compare, and validation never moves the training RNG stream
         # (exact resume relies on it).
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.evaluation_seed + 7919 * batch_idx)
+        with seeded_rng(self.evaluation_seed + 7919 * batch_idx, self.device):
             self._log_metrics(split, self.compute_losses(self.prepare_batch(batch, noise=True)))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

@@ -32,7 +32,7 @@ from torch.utils.data import Dataset, Subset
 
 from datamodules.datamodules import PyramidDataset, ResumableSampler
 from flows.quantization import reduce_bits, to_uint8
-from lightning_modules.checkpointing import RNG_KEY, gather_rng_states, restore_rng_states
+from lightning_modules.checkpointing import RNG_KEY, gather_rng_states, restore_rng_states, seeded_rng
 from lightning_modules.errors import ConfigurationError
 from lightning_modules.metrics import (FIDSettings, ImagesAtResolution, TensorImages, as_rgb, feature_cache_tag,
                                        fidelity, generate_uint8, in_loop_fid, plot_temperature_sweep, settings_dict,
@@ -95,12 +95,10 @@ def _sampler_of(pl_module: pl.LightningModule):
 def sampling_mode(pl_module: pl.LightningModule, seed: int):
     """Eval mode and a forked RNG seeded with ``seed``: the training RNG stream is
     untouched and draws repeat; the module's mode is restored afterwards."""
-    devices = [pl_module.device] if pl_module.device.type == "cuda" else []
     was_training = pl_module.training
     pl_module.eval()
     try:
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
+        with seeded_rng(seed, pl_module.device):
             yield
     finally:
         pl_module.train(was_training)

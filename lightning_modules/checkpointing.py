@@ -198,6 +198,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@contextmanager
+def seeded_rng(seed: int, device: torch.device):
+    """Torch's RNG (and ``device``'s, on CUDA) forked and seeded with ``seed``: draws
+    inside repeat run after run, and the stream outside (training's, which exact resume
+    replays) does not move."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
 def gather_rng_states() -> list[dict[str, Any]]:
     """Every process's RNG state, indexed by rank (collective under torch.distributed)."""
     state = rng_state()
