@@ -5,9 +5,11 @@
   ``last.ckpt`` in place of the last good one.
 * RNG states of every process (torch, CUDA, numpy, python) go into each checkpoint and
   come back on resume, so dequantization and variational noise continue the same stream.
-* :func:`newest_checkpoint`: the one resume rule, the newest of Lightning's SLURM
-  ``hpc_ckpt_*.ckpt`` (written on SIGUSR1 before a requeue) and the ``last.ckpt`` files
-  of ModelCheckpoint (Lightning's ``ckpt_path: last`` ignores the hpc ones).
+* :func:`checkpoint_candidates`: the one ordering of resume candidates, newest first, of
+  Lightning's SLURM ``hpc_ckpt_*.ckpt`` (written on SIGUSR1 before a requeue) and the
+  ``last*.ckpt`` files of ModelCheckpoint (Lightning's ``ckpt_path: last`` ignores the hpc
+  ones); :func:`resume_checkpoint` (``ckpt_path: auto``) takes the newest that loads,
+  :func:`newest_checkpoint` the newest of all.
 * :func:`persistent_wandb_id`: the W&B run id kept beside the checkpoints, so a
   requeued job continues the same W&B run.
 * :func:`load_checkpoint_file`: every checkpoint is read through it, so checkpoints of
@@ -368,16 +370,11 @@ class RunLock:
 
 
 def newest_checkpoint(root: str | Path) -> Path | None:
-    """The newest (by modification time) of ``root/hpc_ckpt_*.ckpt`` and every
-    ``last*.ckpt`` below ``root``; None when there is none (a fresh start)."""
-    root = Path(root)
-    if not root.is_dir():
-        return None
-    candidates = list(root.glob("hpc_ckpt_*.ckpt")) + list(root.rglob("last*.ckpt"))
-    candidates = [c for c in candidates if c.is_file()]
-    if not candidates:
-        return None
-    return max(candidates, key=lambda c: (c.stat().st_mtime_ns, c.name.startswith("hpc")))
+    """The first of :func:`checkpoint_candidates` (readable or not); None when there is
+    none (a fresh start). ``ckpt_path: auto`` uses :func:`resume_checkpoint`, which also
+    skips the unreadable ones."""
+    candidates = checkpoint_candidates(root)
+    return candidates[0] if candidates else None
 
 
 def persistent_wandb_id(root: str | Path) -> str:
