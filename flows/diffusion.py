@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from flows.base import Condition, zero_logdet
-from flows.distributions import LOG_2PI, LatentPrior
+from flows.distributions import LatentPrior, gaussian_log_density
 from flows.model import Encoding, FlowModel
 from flows.quantization import bin_log_volume, check_n_bits, snap_to_bins
 
@@ -100,11 +100,6 @@ def normal_kl(mean1: Tensor, log_var1: Tensor, mean2: Tensor, log_var2: Tensor) 
     """KL(N(mean1, e^log_var1) || N(mean2, e^log_var2)), elementwise, in nats."""
     return 0.5 * (log_var2 - log_var1 + torch.exp(log_var1 - log_var2)
                   + (mean1 - mean2) ** 2 * torch.exp(-log_var2) - 1.0)
-
-
-def gaussian_log_density(x: Tensor, mean: Tensor, log_var: Tensor) -> Tensor:
-    """log N(x; mean, e^log_var), elementwise, in nats."""
-    return -0.5 * (LOG_2PI + log_var + (x - mean) ** 2 * torch.exp(-log_var))
 
 
 def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_var: Tensor, bins: int) -> Tensor:

@@ -33,10 +33,17 @@ LOG_2PI = math.log(2.0 * math.pi)
 KEPT = "kept"  # the condition a split prior gets: the half of the activations that stays
 
 
+def gaussian_log_density(x: Tensor, mean: Tensor | float, log_var: Tensor | float) -> Tensor:
+    """log N(x; mean, e^log_var), elementwise, in nats (the one Gaussian density of the
+    project: priors, DDPM terms, the hierarchical flow's latents)."""
+    log_var = torch.as_tensor(log_var, dtype=x.dtype, device=x.device)
+    return -0.5 * (LOG_2PI + log_var + (x - mean) ** 2 * torch.exp(-log_var))
+
+
 def gaussian_log_prob(z: Tensor, mean: Tensor, log_std: Tensor) -> Tensor:
+    """log N(z; mean, diag e^(2 log_std)) per sample (summed over all but the batch)."""
     z, mean, log_std = at_least_float32(z), at_least_float32(mean), at_least_float32(log_std)
-    normalized = (z - mean) * torch.exp(-log_std)
-    return (-0.5 * (LOG_2PI + normalized ** 2) - log_std).flatten(1).sum(dim=1)
+    return gaussian_log_density(z, mean, 2.0 * log_std).flatten(1).sum(dim=1)
 
 
 def gaussian_sample(mean: Tensor, log_std: Tensor, temperature: float) -> Tensor:

@@ -95,6 +95,7 @@ from torch import Tensor, nn
 from flows.base import FEATURES, Condition, FlowSequential, sum_except_batch
 from flows.layers import ActNorm, AffineCoupling, AffineInjector, InvertibleConv1x1, OrthogonalConv1x1
 from flows.layers.masks import ChannelMask, CheckerboardMask
+from flows.distributions import LOG_2PI, gaussian_log_density
 from flows.model import Encoding, FlowModel
 from flows.nets import (ConvCouplingNet, InstanceNorm, UNet, UNetCouplingNet, _leaky, blur_downsample,
                         blur_upsample, conv, unet_depth)
@@ -102,7 +103,6 @@ from flows.nets import (ConvCouplingNet, InstanceNorm, UNet, UNetCouplingNet, _l
 # The official code's conv scaling for its linear (no nonlinearity) output convs.
 LINEAR_GAIN = 1.0
 
-LOG_2PI = math.log(2.0 * math.pi)
 
 
 @dataclass
@@ -235,7 +235,7 @@ def gaussian_entropy(dims: int, std: Tensor) -> Tensor:
 
 def standard_normal_log_prob(z: Tensor) -> Tensor:
     z = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
-    return sum_except_batch(-0.5 * (z * z + LOG_2PI))
+    return sum_except_batch(gaussian_log_density(z, 0.0, 0.0))
 
 
 class Encoder(nn.Module):
