@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from flows.base import LABELS, LOWRES, Condition, condition_value, with_condition, zero_logdet
-from flows.model import Encoding, FlowModel, NoisyReconstruction
+from flows.model import Encoding, FlowModel, NoisyReconstruction, temperature_per_part
 from flows.quantization import bin_log_volume, snap_to_bins
 
 Pyramid = dict[int, Tensor]
@@ -152,13 +152,7 @@ class Cascade(FlowModel):
 
     # --- decoding and sampling ------------------------------------------------------------
     def temperatures(self, temperature: float | list[float]) -> dict[int, float]:
-        if isinstance(temperature, (int, float)):
-            return {r: float(temperature) for r in self.resolutions}
-        temps = list(temperature)
-        if len(temps) != len(self.resolutions):
-            raise ValueError(f"give one temperature, or one per stage ({len(self.resolutions)}: "
-                             f"{self.resolutions}), got {temps}")
-        return dict(zip(self.resolutions, map(float, temps)))
+        return dict(zip(self.resolutions, temperature_per_part(temperature, self.resolutions, "stage")))
 
     def decode(self, latents: dict[int, list], cond: Condition = None,
                temperature: float | list[float] = 1.0, n: int | None = None) -> Pyramid:

@@ -96,7 +96,7 @@ from flows.base import FEATURES, Condition, FlowSequential, sum_except_batch
 from flows.layers import ActNorm, AffineCoupling, AffineInjector, InvertibleConv1x1, OrthogonalConv1x1
 from flows.layers.masks import ChannelMask, CheckerboardMask
 from flows.distributions import LOG_2PI, gaussian_log_density
-from flows.model import Encoding, FlowModel
+from flows.model import Encoding, FlowModel, temperature_per_part
 from flows.nets import (ConvCouplingNet, InstanceNorm, UNet, UNetCouplingNet, _leaky, blur_downsample,
                         blur_upsample, conv, unet_depth)
 
@@ -542,13 +542,11 @@ class HierarchicalFlow(FlowModel):
         """One temperature per level: a list is used as given (fine to coarse); one number
         applies to every level above resolution 1, and ``top_temperature`` (when set) to
         those at 1 (seed 001 Fig. 4)."""
-        if isinstance(temperature, (list, tuple)):
-            if len(temperature) != len(self.levels):
-                raise ValueError(f"give one temperature per level ({len(self.levels)}, fine to coarse), "
-                                 f"got {list(temperature)}")
-            return [float(t) for t in temperature]
-        return [float(temperature) if level.resolution > 1 or self.top_temperature is None
-                else float(self.top_temperature) for level in self.levels]
+        resolutions = [level.resolution for level in self.levels]
+        if not isinstance(temperature, (int, float)):
+            return temperature_per_part(temperature, resolutions, "level (fine to coarse, by resolution)")
+        return [float(temperature) if resolution > 1 or self.top_temperature is None
+                else float(self.top_temperature) for resolution in resolutions]
 
     def decode(self, latents: list[Tensor | None], cond: Condition = None,
                temperature: float | list[float] = 1.0, n: int | None = None) -> Tensor:

@@ -64,6 +64,17 @@ class NoisyReconstruction:
         return self.failed.float().mean()
 
 
+def temperature_per_part(temperature: float | list[float], parts: list, what: str) -> list[float]:
+    """One sampling temperature per part (a cascade's stages, a hierarchy's levels): one
+    number for all, or a list with one entry per part, in ``parts``' order."""
+    if isinstance(temperature, (int, float)):
+        return [float(temperature)] * len(parts)
+    temperatures = list(temperature)
+    if len(temperatures) != len(parts):
+        raise ValueError(f"give one temperature, or one per {what} ({len(parts)}: {parts}), got {temperatures}")
+    return [float(t) for t in temperatures]
+
+
 def map_latents(fn, *trees):
     """``fn`` applied leaf-wise to latents nested in lists and dicts (None stays None)."""
     first = trees[0]

@@ -173,7 +173,7 @@ def test_sampling_temperatures_follow_fig_4():
     assert model.temperatures(0.7) == [0.7, 0.7, 1.0, 1.0]  # resolution-1 levels at 1.0
     assert HierarchicalFlow(levels=tiny_levels(), top_temperature=None).temperatures(0.7) == [0.7] * 4
     assert model.temperatures([0.1, 0.2, 0.3, 0.4]) == [0.1, 0.2, 0.3, 0.4]
-    with pytest.raises(ValueError, match="one temperature per level"):
+    with pytest.raises(ValueError, match="one per level"):
         model.temperatures([0.7, 1.0])
     torch.manual_seed(0)
     a = model.sample(2, None, [0.0, 0.0, 0.0, 0.0])
