@@ -559,6 +559,10 @@ class PixelDiffusion(FlowModel):
     def exact(self) -> bool:
         return False
 
+    @property
+    def display_name(self) -> str:
+        return f"PixelDDPM{self.image_size}"
+
     def to_diffusion_space(self, x: Tensor) -> Tensor:
         """[-0.5, 0.5] model space -> the centres of the n-bit bins in [-1, 1]."""
         return 2.0 * snap_to_bins(x, self.n_bits)

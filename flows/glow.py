@@ -133,6 +133,13 @@ class Glow(FlowModel):
             nn.init.zeros_(self.class_head.bias)
 
     @property
+    def display_name(self) -> str:
+        # Spline couplings make the flow the Neural Spline Flow baseline (seed 003); a class
+        # head makes it GlowCC (seed 000 sec. 4.3.1).
+        family = "NSF" if self.coupling == "spline" else "Glow"
+        return f"{family}{'CC' if self.num_classes else ''}{self.image_size}"
+
+    @property
     def exact(self) -> bool:
         if self.joint_prior is not None:
             return self.joint_prior.exact

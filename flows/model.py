@@ -101,6 +101,11 @@ class FlowModel(nn.Module):
     def dims(self) -> int:
         return self.in_channels * self.image_size ** 2
 
+    @property
+    def display_name(self) -> str:
+        """The model's name in logs and metrics tables, e.g. ``Glow32``, ``NSF32``."""
+        return f"{type(self).__name__}{self.image_size}"
+
     def encode(self, x: Any, cond: Condition = None) -> Encoding:
         raise NotImplementedError(f"{type(self).__name__} must implement encode")
 

@@ -170,8 +170,9 @@ class FlowModule(pl.LightningModule):
 
     @property
     def model_name(self) -> str:
-        """The name the metrics table uses (seed 000 Tables 4.2 / 4.3 style)."""
-        return type(self).__name__
+        """The name the metrics table uses (seed 000 Tables 4.2 / 4.3 style): the model's
+        ``display_name``; a family overrides it where the module adds to the name."""
+        return getattr(self.model, "display_name", type(self).__name__)
 
     def check_temperature(self, temperature) -> None:
         """Raise ValueError when ``sample_images`` cannot take ``temperature`` (callbacks

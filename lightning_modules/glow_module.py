@@ -41,12 +41,6 @@ class GlowModule(FlowModule):
         return self.model.image_size
 
     @property
-    def model_name(self) -> str:
-        # Spline couplings make the flow the Neural Spline Flow baseline (seed 003).
-        family = "NSF" if getattr(self.model, "coupling", "affine") == "spline" else "Glow"
-        return f"{family}{'CC' if self.model.num_classes else ''}{self.resolution}"
-
-    @property
     def resolutions(self) -> list[int]:
         return [self.resolution]
 

@@ -29,24 +29,6 @@ from lightning_modules.parts import Freeze, OptimizerSettings, Part
 LN2 = math.log(2.0)
 
 
-def seed_encoder_optimizer() -> OptimizerSettings:
-    """Seed 001 Table 2: Adam (0.9, 0.999), lr 5e-4, x0.92 per epoch."""
-    return OptimizerSettings(algorithm="adam", lr=5e-4, betas=(0.9, 0.999), weight_decay=0.0,
-                             warmup_epochs=0.0, epoch_decay=0.92)
-
-
-def seed_decoder_optimizer() -> OptimizerSettings:
-    """Seed 001 Table 2: lr 2e-3, x0.95 per epoch."""
-    return OptimizerSettings(algorithm="adam", lr=2e-3, betas=(0.9, 0.999), weight_decay=0.0,
-                             warmup_epochs=0.0, epoch_decay=0.95)
-
-
-def seed_flow_optimizer() -> OptimizerSettings:
-    """Seed 001 Table 2: lr 5e-3, x0.95 per epoch."""
-    return OptimizerSettings(algorithm="adam", lr=5e-3, betas=(0.9, 0.999), weight_decay=0.0,
-                             warmup_epochs=0.0, epoch_decay=0.95)
-
-
 class HierarchicalModule(FlowModule):
     """Seed 001's model with its three parameter groups (Table 2).
 
@@ -82,9 +64,11 @@ class HierarchicalModule(FlowModule):
         if freeze_encoders_at_epoch is not None and freeze_encoders_at_epoch < 0:
             raise ConfigurationError(f"freeze_encoders_at_epoch must be >= 0 or null, got {freeze_encoders_at_epoch}")
         self.model = flow
-        self.settings = {"encoders": encoder_optimizer or seed_encoder_optimizer(),
-                         "decoders": decoder_optimizer or seed_decoder_optimizer(),
-                         "flows": flow_optimizer or seed_flow_optimizer()}
+        # Seed 001 Table 2: Adam, 5e-4 x0.92 per epoch for the encoders, 2e-3 and 5e-3 x0.95
+        # for the decoders and the flows.
+        self.settings = {"encoders": encoder_optimizer or OptimizerSettings.adam(5e-4, epoch_decay=0.92),
+                         "decoders": decoder_optimizer or OptimizerSettings.adam(2e-3, epoch_decay=0.95),
+                         "flows": flow_optimizer or OptimizerSettings.adam(5e-3, epoch_decay=0.95)}
         self.freeze_encoders_at_epoch = freeze_encoders_at_epoch
         self.train_noise_std = train_noise_std
         self.load_parts()
@@ -103,10 +87,6 @@ class HierarchicalModule(FlowModule):
     @property
     def resolutions(self) -> list[int]:
         return [self.resolution]
-
-    @property
-    def model_name(self) -> str:
-        return f"HierarchicalFlow{self.resolution}"
 
     def level_names(self) -> list[str]:
         levels = self.model.levels

@@ -54,6 +54,14 @@ class OptimizerSettings:
     epoch_decay_every: int = 1
     epoch_decay_after: int = 0
 
+    @classmethod
+    def adam(cls, lr: float, **changes) -> "OptimizerSettings":
+        """Adam (0.9, 0.999) without weight decay or warm-up, the preset of every family
+        that does not use Glow's Adamax (DDPM 2e-4, seed 001 Table 2, SRFlow's RRDB
+        2e-4); ``changes`` set the other fields (e.g. ``epoch_decay``)."""
+        return cls(**{"algorithm": "adam", "lr": lr, "betas": (0.9, 0.999), "weight_decay": 0.0,
+                      "warmup_epochs": 0.0, **changes})
+
     def validate(self, name: str = "optimizer") -> None:
         """Raise ConfigurationError on settings that cannot train. Called when a module is
         built (not at parse time, where jsonargparse would bury the message)."""

@@ -18,16 +18,10 @@ from lightning_modules.errors import ConfigurationError
 from lightning_modules.parts import OptimizerGroup, OptimizerSettings, build_optimizer, steps_per_epoch
 
 
-def rrdb_optimizer() -> OptimizerSettings:
-    """Seed 000 sec. 4.3.2: Adam, learning rate 2e-4."""
-    return OptimizerSettings(algorithm="adam", lr=2e-4, betas=(0.9, 0.999), weight_decay=0.0,
-                             warmup_epochs=0.0)
-
-
 class RRDBPretrainModule(pl.LightningModule):
     """Args: ``resolution`` the high-resolution side (the encoder reads resolution / 2);
     the rrdb_* settings must equal those of the SRFlow stage that will load it;
-    ``optimizer``: :func:`rrdb_optimizer` by default."""
+    ``optimizer``: Adam 2e-4 by default (seed 000 sec. 4.3.2)."""
 
     def __init__(self, *, resolution: int = 32, in_channels: int = 3, rrdb_features: int = 64,
                  rrdb_blocks: int = 23, rrdb_growth: int = 32,
@@ -37,7 +31,7 @@ class RRDBPretrainModule(pl.LightningModule):
         self.save_hyperparameters()
         self.resolution = resolution
         self.n_bits = n_bits
-        self.optimizer_settings = optimizer or rrdb_optimizer()
+        self.optimizer_settings = optimizer or OptimizerSettings.adam(2e-4)
         self.optimizer_settings.validate()
         self.encoder = RRDBEncoder(in_channels, rrdb_features, rrdb_blocks, rrdb_growth, rrdb_feature_blocks)
 
