@@ -150,6 +150,17 @@ class Cascade(FlowModel):
         cascade's log-probability of x_R above the base."""
         return self.accumulate({r: self.encode_stage(r, x, cond).log_prob for r in self.resolutions})
 
+    # --- latent groups: one per stage, highest resolution first -----------------------------
+    def latent_groups(self, latents: dict[int, list]) -> list[int]:
+        return sorted(latents, reverse=True)
+
+    def latent_group_name(self, key: int) -> str:
+        return f"{key}px stage"
+
+    def without_groups(self, latents: dict[int, list], keys) -> dict[int, list]:
+        keys = set(keys)
+        return {k: ([None] * len(v) if k in keys else list(v)) for k, v in latents.items()}
+
     # --- decoding and sampling ------------------------------------------------------------
     def temperatures(self, temperature: float | list[float]) -> dict[int, float]:
         return dict(zip(self.resolutions, temperature_per_part(temperature, self.resolutions, "stage")))

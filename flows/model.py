@@ -75,6 +75,13 @@ def temperature_per_part(temperature: float | list[float], parts: list, what: st
     return [float(t) for t in temperatures]
 
 
+def batch_size_of(tree) -> int:
+    """The batch size of nested tensors (the first tensor's first dimension)."""
+    leaves = []
+    map_latents(leaves.append, tree)
+    return leaves[0].shape[0]
+
+
 def map_latents(fn, *trees):
     """``fn`` applied leaf-wise to latents nested in lists and dicts (None stays None)."""
     first = trees[0]
@@ -117,6 +124,22 @@ class FlowModel(nn.Module):
 
     def log_prob(self, x: Any, cond: Condition = None) -> Tensor:
         return self.encode(x, cond).log_prob
+
+    # --- latent groups: what the analyses zero, resample and label, finest first ------------
+    def latent_groups(self, latents: Any) -> list:
+        """The keys of ``latents``' groups, finest first. Default: list indices (a Glow's
+        split-off latents from the finest scale, then the top latent)."""
+        return list(range(len(latents)))
+
+    def latent_group_name(self, key: Any) -> str:
+        """A figure label: ``z0`` (a Glow's first split-off) ... ``zL-1`` (its top latent)."""
+        return f"z{key}"
+
+    def without_groups(self, latents: Any, keys: Any) -> Any:
+        """A copy of ``latents`` with the groups ``keys`` set to None (drawn from their
+        priors on decode)."""
+        keys = set(keys)
+        return [None if i in keys else z for i, z in enumerate(latents)]
 
     def _device(self) -> torch.device:
         return next(self.parameters(), torch.empty(0)).device

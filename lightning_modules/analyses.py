@@ -33,43 +33,19 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
-from flows.model import map_latents
+from flows.model import batch_size_of, map_latents
 from flows.quantization import reduce_bits, to_uint8
 from lightning_modules.callbacks import log_dir, sampling_mode, save_uint8_png, send_image
 
 Latents = Any  # a list of tensors (one model) or {resolution: list} (a cascade); None = draw from the prior
 
 
-# --- latents as nested structures ------------------------------------------------------
-def scale_keys(latents: Latents) -> list:
-    """The latent groups, finest scale first: list indices (a Glow: split-offs, then the
-    top latent) or dict keys (a cascade's stages, highest resolution first)."""
-    if isinstance(latents, dict):
-        return sorted(latents, reverse=True)
-    return list(range(len(latents)))
-
-
-def scale_names(latents: Latents) -> list[str]:
-    """Figure labels of :func:`scale_keys`, finest first: a Glow's ``z0`` (its first
-    split-off) ... ``zL-1`` (its top latent); a cascade's stages by resolution."""
-    if isinstance(latents, dict):
-        return [f"{key}px stage" for key in scale_keys(latents)]
-    return [f"z{key}" for key in scale_keys(latents)]
-
-
-def scale_shapes(latents: Latents) -> str:
-    """``z0 6x16x16, z1 ...`` (channels x height x width of each list latent), or '' for a cascade."""
-    if isinstance(latents, dict):
-        return ""
-    return ", ".join(f"{name} {'x'.join(map(str, z.shape[1:]))}" for name, z in zip(scale_names(latents), latents))
-
-
-def without(latents: Latents, keys: Iterable) -> Latents:
-    """A copy with the groups ``keys`` set to None (drawn from their priors on decode)."""
-    keys = set(keys)
-    if isinstance(latents, dict):
-        return {k: ([None] * len(v) if k in keys else list(v)) for k, v in latents.items()}
-    return [None if i in keys else z for i, z in enumerate(latents)]
+# --- latent groups (the model's: FlowModel.latent_groups) ----------------------------------
+def group_shapes(model, latents: Latents) -> str:
+    """``z0 6x16x16, z1 ...``: channels x height x width of each group that is one tensor
+    ('' where the groups are lists of tensors, as a cascade's stages)."""
+    return ", ".join(f"{model.latent_group_name(key)} {'x'.join(map(str, latents[key].shape[1:]))}"
+                     for key in model.latent_groups(latents) if isinstance(latents[key], Tensor))
 
 
 def slerp(a: Tensor, b: Tensor, t: float) -> Tensor:
@@ -112,9 +88,10 @@ def cumulative_zeroing(model, x, cond) -> list:
     """[reconstruction, then the scales set to their prior mean one by one, finest
     first]; the last entry has every latent at its prior mean."""
     latents = model.encode(x, cond).latents
-    keys = scale_keys(latents)
-    n = next(iter(x.values())).shape[0] if isinstance(x, dict) else x.shape[0]
-    return [decode_or_sample(model, without(latents, keys[:k]), cond, 0.0, n) for k in range(len(keys) + 1)]
+    keys = model.latent_groups(latents)
+    n = batch_size_of(x)
+    return [decode_or_sample(model, model.without_groups(latents, keys[:k]), cond, 0.0, n)
+            for k in range(len(keys) + 1)]
 
 
 @torch.no_grad()
@@ -123,8 +100,8 @@ def resampling_std(model, x, cond, key, samples: int, images_of: Callable,
     """Pixel-wise std ([B, H, W], averaged over channels) of ``samples`` decodings with
     the scale ``key`` drawn from its prior at temperature 1 and the others kept
     (``latents``: x's encoding, when the caller already has it)."""
-    latents = without(model.encode(x, cond).latents if latents is None else latents, [key])
-    n = next(iter(x.values())).shape[0] if isinstance(x, dict) else x.shape[0]
+    latents = model.without_groups(model.encode(x, cond).latents if latents is None else latents, [key])
+    n = batch_size_of(x)
     draws = [images_of(decode_or_sample(model, latents, cond, 1.0, n)) for _ in range(samples)]
     return {r: torch.stack([d[r].float() for d in draws]).std(dim=0).mean(dim=1) for r in draws[0]}
 
@@ -326,8 +303,7 @@ class LatentInterpolation(Analysis):
     def analyse(self, trainer, pl_module) -> dict:
         batch = collate_test_images(trainer, pl_module, list(range(2 * self.pairs)))
         x, cond = pl_module.model_input(batch)
-        pick = lambda value, start: (  # noqa: E731 - the even or odd images of x and cond
-            {k: pick(v, start) for k, v in value.items()} if isinstance(value, dict) else value[start::2])
+        pick = lambda value, start: map_latents(lambda t: t[start::2], value)  # noqa: E731 - even or odd images
         frames = interpolate(pl_module.model, pick(x, 0), pick(cond, 0), pick(x, 1), pick(cond, 1),
                              self.steps, self.spherical)
         frames = [pl_module.images_of(f) for f in frames]
@@ -362,18 +338,19 @@ class LatentZeroing(Analysis):
         batch = collate_test_images(trainer, pl_module, list(range(self.images)))
         x, cond = pl_module.model_input(batch)
         columns = [pl_module.images_of(d) for d in cumulative_zeroing(pl_module.model, x, cond)]
-        latents = pl_module.model.encode(x, cond).latents
-        names = scale_names(latents)
+        model = pl_module.model
+        latents = model.encode(x, cond).latents
+        names = [model.latent_group_name(key) for key in model.latent_groups(latents)]
         # Column k has the k finest scales at their prior mean: "z0+z1 at mean".
         labels = ["reconstruction"] + ["+".join(names[:k]) + "\nat mean" for k in range(1, len(names) + 1)]
         labels[-1] = "all at mean\n(prior mean)"
-        shapes = scale_shapes(latents)
+        shapes = group_shapes(model, latents)
         for r in columns[0]:
             self.save_grid(trainer, pl_module, [torch.stack([c[r][i] for c in columns]) for i in range(self.images)],
                            f"res{r}", [f"test {i}" for i in range(self.images)], labels,
                            f"Latents set to their prior mean cumulatively, finest scale first, {r}x{r} "
                            f"(seed 001 Fig. 6)" + (f"; latents {shapes}" if shapes else ""))
-        return {"images": self.images, "scales_finest_first": [str(k) for k in scale_keys(latents)]}
+        return {"images": self.images, "scales_finest_first": [str(k) for k in model.latent_groups(latents)]}
 
 
 class ResamplingMaps(Analysis):
@@ -390,8 +367,9 @@ class ResamplingMaps(Analysis):
     def analyse(self, trainer, pl_module) -> dict:
         batch = collate_test_images(trainer, pl_module, list(range(self.images)))
         x, cond = pl_module.model_input(batch)
-        latents = pl_module.model.encode(x, cond).latents
-        keys = scale_keys(latents)
+        model = pl_module.model
+        latents = model.encode(x, cond).latents
+        keys = model.latent_groups(latents)
         maps = {key: resampling_std(pl_module.model, x, cond, key, self.samples, pl_module.images_of, latents)
                 for key in keys}
         originals = pl_module.images_of(x)
@@ -403,7 +381,7 @@ class ResamplingMaps(Analysis):
             shown = shown[:, :, None].expand(-1, -1, 3 if image.shape[1] == 3 else 1, -1, -1)
             rows = [torch.cat([to_uint8(image[i:i + 1].cpu(), pl_module.n_bits), shown[i].cpu()]) for i in range(self.images)]
             self.save_grid(trainer, pl_module, rows, f"res{r}", [f"test {i}" for i in range(self.images)],
-                           ["test image"] + [f"std, {name}\nresampled" for name in scale_names(latents)],
+                           ["test image"] + [f"std, {model.latent_group_name(key)}\nresampled" for key in keys],
                            f"Pixel-wise std of {self.samples} decodings with one scale resampled from its prior "
                            f"(T=1) and the others kept, {r}x{r}; white = the row's largest std (seed 001 Fig. 5)")
             numbers[str(r)] = {str(key): float(maps[key][r].mean()) for key in keys}
