@@ -23,6 +23,8 @@ Conditions (``cond``): ``"labels"`` for a class-conditional prior (``num_classes
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -36,6 +38,9 @@ from flows.layers.flow_step import CouplingKind, InvConvKind
 from flows.model import Encoding, FlowModel
 from flows.nets import CouplingNet
 from flows.reversible import sequential_for
+
+
+BlockFactory = Callable[[int, int], list[nn.Module]]
 
 
 class Glow(FlowModel):
@@ -64,6 +69,12 @@ class Glow(FlowModel):
             recomputes each step's input from its output with the inverse
             (:class:`~flows.reversible.ReversibleSequential`), so memory stays flat in K.
         activation_checkpointing: instead, checkpoint every step (keeps each step's input).
+        block: the seam for other multi-scale flows: a factory (scale index, channels
+            entering the scale) -> that scale's layers, which must squeeze once, [C, S, S]
+            -> [4C, S/2, S/2]. None: Glow's squeeze then K flow steps built from the
+            arguments above (``invconv`` to ``tail_bound``, which a block ignores).
+            The split-offs, priors and conditions stay this class's
+            (``flows/realnvp.py`` is a block).
     """
 
     def __init__(self, *, in_channels: int = 3, image_size: int = 32, scales: int = 3,
@@ -77,7 +88,7 @@ class Glow(FlowModel):
                  joint_prior: TopPriorFactory | None = None,
                  coupling_net: NetFactory = CouplingNet, num_bins: int = 8,
                  tail_bound: float = 3.0, memory_efficient: bool = False,
-                 activation_checkpointing: bool = False) -> None:
+                 activation_checkpointing: bool = False, block: BlockFactory | None = None) -> None:
         super().__init__()
         if scales < 1 or steps_per_scale < 1:
             raise ValueError("Glow needs scales >= 1 and steps_per_scale >= 1")
@@ -100,13 +111,16 @@ class Glow(FlowModel):
         self.latent_shapes: list[tuple[int, int, int]] = []
         channels, size = in_channels, image_size
         for scale in range(scales):
+            if block is not None:
+                self.scales.append(composition(*block(scale, channels)))
+            else:
+                steps = [flow_step(channels * 4, hidden_channels, invconv=invconv, coupling=coupling,
+                                   scale_fn=scale_fn, squish_alpha=squish_alpha,
+                                   cond_channels=cond_channels, affine_injector=affine_injector,
+                                   net=coupling_net, num_bins=num_bins, tail_bound=tail_bound)
+                         for _ in range(steps_per_scale)]
+                self.scales.append(composition(Squeeze(), *steps))
             channels, size = channels * 4, size // 2
-            steps = [flow_step(channels, hidden_channels, invconv=invconv, coupling=coupling,
-                               scale_fn=scale_fn, squish_alpha=squish_alpha,
-                               cond_channels=cond_channels, affine_injector=affine_injector,
-                               net=coupling_net, num_bins=num_bins, tail_bound=tail_bound)
-                     for _ in range(steps_per_scale)]
-            self.scales.append(composition(Squeeze(), *steps))
             if scale < scales - 1:
                 kept = channels // 2
                 latent_shape = (channels - kept, size, size)
@@ -136,7 +150,7 @@ class Glow(FlowModel):
     def display_name(self) -> str:
         # Spline couplings make the flow the Neural Spline Flow baseline (seed 003); a class
         # head makes it GlowCC (seed 000 sec. 4.3.1).
-        family = "NSF" if self.coupling == "spline" else "Glow"
+        family = "NSF" if self.coupling == "spline" else type(self).__name__  # Glow, or a builder's name
         return f"{family}{'CC' if self.num_classes else ''}{self.image_size}"
 
     @property

@@ -12,7 +12,7 @@ import torch
 import flows
 from flows.base import Bijection, FlowSequential
 from flows.folding import fold_actnorm_conv
-from flows.layers import (ActNorm, AdditiveCoupling, AffineCoupling, AffineInjector, CheckerboardMask,
+from flows.layers import (ActNorm, AdditiveCoupling, AffineCoupling, AffineInjector, ChannelMask, CheckerboardMask,
                           InvertibleConv1x1, InvertibleConv1x1LU, OrthogonalConv1x1, SplineCoupling, Squeeze,
                           flow_step)
 from flows.reversible import CheckpointedSequential, ReversibleSequential
@@ -50,6 +50,9 @@ CASES = {
     "conditional_checkerboard_coupling": (lambda: AffineCoupling(C, 8, cond_channels=COND_C, scale_fn="squish",
                                                                  mask=CheckerboardMask(2)), True),
     "odd_channels_coupling": (lambda: AffineCoupling(3, 8), False),
+    # RealNVP's alternation: the second half of the channels passes, the first changes.
+    "channel_coupling_parity_1": (lambda: AffineCoupling(C, 8, mask=ChannelMask(1)), False),
+    "odd_channels_coupling_parity_1": (lambda: AdditiveCoupling(3, 8, mask=ChannelMask(1)), False),
     "conditional_coupling": (lambda: AffineCoupling(C, 8, cond_channels=COND_C, scale_fn="squish"), True),
     "affine_injector": (lambda: AffineInjector(C, COND_C, 8, scale_fn="squish"), True),
     # Neural Spline Flow couplings (seed 003 sec. 3.2.2.b); a small tail bound puts
@@ -96,7 +99,7 @@ def build(name):
     layer = factory()
     perturb_parameters(layer, PERTURBATION.get(name, 0.05 if name.endswith("sequential") else 0.2))
     layer.eval()
-    channels = 3 if name == "odd_channels_coupling" else C
+    channels = 3 if name.startswith("odd_channels") else C
     x = torch.randn(5, channels, H, W)
     # Conditions come at a lower resolution: layers must resize them themselves.
     cond = torch.randn(5, COND_C, H // 2, W // 2) if conditional else None
@@ -224,3 +227,16 @@ def test_checkerboard_coupling_leaves_its_passive_pixels_unchanged(block):
     # Half the pixels pass, in square blocks of the given size.
     assert passive[0, 0].float().mean() == 0.5
     assert torch.equal(passive[0, 0, :block, :block], torch.ones(block, block, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("parity", [0, 1])
+def test_channel_mask_parity_chooses_the_half_that_passes(parity):
+    layer = AffineCoupling(3, 8, mask=ChannelMask(parity))
+    perturb_parameters(layer, 0.2)
+    x = torch.randn(2, 3, H, W)
+    with torch.no_grad():
+        z, _ = layer(x)
+    passive = slice(0, 1) if parity == 0 else slice(2, 3)  # C // 2 = 1 channel passes
+    active = slice(1, 3) if parity == 0 else slice(0, 2)
+    assert torch.equal(z[:, passive], x[:, passive])
+    assert not torch.allclose(z[:, active], x[:, active])

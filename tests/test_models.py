@@ -35,6 +35,15 @@ def nsf_case(n):
     return model, torch.rand(n, 1, 8, 8) - 0.5, {}
 
 
+def realnvp_case(n):
+    """RealNVP (flows/realnvp.py): Glow's multi-scale seam with checkerboard and channel
+    couplings."""
+    from flows.realnvp import RealNVP
+    model = RealNVP(in_channels=1, image_size=8, scales=2, couplings=2, hidden_channels=4,
+                    coupling_net=lambda i, o, h: ResNetCouplingNet(i, o, h, num_blocks=1))
+    return model, torch.rand(n, 1, 8, 8) - 0.5, {}
+
+
 def tiny_denoiser(in_channels, out_channels, image_size):
     return TimeConditionedUNet(in_channels, out_channels, image_size, base_channels=8, channel_mults=(1, 2),
                                num_res_blocks=1, attention_resolutions=(2,), dropout=0.0, num_heads=2)
@@ -90,6 +99,7 @@ CASES = {
     "glow_squish": (glow_case(scale_fn="squish"), True),
     "glow_standin_diffusion_prior": (glow_case(top_prior=lambda shape: StandInDiffusionPrior(shape)), False),
     "nsf": (nsf_case, True),
+    "realnvp": (realnvp_case, True),
     "diffusion_flow": (diffusion_flow_case, False),
     "pixel_diffusion": (pixel_diffusion_case, False),
     "srflow": (srflow_case, True),

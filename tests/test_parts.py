@@ -9,7 +9,7 @@ import torch
 
 from tests.conftest import REPO
 
-CONFIGS = ["quickstart.yaml", "quick_cascade.yaml", "quick_hierarchical.yaml", "quick_diffusion_flow.yaml",
+CONFIGS = ["quickstart.yaml", "quick_realnvp.yaml", "quick_cascade.yaml", "quick_hierarchical.yaml", "quick_diffusion_flow.yaml",
            "pixel_ddpm_mnist.yaml", "nsf_mnist.yaml", "cifar10_cascade.yaml"]
 
 

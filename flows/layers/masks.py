@@ -35,7 +35,14 @@ class CouplingMask:
 
 
 class ChannelMask(CouplingMask):
-    """The first ``C // 2`` channels pass (the network input), the rest are transformed."""
+    """The first ``C // 2`` channels pass (the network input), the rest are transformed;
+    ``parity=1`` swaps the roles: the last ``C // 2`` pass and the first ``C - C // 2``
+    are transformed (RealNVP alternates the two between couplings)."""
+
+    def __init__(self, parity: int = 0) -> None:
+        if parity not in (0, 1):
+            raise ValueError(f"a channel mask's parity is 0 or 1, got {parity}")
+        self.parity = parity
 
     def channels(self, num_channels: int) -> tuple[int, int]:
         if num_channels < 2:
@@ -43,18 +50,25 @@ class ChannelMask(CouplingMask):
         passive = num_channels // 2
         return passive, num_channels - passive
 
+    def _boundary(self, x: Tensor) -> int:
+        """Index of the first channel of the second group."""
+        return x.shape[1] // 2 if self.parity == 0 else x.shape[1] - x.shape[1] // 2
+
     def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        passive = x.shape[1] // 2
-        return x[:, :passive], x[:, passive:]
+        first, second = x[:, :self._boundary(x)], x[:, self._boundary(x):]
+        return (first, second) if self.parity == 0 else (second, first)
 
     def merge(self, x: Tensor, new_active: Tensor) -> Tensor:
-        return torch.cat([x[:, :x.shape[1] // 2], new_active.to(x.dtype)], dim=1)
+        boundary, new_active = self._boundary(x), new_active.to(x.dtype)
+        if self.parity == 0:
+            return torch.cat([x[:, :boundary], new_active], dim=1)
+        return torch.cat([new_active, x[:, boundary:]], dim=1)
 
     def sum_active(self, log_scale: Tensor) -> Tensor:
         return sum_except_batch(log_scale)
 
     def __repr__(self) -> str:
-        return "ChannelMask()"
+        return f"ChannelMask(parity={self.parity})"
 
 
 class CheckerboardMask(CouplingMask):
