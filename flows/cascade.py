@@ -190,7 +190,7 @@ class Cascade(FlowModel):
                temperature: float | list[float] = 1.0) -> Pyramid:
         """Sequential sampling, one temperature for all stages or one per stage.
         Returns {resolution: samples snapped to the data grid}."""
-        num_classes = getattr(self.base, "num_classes", 0)
+        num_classes = self.base.num_classes
         if num_classes and condition_value(cond, LABELS) is None:
             cond = with_condition(cond, **{LABELS: torch.randint(0, num_classes, (n,), device=self._device())})
         decoded = self.decode({}, cond, temperature, n)

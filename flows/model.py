@@ -98,6 +98,7 @@ class FlowModel(nn.Module):
 
     in_channels: int
     image_size: int
+    num_classes: int = 0  # > 0: class-conditional (cond["labels"])
 
     @property
     def exact(self) -> bool:

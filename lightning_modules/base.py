@@ -31,6 +31,7 @@ from pytorch_lightning.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor, nn
 
 from datamodules.pyramid import check_resolutions
+from flows.base import LABELS
 from flows.model import NoisyReconstruction, map_latents
 from flows.quantization import bits_per_dim, check_n_bits, dequantize, per_sample_uniform
 from lightning_modules.checkpointing import (load_checkpoint_file, newest_checkpoint, seeded_rng,
@@ -153,9 +154,20 @@ class FlowModule(pl.LightningModule):
     # sum of stage likelihoods is ``bpd_bound``, a variational model's ELBO ``elbo_bpd``.
     bound_metric: str = "bpd_bound"
 
+    # Defaults for a model of one image size (every family but the cascade, which
+    # overrides them): its resolution, its condition, its samples and its data.
+    @property
+    def resolution(self) -> int:
+        return self.model.image_size
+
     @property
     def resolutions(self) -> list[int]:
-        raise NotImplementedError
+        return [self.resolution]
+
+    def condition(self, labels: Tensor) -> dict | None:
+        """The model's ``cond`` for a batch's labels: the labels for a class-conditional
+        model, else None."""
+        return {LABELS: labels} if self.model.num_classes else None
 
     @property
     def in_channels(self) -> int:
@@ -165,8 +177,10 @@ class FlowModule(pl.LightningModule):
         raise NotImplementedError
 
     def sample_images(self, n: int, temperature: float | list[float]) -> dict[int, Tensor]:
-        """Samples in model space ([-0.5, 0.5]) per resolution."""
-        raise NotImplementedError
+        """Samples in model space ([-0.5, 0.5]) per resolution; a class-conditional
+        model's classes cycle along each row of a grid."""
+        labels = torch.arange(n, device=self.device) % max(1, self.model.num_classes)
+        return {self.resolution: self.model.sample(n, self.condition(labels), temperature)}
 
     @property
     def model_name(self) -> str:
@@ -183,13 +197,13 @@ class FlowModule(pl.LightningModule):
     # --- for the analyses (lightning_modules/analyses.py) ------------------------------------
     noise_sweep_sigmas: list[float] = [0.0, 0.05, 0.1, 0.15, 0.2, 0.25]  # seed 000 Fig. 4.1 (Glow)
 
-    def model_input(self, batch: Batch) -> tuple[Any, dict]:
+    def model_input(self, batch: Batch) -> tuple[Any, dict | None]:
         """(x, cond) as ``self.model.encode`` takes them for a batch."""
-        raise NotImplementedError
+        return batch.images[self.resolution], self.condition(batch.labels)
 
     def images_of(self, decoded: Any) -> dict[int, Tensor]:
         """The model's data (an input or a decoding) as {resolution: images}."""
-        raise NotImplementedError
+        return {self.resolution: decoded}
 
     def noise_std(self, sigma: float) -> float:
         """The standard deviation of the latent noise a ``sigma`` setting means (std)."""

@@ -40,26 +40,9 @@ class _DiffusionModule(FlowModule):
 
     bound_metric = "nll_bpd"
 
-    @property
-    def resolution(self) -> int:
-        return self.model.image_size
-
-    @property
-    def resolutions(self) -> list[int]:
-        return [self.resolution]
-
     def check_vlb_weight(self, vlb_weight: float) -> None:
         if not vlb_weight >= 0:
             raise ConfigurationError(f"vlb_weight (lambda of the hybrid loss) must be >= 0, got {vlb_weight}")
-
-    def sample_images(self, n: int, temperature: float) -> dict[int, Tensor]:
-        return {self.resolution: self.model.sample(n, None, temperature)}
-
-    def model_input(self, batch: Batch) -> tuple[Tensor, None]:
-        return batch.images[self.resolution], None
-
-    def images_of(self, decoded: Tensor) -> dict[int, Tensor]:
-        return {self.resolution: decoded}
 
 
 class DiffusionFlowModule(_DiffusionModule):

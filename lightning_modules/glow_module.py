@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import math
 
-import torch
-from torch import Tensor
 
 from flows.base import LABELS
 from flows.glow import Glow
@@ -36,14 +34,6 @@ class GlowModule(FlowModule):
         self.class_loss_weight = class_loss_weight
         self.load_parts()
 
-    @property
-    def resolution(self) -> int:
-        return self.model.image_size
-
-    @property
-    def resolutions(self) -> list[int]:
-        return [self.resolution]
-
     def compute_losses(self, batch: Batch) -> LossOutput:
         encoding = self.model.encode(batch.images[self.resolution], {LABELS: batch.labels})
         log_prob = encoding.log_prob
@@ -58,15 +48,3 @@ class GlowModule(FlowModule):
             extra = {"class_bits": class_bits.mean(), "class_accuracy": accuracy}
         return LossOutput(loss, {self.resolution: log_prob}, {self.resolution: dims},
                           {self.resolution: encoding.exact}, extra)
-
-    def model_input(self, batch: Batch) -> tuple[Tensor, dict]:
-        return batch.images[self.resolution], {LABELS: batch.labels}
-
-    def images_of(self, decoded: Tensor) -> dict[int, Tensor]:
-        return {self.resolution: decoded}
-
-    def sample_images(self, n: int, temperature: float) -> dict[int, Tensor]:
-        cond = None
-        if self.model.num_classes:  # a row-major grid: classes cycle along each row
-            cond = {LABELS: torch.arange(n, device=self.device) % self.model.num_classes}
-        return {self.resolution: self.model.sample(n, cond, temperature)}

@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor
 
 from flows.hierarchical import HierarchicalFlow
 from lightning_modules.base import Batch, FlowModule, LossOutput
@@ -80,14 +79,6 @@ class HierarchicalModule(FlowModule):
                 Part("decoders", self.model.decoders, self.settings["decoders"], ["model.decoders."]),
                 Part("flows", self.model.flows, self.settings["flows"], ["model.flows."])]
 
-    @property
-    def resolution(self) -> int:
-        return self.model.image_size
-
-    @property
-    def resolutions(self) -> list[int]:
-        return [self.resolution]
-
     def level_names(self) -> list[str]:
         levels = self.model.levels
         return [str(level.resolution) for level in levels[:-1]] + ["prior"]
@@ -112,12 +103,3 @@ class HierarchicalModule(FlowModule):
 
     def check_temperature(self, temperature) -> None:
         self.model.temperatures(temperature)
-
-    def sample_images(self, n: int, temperature: float | list[float]) -> dict[int, Tensor]:
-        return {self.resolution: self.model.sample(n, None, temperature)}
-
-    def model_input(self, batch: Batch) -> tuple[Tensor, None]:
-        return batch.images[self.resolution], None
-
-    def images_of(self, decoded: Tensor) -> dict[int, Tensor]:
-        return {self.resolution: decoded}
