@@ -34,13 +34,12 @@ from datamodules.pyramid import check_resolutions
 from flows.base import LABELS
 from flows.model import NoisyReconstruction, map_latents
 from flows.quantization import bits_per_dim, check_n_bits, dequantize, per_sample_uniform
-from lightning_modules.checkpointing import (load_checkpoint_file, newest_checkpoint, seeded_rng,
-                                             state_dict_mismatch, upgrade_state_dict)
-from lightning_modules.errors import CheckpointError, ConfigurationError, TrainingDivergedError
+from lightning_modules.checkpointing import (MODEL_KEY, check_fits, check_written_by, load_checkpoint_file,
+                                             newest_checkpoint, seeded_rng, upgrade_state_dict, written_by)
+from lightning_modules.errors import ConfigurationError, TrainingDivergedError
 from lightning_modules.parts import (OptimizerGroup, OptimizerSettings, Part, RelativeGradientClipping,
                                      build_optimizer, load_and_freeze, steps_per_epoch)
 
-MODEL_KEY = "msflows_model"
 RELATIVE_CLIPPING_KEY = "msflows_relative_gradient_clipping"
 
 
@@ -438,7 +437,7 @@ class FlowModule(pl.LightningModule):
 
     # --- checkpoints ----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint[MODEL_KEY] = {"class": type(self).__name__, "name": self.model_name}
+        checkpoint[MODEL_KEY] = written_by(type(self).__name__, self.model_name)
         if self.relative_clipping is not None:
             checkpoint[RELATIVE_CLIPPING_KEY] = self.relative_clipping.state()
 
@@ -449,12 +448,7 @@ class FlowModule(pl.LightningModule):
         a CheckpointError paragraph, not a raw PytorchStreamReader error or Lightning's
         advice to import the other family's module."""
         if isinstance(checkpoint_path, (str, os.PathLike)):
-            written_by = load_checkpoint_file(checkpoint_path).get(MODEL_KEY, {})
-            if written_by and written_by.get("class") != cls.__name__:
-                raise CheckpointError(
-                    f"{str(checkpoint_path)!r} was written by {written_by.get('class')} "
-                    f"{written_by.get('name', '')!r}, not by a {cls.__name__}: load it with "
-                    f"lightning_modules.{written_by.get('class')}.load_from_checkpoint")
+            check_written_by(load_checkpoint_file(checkpoint_path), cls.__name__, str(checkpoint_path))
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -465,19 +459,7 @@ class FlowModule(pl.LightningModule):
             self.relative_clipping.load_state(checkpoint.get(RELATIVE_CLIPPING_KEY))
         checkpoint["state_dict"] = upgrade_state_dict(checkpoint.get("state_dict", {}),
                                                       checkpoint.get("hyper_parameters") or {})
-        written_by = checkpoint.get(MODEL_KEY, {})
-        ours = f"{type(self).__name__} {self.model_name!r}"
-        theirs = f"{written_by.get('class', 'an unknown model')} {written_by.get('name', '')!r}"
-        if written_by and written_by.get("class") != type(self).__name__:
-            raise CheckpointError(f"this checkpoint was written by {theirs}, but this run builds {ours}; "
-                             "pass a checkpoint of this model, or the config that wrote it")
-        missing, unexpected, mismatched = state_dict_mismatch(self.state_dict(), checkpoint["state_dict"])
-        if missing or unexpected or mismatched:
-            raise CheckpointError(
-                f"this checkpoint ({theirs}) does not fit this run's {ours}: {len(missing)} tensors "
-                f"missing, {len(unexpected)} unexpected, {len(mismatched)} of another shape (e.g. "
-                f"{(mismatched + missing + unexpected)[:3]}). The architecture settings differ from "
-                "the run that wrote it; use its config (saved as config.yaml in its log folder).")
+        check_fits(checkpoint, type(self).__name__, self.model_name, self.state_dict())
 
 
 def _holds_module(value) -> bool:

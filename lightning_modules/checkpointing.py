@@ -408,3 +408,39 @@ def state_dict_mismatch(own: dict[str, Any], theirs: dict[str, Any]) -> tuple[li
     unexpected = [k for k in theirs if k not in own]
     mismatched = [k for k, v in theirs.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
     return missing, unexpected, mismatched
+
+
+# --- which module wrote a checkpoint, and whether it fits this one --------------------------
+MODEL_KEY = "msflows_model"  # {"class": the LightningModule, "name": its model_name}
+
+
+def written_by(module_class: str, model_name: str) -> dict:
+    return {"class": module_class, "name": model_name}
+
+
+def check_written_by(checkpoint: dict, module_class: str, source: str) -> None:
+    """Fail with a paragraph (not Lightning's advice to import another family's module)
+    when ``checkpoint`` was written by another LightningModule class."""
+    author = checkpoint.get(MODEL_KEY, {})
+    if author and author.get("class") != module_class:
+        raise CheckpointError(
+            f"{source!r} was written by {author.get('class')} {author.get('name', '')!r}, not by a "
+            f"{module_class}: load it with lightning_modules.{author.get('class')}.load_from_checkpoint")
+
+
+def check_fits(checkpoint: dict, module_class: str, model_name: str, state_dict: dict) -> None:
+    """Fail with a message, not deep inside load_state_dict, on a checkpoint of another
+    module class or of another configuration (tensors missing, unexpected or reshaped)."""
+    author = checkpoint.get(MODEL_KEY, {})
+    ours = f"{module_class} {model_name!r}"
+    theirs = f"{author.get('class', 'an unknown model')} {author.get('name', '')!r}"
+    if author and author.get("class") != module_class:
+        raise CheckpointError(f"this checkpoint was written by {theirs}, but this run builds {ours}; "
+                              "pass a checkpoint of this model, or the config that wrote it")
+    missing, unexpected, mismatched = state_dict_mismatch(state_dict, checkpoint["state_dict"])
+    if missing or unexpected or mismatched:
+        raise CheckpointError(
+            f"this checkpoint ({theirs}) does not fit this run's {ours}: {len(missing)} tensors "
+            f"missing, {len(unexpected)} unexpected, {len(mismatched)} of another shape (e.g. "
+            f"{(mismatched + missing + unexpected)[:3]}). The architecture settings differ from "
+            "the run that wrote it; use its config (saved as config.yaml in its log folder).")
