@@ -219,9 +219,9 @@ class RRDBEncoder(nn.Module):
     """The RRDB network that turns a low-resolution image into SRFlow's conditioning
     features (seed 000 sec. 2.2.4.1 and 4.3.1: the standard 23-block RRDB).
 
-    ``features(lr)`` concatenates the outputs of the blocks listed in
+    ``features(lowres)`` concatenates the outputs of the blocks listed in
     ``feature_blocks`` and the trunk output, at the low resolution (SRFlow's choice of
-    intermediate features). ``forward(lr)`` is the 2x super-resolution head used for the
+    intermediate features). ``forward(lowres)`` is the 2x super-resolution head used for the
     L1 pre-training: ESRGAN's nearest-upsample + convs, added to the bicubic upsample
     of the input so an untrained encoder starts at bicubic quality.
     """
@@ -251,8 +251,8 @@ class RRDBEncoder(nn.Module):
         nn.init.zeros_(self.conv_last.weight)
         nn.init.zeros_(self.conv_last.bias)
 
-    def _trunk(self, lr: Tensor) -> tuple[Tensor, list[Tensor]]:
-        first = self.conv_first(lr)
+    def _trunk(self, lowres: Tensor) -> tuple[Tensor, list[Tensor]]:
+        first = self.conv_first(lowres)
         h, tapped = first, []
         for index, block in enumerate(self.trunk):
             h = block(h)
@@ -260,15 +260,15 @@ class RRDBEncoder(nn.Module):
                 tapped.append(h)
         return first + self.trunk_conv(h), tapped
 
-    def features(self, lr: Tensor) -> Tensor:
-        trunk, tapped = self._trunk(lr)
+    def features(self, lowres: Tensor) -> Tensor:
+        trunk, tapped = self._trunk(lowres)
         return torch.cat(tapped + [trunk], dim=1)
 
-    def forward(self, lr: Tensor) -> Tensor:
-        trunk, _ = self._trunk(lr)
+    def forward(self, lowres: Tensor) -> Tensor:
+        trunk, _ = self._trunk(lowres)
         h = F.leaky_relu(self.upsample_conv(F.interpolate(trunk, scale_factor=2, mode="nearest")), 0.2)
         residual = self.conv_last(F.leaky_relu(self.hr_conv(h), 0.2))
-        return F.interpolate(lr, scale_factor=2, mode="bicubic", align_corners=False) + residual
+        return F.interpolate(lowres, scale_factor=2, mode="bicubic", align_corners=False) + residual
 
 
 # --- the hierarchical flow's networks (seed 001 App. E, Fig. 12) ----------------------------

@@ -46,21 +46,21 @@ class RRDBPretrainModule(pl.LightningModule):
 
     def _pair(self, batch: dict) -> tuple[Tensor, Tensor]:
         images = batch["images"]
-        lr = dequantize(images[self.resolution // 2], self.n_bits, noise=False)
-        hr = dequantize(images[self.resolution], self.n_bits, noise=False)
-        return lr, hr
+        lowres = dequantize(images[self.resolution // 2], self.n_bits, noise=False)
+        highres = dequantize(images[self.resolution], self.n_bits, noise=False)
+        return lowres, highres
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        lr, hr = self._pair(batch)
-        loss = F.l1_loss(self.encoder(lr), hr)
+        lowres, highres = self._pair(batch)
+        loss = F.l1_loss(self.encoder(lowres), highres)
         self.log("train/l1", loss, prog_bar=True)
         return loss
 
     def _evaluate(self, batch: dict, split: str) -> None:
-        lr, hr = self._pair(batch)
-        sr = self.encoder(lr)
-        mse = F.mse_loss(sr.clamp(-0.5, 0.5), hr, reduction="none").flatten(1).mean(1)
-        self.log(f"{split}/l1", F.l1_loss(sr, hr), prog_bar=True)
+        lowres, highres = self._pair(batch)
+        sr = self.encoder(lowres)
+        mse = F.mse_loss(sr.clamp(-0.5, 0.5), highres, reduction="none").flatten(1).mean(1)
+        self.log(f"{split}/l1", F.l1_loss(sr, highres), prog_bar=True)
         # Data span a range of 1, so PSNR = -10 log10(MSE).
         self.log(f"{split}/psnr_{self.resolution}", (-10 * torch.log10(mse.clamp_min(1e-10))).mean())
 

@@ -117,10 +117,10 @@ def test_rrdb_taps_the_seed_blocks_and_upsamples():
     encoder = RRDBEncoder(3, num_features=4, num_blocks=23, growth=2)
     assert encoder.feature_blocks == [1, 8, 15, 22]  # SRFlow's choice
     assert encoder.features(torch.rand(1, 3, 4, 4)).shape == (1, 20, 4, 4)
-    lr = torch.rand(1, 3, 4, 4)
+    lowres = torch.rand(1, 3, 4, 4)
     # The zero-init last conv: an untrained encoder is exactly bicubic upsampling.
-    bicubic = torch.nn.functional.interpolate(lr, scale_factor=2, mode="bicubic", align_corners=False)
-    assert torch.allclose(encoder(lr), bicubic)
+    bicubic = torch.nn.functional.interpolate(lowres, scale_factor=2, mode="bicubic", align_corners=False)
+    assert torch.allclose(encoder(lowres), bicubic)
 
 
 # --- the cascade's likelihood -----------------------------------------------------------------
