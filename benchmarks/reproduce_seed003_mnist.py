@@ -37,7 +37,9 @@ What it does:
 
 Output: one markdown table (date, machine, command) on stdout, in ``--out/table.md``,
 and the raw numbers in ``--out/results.json``. ``--retime`` measures the sampling times
-of that run again from its checkpoints (for a run that shared the CPU), and says so. ``--smoke`` runs the whole path at toy
+of that run again from its checkpoints (for a run that shared the CPU), and says so;
+``--resume`` goes on with a run that stopped (the models finished so far are kept in
+``results.partial.json``; an unfinished one trains again). ``--smoke`` runs the whole path at toy
 sizes in about a minute (the test suite runs it on a fake MNIST folder). Not a test.
 """
 from __future__ import annotations
@@ -104,6 +106,7 @@ SMOKE_SIZE = {
     "glow": [("flow.init_args.steps_per_scale", 1), ("flow.init_args.hidden_channels", 8), ("n_bits", 8)],
 }
 DDIM_STEPS = 50
+PARTIAL = "results.partial.json"  # the models finished so far (``--resume`` keeps them)
 CHILD_ENVIRONMENT: dict[str, str] = {}  # extra environment of the training subprocesses
 
 
@@ -387,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="pixel_ddpm,nsf,diffused_flows,glow")
     parser.add_argument("--figures", type=Path, default=None, help="write the sample grids here (docs/figures)")
     parser.add_argument("--smoke", action="store_true", help="toy sizes: checks the path, numbers mean nothing")
+    parser.add_argument("--resume", action="store_true",
+                        help="go on with a run in --out that stopped: keep its classifier and finished models "
+                             f"({PARTIAL}), train and evaluate the others")
     parser.add_argument("--retime", action="store_true",
                         help="measure the sampling times of the run in --out again from its checkpoints (with "
                              "nothing else running) and rewrite its table")
@@ -414,15 +420,28 @@ def reproduce(args, parser, argv) -> int:
     unknown = [name for name in names if name not in CONFIGS]
     if unknown:
         parser.error(f"unknown models {unknown}; choose from {', '.join(CONFIGS)}")
-    if args.out.exists():
-        shutil.rmtree(args.out)
-    args.out.mkdir(parents=True)
-    weights = train_classifier(args, args.out)
+    partial = args.out / PARTIAL
+    if args.resume and partial.is_file():  # a run that stopped: its finished models are kept
+        done = json.loads(partial.read_text())
+        print(f"resuming {args.out}: {', '.join(done) or 'no model'} done", flush=True)
+    else:
+        done = {}
+        if args.out.exists():
+            shutil.rmtree(args.out)
+        args.out.mkdir(parents=True)
+    weights = args.out / "mnist_lenet.pt"
+    if not (args.resume and weights.is_file()):
+        weights = train_classifier(args, args.out)
     accuracy = classifier_accuracy(args.out / "mnist_classifier")
     floor = data_floor(args, weights)
     results = {}
     for name in names:
+        if name in done:
+            results[name] = done[name]
+            continue
         run_dir = args.out / name
+        if run_dir.exists():  # an unfinished model trains again from the start
+            shutil.rmtree(run_dir)
         config = derived_config(name, args, run_dir)
         path = args.out / f"{name}.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -434,6 +453,7 @@ def reproduce(args, parser, argv) -> int:
                          "size_changes": SMOKE_SIZE[name] if args.smoke else SIZE[name],
                          **evaluate(name, config, checkpoint, weights, args, args.figures)}
         print(f"{name}: {json.dumps(results[name])}", flush=True)
+        partial.write_text(json.dumps(results, indent=1))
     text = table(results, args, floor, accuracy, sys.argv[1:] if argv is None else argv)
     print(text)
     (args.out / "table.md").write_text(text + "\n")

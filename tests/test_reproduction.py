@@ -75,3 +75,12 @@ def test_the_reproduction_runs_end_to_end_at_toy_sizes(tmp_path):
         assert row["held_out_bpd"] == results[name]["held_out_bpd"] and row["fid"] == results[name]["fid"]
         assert row["sampling_seconds_25"] > 0
     assert "sampling_retimed" in retimed and "measured again" in (out / "table.md").read_text()
+    # --resume keeps the classifier and the finished models (results.partial.json): the
+    # same numbers, no model trained again.
+    logs = {name: (out / f"{name}.log").stat().st_mtime_ns for name in reproduction.CONFIGS}
+    assert reproduction.main(["--data-dir", str(data), "--out", str(out), "--smoke", "--resume", "--steps", "3",
+                              "--batch", "8", "--val-per-class", "2"]) == 0
+    resumed = json.loads((out / "results.json").read_text())["results"]
+    assert {name: row["fid"] for name, row in resumed.items()} == {name: row["fid"] for name, row in
+                                                                   retimed["results"].items()}
+    assert logs == {name: (out / f"{name}.log").stat().st_mtime_ns for name in reproduction.CONFIGS}
