@@ -23,6 +23,7 @@ Conditions (``cond``): ``"labels"`` for a class-conditional prior (``num_classes
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -35,7 +36,8 @@ from flows.distributions import (KEPT, GaussianPrior, GaussianSplitPrior, Latent
 from flows.layers import Squeeze, flow_step
 from flows.layers.coupling import NetFactory, ScaleFunction
 from flows.layers.flow_step import CouplingKind, InvConvKind
-from flows.model import Encoding, FlowModel
+from flows.dequantization import DequantizerFactory
+from flows.model import Encoding, FlowModel, Objective
 from flows.nets import CouplingNet
 from flows.reversible import sequential_for
 
@@ -75,6 +77,10 @@ class Glow(FlowModel):
             arguments above (``invconv`` to ``tail_bound``, which a block ignores).
             The split-offs, priors and conditions stay this class's
             (``flows/realnvp.py`` is a block).
+        dequantizer: factory (image channels) -> how :meth:`training_loss` dequantizes
+            the data (``flows/dequantization.py``): uniform by default, or Flow++'s
+            learned ``VariationalDequantizer`` (``class_path`` and its other settings in
+            YAML; the likelihood is then a bound, logged as one).
     """
 
     def __init__(self, *, in_channels: int = 3, image_size: int = 32, scales: int = 3,
@@ -88,8 +94,9 @@ class Glow(FlowModel):
                  joint_prior: TopPriorFactory | None = None,
                  coupling_net: NetFactory = CouplingNet, num_bins: int = 8,
                  tail_bound: float = 3.0, memory_efficient: bool = False,
-                 activation_checkpointing: bool = False, block: BlockFactory | None = None) -> None:
-        super().__init__()
+                 activation_checkpointing: bool = False, block: BlockFactory | None = None,
+                 dequantizer: DequantizerFactory | None = None) -> None:
+        super().__init__(dequantizer, in_channels)
         if scales < 1 or steps_per_scale < 1:
             raise ValueError("Glow needs scales >= 1 and steps_per_scale >= 1")
         if image_size % (2 ** scales):
@@ -100,6 +107,9 @@ class Glow(FlowModel):
         self.image_size = image_size
         self.num_classes = num_classes
         self.coupling = coupling
+        if self.dequantizer.in_channels not in (None, in_channels):
+            raise ValueError(f"the dequantizer was built for {self.dequantizer.in_channels} channels but the "
+                             f"model for {in_channels}; set the dequantizer's in_channels: {in_channels}")
         if joint_prior is not None and (top_prior is not None or split_prior is not None or num_classes
                                         or cond_channels):
             raise ValueError("joint_prior models every latent: it replaces top_prior and split_prior, and "
@@ -276,3 +286,16 @@ class Glow(FlowModel):
         if encoding.class_logits is None:
             raise ValueError("this Glow has no class head (num_classes = 0)")
         return F.cross_entropy(encoding.class_logits, labels.long(), reduction="none")
+
+    def training_loss(self, clean: Tensor, cond: Condition = None, *, n_bits: int,
+                      noise: Tensor | None = None) -> Objective:
+        """The flow's bits per dim, and for GlowCC the class head's cross-entropy in bits
+        as the term ``class_bits`` (its weight lambda_c is the module's)."""
+        objective = super().training_loss(clean, cond, n_bits=n_bits, noise=noise)
+        if self.class_head is not None:
+            labels = condition_value(cond, LABELS)
+            class_bits = self.class_loss(objective.encoding, labels) / math.log(2.0)
+            objective.terms["class_bits"] = class_bits.mean()
+            accuracy = (objective.encoding.class_logits.argmax(1) == labels).float().mean()
+            objective.extra["class_accuracy"] = accuracy
+        return objective

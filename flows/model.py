@@ -5,6 +5,13 @@ hierarchical flow, the diffusion-augmented flow and the pixel DDPM).
     decode(latents, cond, temperature)   latents -> data; a latent given as None is drawn
     sample(n, cond, temperature)         n samples
     log_prob(x, cond)                    log p(x | cond) in nats per sample, or a lower bound
+    training_loss(clean, cond, n_bits=, noise=) -> Objective
+                                         dequantize (the model's ``dequantizer``), encode,
+                                         the loss and the log-likelihood it is built on
+
+``encode`` takes continuous images in model space ([-0.5, 0.5], ``flows/quantization.py``);
+``training_loss`` takes the bin centres of the discrete images and dequantizes them
+itself, so a learned dequantizer (``flows/dequantization.py``) is part of the model.
 
 ``cond`` is one mapping of named conditions (``flows/base.py``: ``"labels"``,
 ``"lowres"``, ``"features"``); a model reads the names it needs and ignores the others,
@@ -16,6 +23,7 @@ model). Figures computed from a bound are reported as bounds (``bpd_bound_R``).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from flows.base import Condition
+from flows.dequantization import Dequantizer, DequantizerFactory, UniformDequantizer
+from flows.quantization import bits_per_dim
 
 
 @dataclass
@@ -48,6 +58,28 @@ class Encoding:
     def log_prob(self) -> Tensor:
         """log p(x | cond) in nats per sample (a lower bound when not ``exact``)."""
         return self.log_prior + self.logdet
+
+
+@dataclass
+class Objective:
+    """What :meth:`FlowModel.training_loss` returns.
+
+    ``loss``: the scalar to minimize, before ``terms``. ``log_prob``: per sample, the
+    log-likelihood it is built on in nats, as a density on model space (the
+    dequantizer's ``-log q`` included), so ``bits_per_dim`` turns it into bits per dim
+    of the discrete data. ``exact``: False where ``log_prob`` is a lower bound (a bound
+    prior, a learned dequantizer). ``dims``: the data's dimensions D. ``terms``: named
+    auxiliary losses (batch means, in bits) that a LightningModule weighs from its
+    config (``FlowModule.loss_weights``), e.g. GlowCC's ``class_bits``. ``extra``:
+    scalars to log. ``encoding``: the model's encoding of the dequantized images."""
+
+    loss: Tensor
+    log_prob: Tensor
+    exact: bool
+    dims: int
+    encoding: Encoding | None = None
+    terms: dict[str, Tensor] = field(default_factory=dict)
+    extra: dict[str, Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -94,11 +126,20 @@ def map_latents(fn, *trees):
 
 class FlowModel(nn.Module):
     """Base of the whole models. Subclasses set ``in_channels`` and ``image_size`` and
-    implement :meth:`encode`, :meth:`decode` and :meth:`sample`."""
+    implement :meth:`encode`, :meth:`decode` and :meth:`sample`; a model whose loss is not
+    minus its log-likelihood in bits per dim overrides :meth:`training_loss`.
+
+    ``dequantizer``: how :meth:`training_loss` turns bin centres into continuous data
+    (``flows/dequantization.py``; default uniform, which has no parameters)."""
 
     in_channels: int
     image_size: int
     num_classes: int = 0  # > 0: class-conditional (cond["labels"])
+
+    def __init__(self, dequantizer: DequantizerFactory | None = None, in_channels: int | None = None) -> None:
+        """``dequantizer``: a factory called with ``in_channels`` (None: uniform)."""
+        super().__init__()
+        self.dequantizer: Dequantizer = UniformDequantizer() if dequantizer is None else dequantizer(in_channels)
 
     @property
     def exact(self) -> bool:
@@ -125,6 +166,20 @@ class FlowModel(nn.Module):
 
     def log_prob(self, x: Any, cond: Condition = None) -> Tensor:
         return self.encode(x, cond).log_prob
+
+    def training_loss(self, clean: Tensor, cond: Condition = None, *, n_bits: int,
+                      noise: Tensor | None = None) -> Objective:
+        """Dequantize the bin centres ``clean`` (``noise``: the uniform [0, 1) noise, None
+        to draw it), encode, and minimize bits per dim of log p(y) - log q(u | x): for a
+        uniform dequantizer Glow's objective, for a learned one Flow++'s bound."""
+        dequantized = self.dequantizer(clean, 2.0 ** -n_bits, noise)
+        encoding = self.encode(dequantized.images, cond)
+        log_prob = encoding.log_prob - dequantized.log_q
+        extra = {}
+        if not dequantized.exact:  # how far the learned q is from uniform, in bits per dim
+            extra["dequantization_log_q_bpd"] = (dequantized.log_q / (self.dims * math.log(2.0))).mean()
+        return Objective(bits_per_dim(log_prob, self.dims, n_bits).mean(), log_prob,
+                         encoding.exact and dequantized.exact, self.dims, encoding, {}, extra)
 
     # --- latent groups: what the analyses zero, resample and label, finest first ------------
     def latent_groups(self, latents: Any) -> list:

@@ -21,7 +21,7 @@ from flows.base import FEATURES, LABELS, LOWRES, Condition, condition_value, wit
 from flows.glow import Glow
 from flows.layers.coupling import ScaleFunction
 from flows.layers.flow_step import CouplingKind, InvConvKind
-from flows.model import Encoding, FlowModel
+from flows.model import Encoding, FlowModel, Objective
 from flows.nets import RRDBEncoder
 
 
@@ -81,6 +81,12 @@ class SRFlow(FlowModel):
 
     def encode(self, x: Tensor, cond: Condition = None) -> Encoding:
         return self.flow.encode(x, self.flow_condition(cond))
+
+    def training_loss(self, clean: Tensor, cond: Condition = None, *, n_bits: int,
+                      noise: Tensor | None = None) -> Objective:
+        """The conditional flow's objective (its dequantizer, its class term) given the
+        RRDB features."""
+        return self.flow.training_loss(clean, self.flow_condition(cond), n_bits=n_bits, noise=noise)
 
     def decode(self, latents: list[Tensor | None], cond: Condition = None,
                temperature: float = 1.0) -> Tensor:

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from datamodules.pyramid import check_resolutions
 from flows.base import LABELS
-from flows.model import NoisyReconstruction, map_latents
+from flows.model import NoisyReconstruction, Objective, map_latents
 from flows.quantization import bits_per_dim, check_n_bits, dequantize, per_sample_uniform
 from lightning_modules.checkpointing import (MODEL_KEY, check_fits, check_written_by, load_checkpoint_file,
                                              newest_checkpoint, seeded_rng, upgrade_state_dict, written_by)
@@ -45,13 +45,16 @@ RELATIVE_CLIPPING_KEY = "msflows_relative_gradient_clipping"
 
 @dataclass
 class Batch:
-    """A batch ready for the model. ``images``: {resolution: dequantized images in
-    [-0.5, 0.5]}. ``clean``: {resolution: the same images at the centres of their
-    bins} (deterministic: what conditional stages condition on). ``labels``: [B]."""
+    """A batch ready for the model. ``images``: {resolution: uniformly dequantized
+    images in [-0.5, 0.5]}. ``clean``: {resolution: the same images at the centres of
+    their bins} (deterministic: what conditional stages condition on). ``labels``: [B].
+    ``noise``: {resolution: the uniform [0, 1) noise of ``images``}, which a model's own
+    dequantizer takes (``FlowModel.training_loss``); missing: drawn by the model."""
 
     images: dict[int, Tensor]
     clean: dict[int, Tensor]
     labels: Tensor
+    noise: dict[int, Tensor] = field(default_factory=dict)
 
     @property
     def size(self) -> int:
@@ -149,6 +152,9 @@ class FlowModule(pl.LightningModule):
 
     # --- what a family implements -------------------------------------------------
     model: nn.Module
+    # The weight of each named auxiliary term of the model's Objective in the loss (e.g.
+    # GlowCC's class_bits, lambda_c); a term without one counts fully.
+    loss_weights: dict[str, float] = {}
     # The name of a bits-per-dim bound in the logs (``<bound_metric>_R``): the cascade's
     # sum of stage likelihoods is ``bpd_bound``, a variational model's ELBO ``elbo_bpd``.
     bound_metric: str = "bpd_bound"
@@ -173,7 +179,21 @@ class FlowModule(pl.LightningModule):
         return self.model.in_channels
 
     def compute_losses(self, batch: Batch) -> LossOutput:
-        raise NotImplementedError
+        """Default: the model's own objective (``FlowModel.training_loss``) at its one
+        resolution."""
+        r = self.resolution
+        return self.loss_output(self.model.training_loss(batch.clean[r], self.condition(batch.labels),
+                                                         n_bits=self.n_bits, noise=batch.noise.get(r)), r)
+
+    def weighted_loss(self, objective: Objective) -> Tensor:
+        """The objective's loss plus its auxiliary terms, each times its ``loss_weights``."""
+        return objective.loss + sum((self.loss_weights.get(name, 1.0) * value
+                                     for name, value in objective.terms.items()), objective.loss.new_zeros(()))
+
+    def loss_output(self, objective: Objective, resolution: int) -> LossOutput:
+        return LossOutput(self.weighted_loss(objective), {resolution: objective.log_prob},
+                          {resolution: objective.dims}, {resolution: objective.exact},
+                          {**objective.terms, **objective.extra})
 
     def sample_images(self, n: int, temperature: float | list[float]) -> dict[int, Tensor]:
         """Samples in model space ([-0.5, 0.5]) per resolution; a class-conditional
@@ -286,19 +306,23 @@ class FlowModule(pl.LightningModule):
         """Dequantize every resolution. Training noise comes from the RNG stream; in
         evaluation (``self.training`` False) each image's noise is a function of its
         dataset index, so val/test bpd do not depend on batching or the process count."""
-        def noise_for(resolution: int):
+        def noise_for(resolution: int) -> Tensor:
             image = batch["images"][resolution]
-            if not noise or self.training or "index" not in batch:
-                return noise
+            if not noise:
+                return torch.full(image.shape, 0.5, device=image.device)
+            if self.training or "index" not in batch:
+                return torch.rand(image.shape, device=image.device)
             seed = self.evaluation_seed + resolution
             return per_sample_uniform(tuple(image.shape), batch["index"].cpu(), seed).to(image.device)
 
         uint8 = {int(r): batch["images"][r] for r in self.resolutions}
-        images = {r: dequantize(x, self.n_bits, noise_for(r)) for r, x in uint8.items()}
+        uniform = {r: noise_for(r) for r in uint8}
+        images = {r: dequantize(x, self.n_bits, uniform[r]) for r, x in uint8.items()}
         clean = {r: dequantize(x, self.n_bits, noise=False) for r, x in uint8.items()}
         if self.channels_last:
-            images = {r: x.contiguous(memory_format=torch.channels_last) for r, x in images.items()}
-        return Batch(images, clean, batch["label"])
+            images, clean = ({r: x.contiguous(memory_format=torch.channels_last) for r, x in d.items()}
+                             for d in (images, clean))
+        return Batch(images, clean, batch["label"], uniform)
 
     # --- optimization -------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:

@@ -120,7 +120,7 @@ class CascadeModule(FlowModule):
         if len(classes) > 1:
             raise ValueError(f"every stage must have the same num_classes, got {sorted(classes)}")
         self.num_classes = classes.pop()
-        self.class_loss_weight = class_loss_weight
+        self.loss_weights = {"class_bits": class_loss_weight}
         self.max_reconstruction_abs = max_reconstruction_abs
         self.failure_probe_sigmas = list(failure_probe_sigmas if failure_probe_sigmas is not None else [0.5, 1.0])
         self.failure_probe_every_n_steps = failure_probe_every_n_steps
@@ -210,6 +210,7 @@ class CascadeModule(FlowModule):
         # evaluation computes every stage, so the cascade's figures are complete.
         resolutions = self.trained_resolutions if training else self.model.resolutions
         stage_log_probs: dict[int, Tensor] = {}
+        stage_exact: dict[int, bool] = {}
         loss = batch.images[self.model.base_resolution].new_zeros(())
         for resolution in resolutions:
             stage_cond = cond
@@ -219,15 +220,14 @@ class CascadeModule(FlowModule):
                                                          self.max_reconstruction_abs)
                 stage_cond = {**cond, LOWRES: {**batch.clean, resolution // 2: noisy.images}}
                 extra[f"replacement_rate_{resolution}"] = noisy.failure_rate
-            encoding = self.model.encode_stage(resolution, batch.images, stage_cond)
-            log_prob = encoding.log_prob
+            objective = self.model.stage(resolution).training_loss(
+                batch.clean[resolution], self.model.stage_condition(resolution, stage_cond, batch.images),
+                n_bits=self.n_bits, noise=batch.noise.get(resolution))
+            log_prob, dims = objective.log_prob, objective.dims
             stage_log_probs[resolution] = log_prob
-            dims = self.model.stage(resolution).dims
-            stage_loss = bits_per_dim(log_prob, dims, self.n_bits).mean()
-            if self.num_classes:
-                class_bits = self.model.stage(resolution).class_loss(encoding, batch.labels) / math.log(2.0)
-                stage_loss = stage_loss + self.class_loss_weight * class_bits.mean()
-                extra[f"class_bits_{resolution}"] = class_bits.mean()
+            stage_exact[resolution] = objective.exact
+            stage_loss = self.weighted_loss(objective)
+            extra.update({f"{name}_{resolution}": value for name, value in {**objective.terms, **objective.extra}.items()})
             if resolution != self.model.base_resolution:
                 extra[f"bpd_{resolution}_given_{resolution // 2}"] = \
                     bits_per_dim(log_prob.detach(), dims, self.n_bits).mean()
@@ -242,8 +242,12 @@ class CascadeModule(FlowModule):
         # frozen base: then only the stages' own figures are logged.
         cumulative = {r: log_p - self.model.bin_log_volume(r)
                       for r, log_p in self.model.accumulate(stage_log_probs).items()}
+        # Exact up to R only if every stage's objective up to R is exact (a learned
+        # dequantizer in any stage makes the product a bound).
+        exact = {r: self.model.stage_exact(r) and all(e for s, e in stage_exact.items() if s <= r)
+                 for r in cumulative}
         return LossOutput(loss, cumulative, {r: self.model.stage(r).dims for r in cumulative},
-                          {r: self.model.stage_exact(r) for r in cumulative}, extra, batch.size)
+                          exact, extra, batch.size)
 
     @torch.no_grad()
     def _failure_probe(self, batch: Batch, cond: dict) -> dict[str, Tensor]:

@@ -1,18 +1,15 @@
 """Glow as a LightningModule (seed 000 sec. 4.3; seed 004)."""
 from __future__ import annotations
 
-import math
-
-
-from flows.base import LABELS
 from flows.glow import Glow
-from flows.quantization import bits_per_dim
-from lightning_modules.base import Batch, FlowModule, LossOutput
+from lightning_modules.base import FlowModule
 from lightning_modules.parts import OptimizerSettings
 
 
 class GlowModule(FlowModule):
-    """Unconditional or class-conditional Glow at one resolution.
+    """Unconditional or class-conditional Glow at one resolution (and every model built
+    on it: NSF, RealNVP). Its loss is the model's ``training_loss``: bits per dim through
+    the model's dequantizer, plus lambda_c times GlowCC's class term.
 
     Args:
         flow: the Glow (``class_path: flows.Glow`` with its ``init_args``; seed 000
@@ -31,20 +28,5 @@ class GlowModule(FlowModule):
         self.save_config()
         self.model = flow
         self.optimizer_settings = optimizer or OptimizerSettings()
-        self.class_loss_weight = class_loss_weight
+        self.loss_weights = {"class_bits": class_loss_weight}
         self.load_parts()
-
-    def compute_losses(self, batch: Batch) -> LossOutput:
-        encoding = self.model.encode(batch.images[self.resolution], {LABELS: batch.labels})
-        log_prob = encoding.log_prob
-        dims = self.model.dims
-        # Minimize bits per dim (Glow's objective, in the unit users read).
-        loss = bits_per_dim(log_prob, dims, self.n_bits).mean()
-        extra = {}
-        if self.model.num_classes:
-            class_bits = self.model.class_loss(encoding, batch.labels) / math.log(2.0)
-            loss = loss + self.class_loss_weight * class_bits.mean()
-            accuracy = (encoding.class_logits.argmax(1) == batch.labels).float().mean()
-            extra = {"class_bits": class_bits.mean(), "class_accuracy": accuracy}
-        return LossOutput(loss, {self.resolution: log_prob}, {self.resolution: dims},
-                          {self.resolution: encoding.exact}, extra)

@@ -22,7 +22,8 @@ def glow_module(n_bits=8, class_loss_weight=0.01, **kwargs):
 
 
 def batch_of(x, labels):
-    return Batch({x.shape[-1]: x}, {x.shape[-1]: x}, labels)
+    """``x`` as already dequantized: bin centres x with noise 1/2 give back x."""
+    return Batch({x.shape[-1]: x}, {x.shape[-1]: x}, labels, {x.shape[-1]: torch.full_like(x, 0.5)})
 
 
 def initialized(model, x):
