@@ -40,6 +40,26 @@ def check_resolutions(image_size: int, resolutions: list[int]) -> list[int]:
     return resolutions
 
 
+def data_mismatch(datamodule, resolutions: list[int], channels: int, model: str) -> str | None:
+    """Why ``datamodule`` cannot feed a model of ``resolutions`` and ``channels`` (named
+    ``model`` in the message), with the setting that fixes it; None when it can."""
+    missing = [r for r in resolutions if r not in datamodule.resolutions]
+    if missing:
+        fix = f"add {missing} to data.init_args.resolutions"
+        image_size = getattr(getattr(datamodule, "pyramid", None), "image_size", None)
+        try:  # a pyramid only halves its image_size: a larger resolution cannot be added
+            check_resolutions(image_size, [*datamodule.resolutions, *missing])
+        except (TypeError, ValueError):
+            fix = (f"set data.init_args.image_size: {max(resolutions)} and data.init_args.resolutions: "
+                   f"{sorted(resolutions, reverse=True)} (the data's image_size is {image_size}), or "
+                   f"build the model for {image_size}-pixel images")
+        return f"{model} models resolutions {resolutions} but the data module yields {datamodule.resolutions}; {fix}"
+    if datamodule.channels != channels:
+        return (f"the data have {datamodule.channels} channels but the model expects {channels}; "
+                f"set in_channels: {datamodule.channels} in the model")
+    return None
+
+
 class ImagePyramid:
     """uint8 image at ``image_size`` -> {resolution: uint8 image} for the requested
     resolutions (each a power-of-two fraction of ``image_size``)."""

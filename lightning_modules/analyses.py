@@ -33,11 +33,41 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
-from flows.model import batch_size_of, map_latents
+from flows.model import NoisyReconstruction, batch_size_of, map_latents
 from flows.quantization import reduce_bits, to_uint8
 from lightning_modules.callbacks import log_dir, sampling_mode, save_uint8_png, send_image
 
 Latents = Any  # a list of tensors (one model) or {resolution: list} (a cascade); None = draw from the prior
+
+
+class AnalysisHooks:
+    """What the callbacks below ask of a LightningModule (``FlowModule`` mixes this in),
+    with the defaults for a model of one image size; the cascade overrides them."""
+
+    noise_sweep_sigmas: list[float] = [0.0, 0.05, 0.1, 0.15, 0.2, 0.25]  # seed 000 Fig. 4.1 (Glow)
+
+    def model_input(self, batch) -> tuple[Any, dict | None]:
+        """(x, cond) as ``self.model.encode`` takes them for a ``Batch``."""
+        return batch.images[self.resolution], self.condition(batch.labels)
+
+    def images_of(self, decoded: Any) -> dict[int, Tensor]:
+        """The model's data (an input or a decoding) as {resolution: images}."""
+        return {self.resolution: decoded}
+
+    def noise_std(self, sigma: float) -> float:
+        """The standard deviation of the latent noise a ``sigma`` setting means (std)."""
+        return sigma
+
+    @torch.no_grad()
+    def noisy_reconstructions(self, batch, sigma: float) -> dict[int, NoisyReconstruction]:
+        """f^-1(f(x) + sigma eps) through the whole model, the same sigma on every latent;
+        failed where non-finite (seed 000 sec. 4.4.2)."""
+        x, cond = self.model_input(batch)
+        std = self.noise_std(sigma)
+        noisy = map_latents(lambda z: z + std * torch.randn_like(z), self.model.encode(x, cond).latents)
+        decoded = self.images_of(self.model.decode(noisy, cond))
+        return {r: NoisyReconstruction(images, ~torch.isfinite(images).flatten(1).all(dim=1))
+                for r, images in decoded.items()}
 
 
 # --- latent groups (the model's: FlowModel.latent_groups) ----------------------------------

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import errno
+import inspect
 import json
 import os
 import pickle
@@ -444,3 +445,52 @@ def check_fits(checkpoint: dict, module_class: str, model_name: str, state_dict:
             f"missing, {len(unexpected)} unexpected, {len(mismatched)} of another shape (e.g. "
             f"{(mismatched + missing + unexpected)[:3]}). The architecture settings differ from "
             "the run that wrote it; use its config (saved as config.yaml in its log folder).")
+
+
+class CheckpointIdentity:
+    """LightningModule hooks (``FlowModule`` mixes them in): a checkpoint names the module
+    class and the model that wrote it, and loads only into a module that fits it, after
+    the keys of earlier versions are mapped. Needs ``self.model_name``."""
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[MODEL_KEY] = written_by(type(self).__name__, self.model_name)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
+        """Lightning's, after reading the file through :func:`load_checkpoint_file`: an
+        unreadable file (truncated, text, a directory) or one of another family fails with
+        a CheckpointError paragraph, not a raw PytorchStreamReader error or Lightning's
+        advice to import the other family's module."""
+        if isinstance(checkpoint_path, (str, os.PathLike)):
+            check_written_by(load_checkpoint_file(checkpoint_path), cls.__name__, str(checkpoint_path))
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Runs before Lightning loads the state dict."""
+        checkpoint["state_dict"] = upgrade_state_dict(checkpoint.get("state_dict", {}),
+                                                      checkpoint.get("hyper_parameters") or {})
+        check_fits(checkpoint, type(self).__name__, self.model_name, self.state_dict())
+
+
+def save_constructor_arguments(module, frame) -> None:
+    """Record the arguments of the constructor running in ``frame`` as ``module``'s
+    hyper-parameters. Under the CLI they are the parsed config (models given by
+    class_path stay dicts); built in Python, the arguments that are modules (or hold
+    them) are left out, since the checkpoint's state dict already has their weights."""
+    from pytorch_lightning.core.mixins.hparams_mixin import _given_hyperparameters  # what the CLI parsed
+    if _given_hyperparameters.get() is not None:
+        module.save_hyperparameters(frame=frame)
+        return
+    arguments = inspect.getargvalues(frame).locals
+    module.save_hyperparameters(ignore=[name for name, value in arguments.items()
+                                        if name != "self" and _holds_module(value)], frame=frame)
+
+
+def _holds_module(value) -> bool:
+    if isinstance(value, torch.nn.Module):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(_holds_module(v) for v in value)
+    if hasattr(value, "__dataclass_fields__"):
+        return any(_holds_module(getattr(value, name)) for name in value.__dataclass_fields__)
+    return False

@@ -288,3 +288,33 @@ def steps_per_epoch(trainer) -> int:
     batches = math.ceil(len(datamodule.train_dataloader()) / max(1, trainer.world_size))
     accumulate = getattr(getattr(trainer, "lightning_module", None), "accumulate_grad_batches", 1)
     return max(1, math.ceil(batches / max(1, int(accumulate))))
+
+
+class TrainableParts:
+    """LightningModule hooks for parts (``FlowModule`` mixes them in): by default one
+    part, the whole model with the module's ``optimizer_settings``; a family with parts
+    overrides :meth:`parts` and calls :meth:`load_parts` at the end of ``__init__``."""
+
+    def parts(self) -> list[Part]:
+        return [Part("model", self.model, getattr(self, "optimizer_settings", OptimizerSettings()), ["model."])]
+
+    def load_parts(self, init_checkpoint: str | None = None) -> None:
+        """Load and freeze the parts."""
+        load_and_freeze(self.parts(), init_checkpoint)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for part in self.parts():  # frozen parts never leave eval mode
+            if not part.trainable:
+                part.module.eval()
+        return self
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        for part in self.parts():
+            if part.trainable:
+                for freeze in part.freezes:
+                    freeze.module.requires_grad_(not freeze.frozen(self.global_step, self.current_epoch))
+
+    def optimizer_groups(self) -> list[OptimizerGroup]:
+        return [OptimizerGroup(part.name, list(part.module.parameters()), part.optimizer)
+                for part in self.parts() if part.trainable]

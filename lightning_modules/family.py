@@ -1,0 +1,121 @@
+"""The family contract of the LightningModules: what a family implements
+(:class:`FamilyInterface`, with the defaults for a model of one image size), what its
+``compute_losses`` takes (:class:`Batch`) and returns (:class:`LossOutput`), and the name
+a logged bits-per-dim figure gets. ``base.FlowModule`` does the optimization and the
+logging around it."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from flows.base import LABELS
+from flows.model import Objective
+
+
+@dataclass
+class Batch:
+    """A batch ready for the model. ``images``: {resolution: uniformly dequantized
+    images in [-0.5, 0.5]}. ``clean``: {resolution: the same images at the centres of
+    their bins} (deterministic: what conditional stages condition on). ``labels``: [B].
+    ``noise``: {resolution: the uniform [0, 1) noise of ``images``}, which a model's own
+    dequantizer takes (``FlowModel.training_loss``); missing: drawn by the model."""
+
+    images: dict[int, Tensor]
+    clean: dict[int, Tensor]
+    labels: Tensor
+    noise: dict[int, Tensor] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return self.labels.shape[0]
+
+
+@dataclass
+class LossOutput:
+    """``loss``: the scalar to minimize. ``log_prob``: {resolution: log-density of the
+    images at that resolution, nats per sample}, logged as bits per dim (Glow's formula
+    with ``dims``). ``exact``: {resolution: False} where ``log_prob`` is a lower bound
+    (logged as ``bpd_bound_R``); missing resolutions are exact. ``extra``: other
+    scalars to log. ``batch_size``: needed when ``log_prob`` is empty."""
+
+    loss: Tensor
+    log_prob: dict[int, Tensor]
+    dims: dict[int, int]
+    exact: dict[int, bool] = field(default_factory=dict)
+    extra: dict[str, Tensor] = field(default_factory=dict)
+    batch_size: int | None = None
+
+
+def bpd_name(resolution: int, exact: bool, bound_metric: str = "bpd_bound") -> str:
+    return f"bpd_{resolution}" if exact else f"{bound_metric}_{resolution}"
+
+
+class FamilyInterface:
+    """What a family's LightningModule provides. Every default here is for a model of one
+    image size whose objective is its own ``training_loss`` (the Glow family); the
+    cascade overrides the resolutions, the condition and the samples, and a family with
+    parts overrides ``compute_losses`` to compose its model's objectives."""
+
+    model: nn.Module
+    # The weight of each named auxiliary term of the model's Objective in the loss (e.g.
+    # GlowCC's class_bits, lambda_c); a term without one counts fully.
+    loss_weights: dict[str, float] = {}
+    # The name of a bits-per-dim bound in the logs (``<bound_metric>_R``): the cascade's
+    # sum of stage likelihoods is ``bpd_bound``, a variational model's ELBO ``elbo_bpd``.
+    bound_metric: str = "bpd_bound"
+
+    # Defaults for a model of one image size (every family but the cascade, which
+    # overrides them): its resolution, its condition, its samples and its data.
+    @property
+    def resolution(self) -> int:
+        return self.model.image_size
+
+    @property
+    def resolutions(self) -> list[int]:
+        return [self.resolution]
+
+    def condition(self, labels: Tensor) -> dict | None:
+        """The model's ``cond`` for a batch's labels: the labels for a class-conditional
+        model, else None."""
+        return {LABELS: labels} if self.model.num_classes else None
+
+    @property
+    def in_channels(self) -> int:
+        return self.model.in_channels
+
+    def compute_losses(self, batch: Batch) -> LossOutput:
+        """Default: the model's own objective (``FlowModel.training_loss``) at its one
+        resolution."""
+        r = self.resolution
+        return self.loss_output(self.model.training_loss(batch.clean[r], self.condition(batch.labels),
+                                                         n_bits=self.n_bits, noise=batch.noise.get(r)), r)
+
+    def weighted_loss(self, objective: Objective) -> Tensor:
+        """The objective's loss plus its auxiliary terms, each times its ``loss_weights``."""
+        return objective.loss + sum((self.loss_weights.get(name, 1.0) * value
+                                     for name, value in objective.terms.items()), objective.loss.new_zeros(()))
+
+    def loss_output(self, objective: Objective, resolution: int) -> LossOutput:
+        return LossOutput(self.weighted_loss(objective), {resolution: objective.log_prob},
+                          {resolution: objective.dims}, {resolution: objective.exact},
+                          {**objective.terms, **objective.extra})
+
+    def sample_images(self, n: int, temperature: float | list[float]) -> dict[int, Tensor]:
+        """Samples in model space ([-0.5, 0.5]) per resolution; a class-conditional
+        model's classes cycle along each row of a grid."""
+        labels = torch.arange(n, device=self.device) % max(1, self.model.num_classes)
+        return {self.resolution: self.model.sample(n, self.condition(labels), temperature)}
+
+    @property
+    def model_name(self) -> str:
+        """The name the metrics table uses (seed 000 Tables 4.2 / 4.3 style): the model's
+        ``display_name``; a family overrides it where the module adds to the name."""
+        return getattr(self.model, "display_name", type(self).__name__)
+
+    def check_temperature(self, temperature) -> None:
+        """Raise ValueError when ``sample_images`` cannot take ``temperature`` (callbacks
+        check theirs before the first step). Default: one number."""
+        if not isinstance(temperature, (int, float)):
+            raise ValueError(f"{type(self).__name__} samples at one temperature, got {temperature!r}")
