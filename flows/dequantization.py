@@ -66,11 +66,27 @@ class Dequantizer(nn.Module):
 
 
 class UniformDequantizer(Dequantizer):
-    """u ~ U[0, 1)^D: log q(u | x) = 0 (Glow, seed 004 sec. 3)."""
+    """u ~ U[0, 1)^D: log q(u | x) = 0 (Glow, seed 004 sec. 3).
+
+    ``training_noise_std``: while training (``self.training``), also add Gaussian noise
+    of this std in model space (seed 001 App. G: 5e-3). It smooths the training data
+    only; evaluation leaves it out, so the likelihood there bounds the discrete data."""
+
+    def __init__(self, training_noise_std: float = 0.0) -> None:
+        super().__init__()
+        if not training_noise_std >= 0:
+            raise ValueError(f"training_noise_std must be >= 0, got {training_noise_std}")
+        self.training_noise_std = float(training_noise_std)
 
     def forward(self, clean: Tensor, bin_width: float, noise: Tensor | None = None) -> Dequantized:
         noise = torch.rand_like(clean) if noise is None else noise.to(clean)
-        return Dequantized(clean + (noise - 0.5) * bin_width, zero_logdet(clean), True)
+        images = clean + (noise - 0.5) * bin_width
+        if self.training and self.training_noise_std:
+            images = images + self.training_noise_std * torch.randn_like(images)
+        return Dequantized(images, zero_logdet(clean), True)
+
+    def extra_repr(self) -> str:
+        return f"training_noise_std={self.training_noise_std}" if self.training_noise_std else ""
 
 
 def _log_logistic(x: Tensor) -> Tensor:

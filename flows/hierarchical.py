@@ -96,7 +96,7 @@ from flows.base import FEATURES, Condition, FlowSequential, sum_except_batch
 from flows.layers import ActNorm, AffineCoupling, AffineInjector, InvertibleConv1x1, OrthogonalConv1x1
 from flows.layers.masks import ChannelMask, CheckerboardMask
 from flows.distributions import LOG_2PI, gaussian_log_density
-from flows.model import Encoding, FlowModel, temperature_per_part
+from flows.model import Encoding, FlowModel, Objective, temperature_per_part
 from flows.nets import (ConvCouplingNet, InstanceNorm, UNet, UNetCouplingNet, _leaky, blur_downsample,
                         blur_upsample, conv, unet_depth)
 
@@ -522,6 +522,31 @@ class HierarchicalFlow(FlowModel):
         return HierarchicalEncoding(latents, logdet, log_prior, exact=False, entropy=entropy.detach(),
                                     log_posterior=log_posterior.detach(), level_log_probs=level_log_probs,
                                     ys=flow_inputs, sigmas=[None] + list(sigmas))
+
+    def level_names(self) -> list[str]:
+        """The levels' names in logs, fine to coarse: their resolutions, the prior last."""
+        return [str(level.resolution) for level in self.levels[:-1]] + ["prior"]
+
+    def training_loss(self, clean: Tensor, cond: Condition = None, *, n_bits: int,
+                      noise: Tensor | None = None) -> Objective:
+        """Eq. 12 with Table 4's weights, sum_i w_i (-log p(y_i | y_>i)) in bits: what the
+        model minimizes, not a likelihood. ``log_prob`` is the single-sample ELBO
+        (entropy of q included, a bound). ``extra``: ``level_bpd_<R>`` (the unweighted
+        terms of eq. 12 per dimension of y_i, bits), ``sigma_<R>`` (sigma(X) of eq. 11)
+        and ``entropy_bpd`` (the entropy of q per image dimension)."""
+        objective = self.dequantized_likelihood(clean, cond, n_bits, noise)
+        encoding = objective.encoding
+        weighted = 0.0
+        for name, level, level_log_prob, sigma in zip(self.level_names(), self.levels,
+                                                      encoding.level_log_probs, encoding.sigmas):
+            level_bits = -level_log_prob / math.log(2.0)
+            weighted = weighted + level.loss_weight * level_bits
+            objective.extra[f"level_bpd_{name}"] = (level_bits / (level.channels * level.resolution ** 2)).mean()
+            if sigma is not None:
+                objective.extra[f"sigma_{name}"] = sigma.detach().mean()
+        objective.extra["entropy_bpd"] = (encoding.entropy / (self.dims * math.log(2.0))).mean()
+        objective.loss = weighted.mean()
+        return objective
 
     @torch.no_grad()
     def importance_weighted_log_prob(self, x: Tensor, samples: int) -> Tensor:

@@ -172,14 +172,23 @@ class FlowModel(nn.Module):
         """Dequantize the bin centres ``clean`` (``noise``: the uniform [0, 1) noise, None
         to draw it), encode, and minimize bits per dim of log p(y) - log q(u | x): for a
         uniform dequantizer Glow's objective, for a learned one Flow++'s bound."""
+        objective = self.dequantized_likelihood(clean, cond, n_bits, noise)
+        objective.loss = bits_per_dim(objective.log_prob, self.dims, n_bits).mean()
+        return objective
+
+    def dequantized_likelihood(self, clean: Tensor, cond: Condition, n_bits: int,
+                               noise: Tensor | None) -> Objective:
+        """What every objective starts from: dequantize with the model's ``dequantizer``,
+        encode, and log p(y) - log q(u | x) with its exact flag (``loss`` left at 0 for
+        the caller)."""
         dequantized = self.dequantizer(clean, 2.0 ** -n_bits, noise)
         encoding = self.encode(dequantized.images, cond)
         log_prob = encoding.log_prob - dequantized.log_q
         extra = {}
         if not dequantized.exact:  # how far the learned q is from uniform, in bits per dim
             extra["dequantization_log_q_bpd"] = (dequantized.log_q / (self.dims * math.log(2.0))).mean()
-        return Objective(bits_per_dim(log_prob, self.dims, n_bits).mean(), log_prob,
-                         encoding.exact and dequantized.exact, self.dims, encoding, {}, extra)
+        return Objective(log_prob.new_zeros(()), log_prob, encoding.exact and dequantized.exact, self.dims,
+                         encoding, {}, extra)
 
     # --- latent groups: what the analyses zero, resample and label, finest first ------------
     def latent_groups(self, latents: Any) -> list:

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import math
 
-import torch
 
+from flows.dequantization import UniformDequantizer
 from flows.hierarchical import HierarchicalFlow
-from lightning_modules.base import Batch, FlowModule, LossOutput
+from lightning_modules.base import FlowModule
 from lightning_modules.errors import ConfigurationError
 from lightning_modules.parts import Freeze, OptimizerSettings, Part
 
@@ -69,6 +69,12 @@ class HierarchicalModule(FlowModule):
                          "decoders": decoder_optimizer or OptimizerSettings.adam(2e-3, epoch_decay=0.95),
                          "flows": flow_optimizer or OptimizerSettings.adam(5e-3, epoch_decay=0.95)}
         self.freeze_encoders_at_epoch = freeze_encoders_at_epoch
+        if not isinstance(flow.dequantizer, UniformDequantizer):
+            raise ConfigurationError("HierarchicalModule trains with uniform dequantization plus train_noise_std "
+                                     f"(App. G); the model has a {type(flow.dequantizer).__name__}")
+        # App. G's training noise is part of the model's dequantization, so the model's
+        # own objective (HierarchicalFlow.training_loss) sees it.
+        flow.dequantizer = UniformDequantizer(training_noise_std=train_noise_std)
         self.train_noise_std = train_noise_std
         self.load_parts()
 
@@ -78,28 +84,6 @@ class HierarchicalModule(FlowModule):
                      freezes=[Freeze(encoders, from_epoch=self.freeze_encoders_at_epoch)]),
                 Part("decoders", self.model.decoders, self.settings["decoders"], ["model.decoders."]),
                 Part("flows", self.model.flows, self.settings["flows"], ["model.flows."])]
-
-    def level_names(self) -> list[str]:
-        levels = self.model.levels
-        return [str(level.resolution) for level in levels[:-1]] + ["prior"]
-
-    def compute_losses(self, batch: Batch) -> LossOutput:
-        x = batch.images[self.resolution]
-        if self.training and self.train_noise_std:
-            x = x + self.train_noise_std * torch.randn_like(x)
-        encoding = self.model.encode(x)
-        weighted, extra = 0.0, {}
-        for name, level, level_log_prob, sigma in zip(self.level_names(), self.model.levels,
-                                                      encoding.level_log_probs, encoding.sigmas):
-            level_bits = -level_log_prob / LN2
-            weighted = weighted + level.loss_weight * level_bits
-            dims = level.channels * level.resolution ** 2
-            extra[f"level_bpd_{name}"] = (level_bits / dims).mean()
-            if sigma is not None:
-                extra[f"sigma_{name}"] = sigma.detach().mean()
-        extra["entropy_bpd"] = (encoding.entropy / (self.model.dims * LN2)).mean()
-        return LossOutput(weighted.mean(), {self.resolution: encoding.log_prob}, {self.resolution: self.model.dims},
-                          {self.resolution: False}, extra)
 
     def check_temperature(self, temperature) -> None:
         self.model.temperatures(temperature)

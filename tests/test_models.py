@@ -223,7 +223,8 @@ def test_training_objective_is_the_dequantized_likelihood_and_says_exact_or_boun
     torch.manual_seed(1)
     by_hand = model.encode(dequantized.images, cond).log_prob - dequantized.log_q
     assert torch.allclose(objective.log_prob, by_hand, atol=1e-4, rtol=1e-5), name
-    assert torch.allclose(objective.loss, bits_per_dim(by_hand, model.dims, n_bits).mean(), atol=1e-5)
+    if name not in LIFTED:  # the hierarchical flow minimizes eq. 12's weighted terms (test_hierarchical.py)
+        assert torch.allclose(objective.loss, bits_per_dim(by_hand, model.dims, n_bits).mean(), atol=1e-5)
     if not model.dequantizer.exact:
         assert (dequantized.log_q.abs() > 1e-6).any()  # perturbed: q is not uniform
 
