@@ -20,30 +20,34 @@ from torch import Tensor
 from flows.base import FEATURES, LABELS, LOWRES, Condition, condition_value, with_condition
 from flows.glow import Glow
 from flows.layers.coupling import ScaleFunction
-from flows.layers.flow_step import CouplingKind, InvConvKind
 from flows.model import Encoding, FlowModel, Objective
 from flows.nets import RRDBEncoder
 
 
 class SRFlow(FlowModel):
-    """Args: as :class:`~flows.glow.Glow` (seed 000 sec. 4.3.1 defaults: L=4, K=16, 64
-    hidden, affine injectors, squishing a = 0.5), plus the RRDB encoder's
-    ``rrdb_features``, ``rrdb_blocks`` (23), ``rrdb_growth`` and ``rrdb_feature_blocks``
-    (the tapped blocks; SRFlow's 1, 8, 15, 22 by default). ``memory_efficient`` and
-    ``activation_checkpointing``: the flow's memory options (:class:`~flows.glow.Glow`);
-    the RRDB features get their gradients from every recomputed step."""
+    """An RRDB condition encoder plus a conditional :class:`~flows.glow.Glow`.
+
+    Args: the RRDB encoder's ``rrdb_features``, ``rrdb_blocks`` (23), ``rrdb_growth``
+    and ``rrdb_feature_blocks`` (the tapped blocks; SRFlow's 1, 8, 15, 22 by default);
+    the flow's arguments where seed 000 sec. 4.3.1 sets another default than Glow's
+    (L=4, K=16, 64 hidden, affine injectors, squishing a = 0.5); and, in
+    ``**flow_options``, every other :class:`~flows.glow.Glow` argument as it is there
+    (``coupling``, ``coupling_net``, ``num_bins``, ``top_prior``, ``split_prior``,
+    ``memory_efficient``, ``dequantizer``, ``block`` ...), so an SR stage takes every option
+    a Glow takes. The flow's ``cond_channels`` are the encoder's."""
 
     def __init__(self, *, in_channels: int = 3, image_size: int = 32, scales: int = 4,
                  steps_per_scale: int = 16, hidden_channels: int = 64,
-                 invconv: InvConvKind = "lu", coupling: CouplingKind = "affine",
                  scale_fn: ScaleFunction = "squish", squish_alpha: float = 0.5,
-                 affine_injector: bool = True, learn_top_prior: bool = True,
-                 num_classes: int = 0, rrdb_features: int = 64, rrdb_blocks: int = 23,
-                 rrdb_growth: int = 32, rrdb_feature_blocks: list[int] | None = None,
-                 memory_efficient: bool = False, activation_checkpointing: bool = False) -> None:
+                 affine_injector: bool = True, num_classes: int = 0, rrdb_features: int = 64,
+                 rrdb_blocks: int = 23, rrdb_growth: int = 32, rrdb_feature_blocks: list[int] | None = None,
+                 **flow_options) -> None:
         super().__init__()
         if image_size % 2:
             raise ValueError(f"SRFlow doubles the resolution: image_size must be even, got {image_size}")
+        if "cond_channels" in flow_options:
+            raise ValueError("SRFlow's flow is conditioned on its RRDB features: cond_channels is the encoder's, "
+                             "set rrdb_features / rrdb_feature_blocks instead")
         self.in_channels = in_channels
         self.image_size = image_size
         self.lr_size = image_size // 2
@@ -52,11 +56,11 @@ class SRFlow(FlowModel):
                                    rrdb_feature_blocks)
         self.flow = Glow(in_channels=in_channels, image_size=image_size, scales=scales,
                          steps_per_scale=steps_per_scale, hidden_channels=hidden_channels,
-                         invconv=invconv, coupling=coupling, scale_fn=scale_fn,
-                         squish_alpha=squish_alpha, learn_top_prior=learn_top_prior,
-                         num_classes=num_classes, cond_channels=self.encoder.out_channels,
-                         affine_injector=affine_injector, memory_efficient=memory_efficient,
-                         activation_checkpointing=activation_checkpointing)
+                         scale_fn=scale_fn, squish_alpha=squish_alpha, num_classes=num_classes,
+                         cond_channels=self.encoder.out_channels, affine_injector=affine_injector,
+                         **flow_options)
+        # The model's dequantizer is the flow's (SRFlow.training_loss is the flow's).
+        self.dequantizer = self.flow.dequantizer
 
     @property
     def exact(self) -> bool:

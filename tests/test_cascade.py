@@ -362,3 +362,28 @@ def test_rrdb_pretraining_checkpoint_feeds_an_srflow_stage(tmp_path):
         assert torch.equal(value, module.model.stage(16).encoder.state_dict()[key])
     with pytest.raises(ValueError, match="does not match"):
         tiny_module(sr_stages=[sr_stage(flow={**TINY_SR_FLOW, "rrdb_features": 16}, encoder_checkpoint=str(path))])
+
+
+def test_an_sr_stage_takes_every_glow_option_from_yaml(tmp_path):
+    """SRFlow is an RRDB encoder plus a Glow: options SRFlow does not list itself reach
+    its flow from YAML (here the spline coupling, its bins, and the actnorm coupling net
+    that is the Glow configs' default), and a stage without them is built as before."""
+    from flows.layers.spline import SplineCoupling
+    from lightning_modules.cli import build_cli
+    from tests.conftest import REPO
+
+    text = "".join(line for line in (REPO / "experiments" / "quick_cascade.yaml").read_text()
+                   .splitlines(keepends=True) if not line.startswith("ckpt_path:"))
+    (tmp_path / "cascade.yaml").write_text(text)
+    stage = '''{"sigma": 0.0, "freeze_encoder_steps": 0, "flow": {"class_path": "flows.SRFlow", "init_args": {
+        "image_size": 16, "scales": 2, "steps_per_scale": 1, "hidden_channels": 8, "rrdb_features": 4,
+        "rrdb_blocks": 1, "rrdb_growth": 2, "coupling": "spline", "num_bins": 5,
+        "coupling_net": {"class_path": "flows.nets.CouplingNet", "init_args": {"actnorm": true}}}}}'''
+    module = build_cli(["--config", str(tmp_path / "cascade.yaml"), "--trainer.logger", "false",
+                        "--model.init_args.sr_stages", f"[{stage}]", "--data.init_args.resolutions", "[16, 8]"],
+                       run=False).model
+    flow = module.model.stage(16).flow
+    couplings = [m for m in flow.modules() if isinstance(m, SplineCoupling)]
+    assert couplings and all(c.num_bins == 5 for c in couplings)
+    nets = [m for m in flow.modules() if type(m).__name__ == "CouplingNet"]
+    assert nets and all(net.actnorm for net in nets)
