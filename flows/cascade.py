@@ -36,6 +36,8 @@ are replaced by the clean condition and counted.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import Tensor, nn
 
@@ -44,6 +46,13 @@ from flows.model import Encoding, FlowModel, NoisyReconstruction, temperature_pe
 from flows.quantization import bin_log_volume, snap_to_bins
 
 Pyramid = dict[int, Tensor]
+
+
+@dataclass
+class CascadeEncoding(Encoding):
+    """A cascade's encoding; ``stages``: {resolution: that stage's own encoding}."""
+
+    stages: dict[int, Encoding] = field(default_factory=dict)
 
 
 class Cascade(FlowModel):
@@ -118,31 +127,36 @@ class Cascade(FlowModel):
         log p_i(x_i | x_{i-1}) above it, exact in both cases."""
         return self.stage(resolution).encode(x[resolution], self.stage_condition(resolution, cond, x))
 
-    def encode(self, x: Pyramid, cond: Condition = None) -> Encoding:
-        """Every stage's encoding (``parts``). ``log_prior`` adds the lower stages' bin
+    def encode(self, x: Pyramid, cond: Condition = None) -> CascadeEncoding:
+        """Every stage's encoding (``stages``). ``log_prior`` adds the lower stages' bin
         log-volumes, so ``log_prob`` is log P(x_k) minus the top bin's log-volume: the
         density that Glow's bits-per-dim formula turns into -log P(x_k) / (D_k log 2)."""
         stages = {r: self.encode_stage(r, x, cond) for r in self.resolutions}
-        logdet, log_prior = zero_logdet(x[self.base_resolution]), zero_logdet(x[self.base_resolution])
-        for resolution, encoding in stages.items():
-            logdet = logdet + encoding.logdet
-            log_prior = log_prior + encoding.log_prior
-            if resolution != self.image_size:
-                log_prior = log_prior + self.bin_log_volume(resolution)
+        logdet = sum((e.logdet for e in stages.values()), zero_logdet(x[self.base_resolution]))
+        log_prior = self.cumulative_log_densities({r: e.log_prior for r, e in stages.items()})[self.image_size]
         latents = {r: e.latents for r, e in stages.items()}
-        return Encoding(latents, logdet, log_prior, self.exact, parts=stages)
+        return CascadeEncoding(latents, logdet, log_prior, self.exact, stages)
 
-    def accumulate(self, stage_log_probs: dict[int, Tensor]) -> dict[int, Tensor]:
-        """Stage densities -> {R: log P(x_R)} (nats, discrete) for every R whose stages
-        up to R are all given (from the base up); a lower bound above the base."""
+    def cumulative_log_densities(self, stage_log_probs: dict[int, Tensor]) -> dict[int, Tensor]:
+        """Stage densities -> {R: log P(x_R) minus x_R's bin log-volume} for every R whose
+        stages up to R are all given (from the base up): each stage below R enters as its
+        probability (density times bin volume, eq. 3.5), stage R as its density, so Glow's
+        bits-per-dim formula turns the result into -log P(x_R) / (D_R log 2). A lower
+        bound above the base. The one place the stages' bin volumes are added."""
         total, out = None, {}
         for resolution in self.resolutions:
             if resolution not in stage_log_probs:
                 break
-            term = stage_log_probs[resolution] + self.bin_log_volume(resolution)
-            total = term if total is None else total + term
+            if total is not None:
+                total = total + self.bin_log_volume(resolution // 2) + stage_log_probs[resolution]
+            else:
+                total = stage_log_probs[resolution]
             out[resolution] = total
         return out
+
+    def accumulate(self, stage_log_probs: dict[int, Tensor]) -> dict[int, Tensor]:
+        """Stage densities -> {R: log P(x_R)} (nats, discrete), a lower bound above the base."""
+        return {r: log_p + self.bin_log_volume(r) for r, log_p in self.cumulative_log_densities(stage_log_probs).items()}
 
     def log_likelihoods(self, x: Pyramid, cond: Condition = None) -> dict[int, Tensor]:
         """{R: log P(x_R)}: log P_0(x_0) + sum_{i <= R} log P_i(x_i | x_{i-1}), each term a

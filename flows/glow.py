@@ -24,6 +24,7 @@ Conditions (``cond``): ``"labels"`` for a class-conditional prior (``num_classes
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -43,6 +44,14 @@ from flows.reversible import sequential_for
 
 
 BlockFactory = Callable[[int, int], list[nn.Module]]
+
+
+@dataclass
+class GlowEncoding(Encoding):
+    """A Glow's encoding; ``class_logits``: its class head's logits on the top latent
+    (GlowCC, seed 004 sec. 3), None without classes."""
+
+    class_logits: Tensor | None = None
 
 
 class Glow(FlowModel):
@@ -231,7 +240,7 @@ class Glow(FlowModel):
         class_logits = None
         if self.class_head is not None:
             class_logits = self.class_head(h.to(self.class_head.weight.dtype).mean(dim=(2, 3)))
-        return Encoding(latents, logdet, log_prior, self.exact, class_logits)
+        return GlowEncoding(latents, logdet, log_prior, self.exact, class_logits)
 
     def decode(self, latents: list[Tensor | None], cond: Condition = None,
                temperature: float = 1.0) -> Tensor:

@@ -44,15 +44,14 @@ class Encoding:
     list per stage, keyed by resolution). ``logdet``: log|det d latents / dx| per
     sample. ``log_prior``: the latents' log-density under the prior (a lower bound
     when ``exact`` is False). ``exact``: whether ``log_prob`` is exact.
-    ``class_logits``: a classifier head's logits, for class-conditional models.
-    ``parts``: per-part encodings of composite models (a cascade's stages)."""
+    A model with more to say subclasses it (``GlowEncoding``: the class head's logits;
+    ``CascadeEncoding``: each stage's encoding; ``HierarchicalEncoding``: the ELBO's
+    terms)."""
 
     latents: Any
     logdet: Tensor
     log_prior: Tensor
     exact: bool = True
-    class_logits: Tensor | None = None
-    parts: dict[Any, "Encoding"] = field(default_factory=dict)
 
     @property
     def log_prob(self) -> Tensor:

@@ -236,12 +236,10 @@ class CascadeModule(FlowModule):
         if training and self.failure_probe_every_n_steps and \
                 self.global_step % self.failure_probe_every_n_steps == 0:
             extra.update(self._failure_probe(batch, cond))
-        # log P(x_R) at each resolution whose stages all ran (flows/cascade.py), handed
-        # on as the equivalent density of x_R (log P(x_R) minus x_R's bin volume) so
-        # the bpd formula gives -log P(x_R) / (D_R log 2). Empty while training with a
-        # frozen base: then only the stages' own figures are logged.
-        cumulative = {r: log_p - self.model.bin_log_volume(r)
-                      for r, log_p in self.model.accumulate(stage_log_probs).items()}
+        # At each resolution whose stages all ran: log P(x_R) as the equivalent density
+        # on x_R (flows/cascade.py), so the base's bpd formula gives -log P(x_R) / (D log 2).
+        # Empty while training with a frozen base: then only the stages' own figures are logged.
+        cumulative = self.model.cumulative_log_densities(stage_log_probs)
         # Exact up to R only if every stage's objective up to R is exact (a learned
         # dequantizer in any stage makes the product a bound).
         exact = {r: self.model.stage_exact(r) and all(e for s, e in stage_exact.items() if s <= r)
