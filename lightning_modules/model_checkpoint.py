@@ -9,6 +9,11 @@ with two changes the experiment configs rely on.
 * A non-finite monitored value (a diverged run's ``val/bpd = nan``) is never a top-k
   candidate: Lightning ranks nan as +inf, so with ``save_top_k: 1`` the first
   checkpoint, nan or not, became "best". ``last.ckpt`` is still written.
+* A monitored ``<split>/bpd_R`` that the module logs as a bound (``<split>/bpd_bound_R``,
+  or its ``bound_metric``: a learned dequantizer or a bound prior turned the exact
+  figure into one) is read under that name: the same images' bits per dim, so a config
+  keeps working when a setting such as ``variational_dequantization.yaml`` makes the
+  likelihood a bound. The logs keep the bound's name.
 
 For manual optimization (the flow families), the step save is Lightning's without its
 warning about a "pre-optimization state": these modules step inside ``training_step``
@@ -16,6 +21,7 @@ and the state after the step is the one to resume from.
 """
 from __future__ import annotations
 
+import re
 import time
 
 import torch
@@ -62,3 +68,13 @@ class ModelCheckpoint(LightningModelCheckpoint):
                                "never best); last.ckpt is still written")
                 return False
         return super().check_monitor_top_k(trainer, current)
+
+    def _monitor_candidates(self, trainer) -> dict:
+        candidates = super()._monitor_candidates(trainer)
+        match = re.fullmatch(r"(\w+)/bpd_(\d+)", self.monitor or "")
+        bound = getattr(trainer.lightning_module, "bound_metric", None)
+        if match and self.monitor not in candidates and bound:
+            name = f"{match[1]}/{bound}_{match[2]}"
+            if name in candidates:
+                candidates[self.monitor] = candidates[name]
+        return candidates

@@ -10,7 +10,7 @@ import torch
 from flows.dequantization import UniformDequantizer, VariationalDequantizer
 from flows.glow import Glow
 from flows.model import Encoding, FlowModel
-from tests.conftest import perturb_parameters
+from tests.conftest import REPO, perturb_parameters
 
 
 def random_q(in_channels=1, scale=0.3, seed=0):
@@ -119,7 +119,6 @@ def test_shipped_models_take_variational_dequantization_from_yaml(config, overla
     """The overlay config (or one command-line option for a cascade's base stage) gives
     the model a learned q with the data's channel count, and the module logs a bound."""
     from lightning_modules.cli import build_cli
-    from tests.conftest import REPO
 
     text = (REPO / "experiments" / config).read_text()
     (tmp_path / config).write_text("".join(line for line in text.splitlines(keepends=True)
@@ -140,3 +139,22 @@ def test_shipped_models_take_variational_dequantization_from_yaml(config, overla
     out = module.compute_losses(module.prepare_batch({"images": uint8, "label": torch.zeros(2, dtype=torch.long)}))
     assert out.exact[resolution] is False
     assert torch.isfinite(out.loss)
+
+
+def test_a_config_monitoring_bpd_keeps_its_best_checkpoint_when_the_likelihood_becomes_a_bound(tmp_path, capsys):
+    """The quickstart monitors val/bpd_32; with the overlay the module logs
+    val/bpd_bound_32 instead (never val/bpd_32), and ModelCheckpoint ranks by it."""
+    import csv
+
+    from tests.test_reliability import QUICKSTART, run_main
+    code, err = run_main(capsys, "fit", *QUICKSTART, "--config", str(REPO / "experiments/variational_dequantization.yaml"),
+                         "--model.init_args.flow.init_args.dequantizer.init_args.hidden_channels", "4",
+                         "--model.init_args.flow.init_args.dequantizer.init_args.steps", "1",
+                         "--trainer.logger", '{"class_path": "pytorch_lightning.loggers.CSVLogger", '
+                         f'"init_args": {{"save_dir": "{tmp_path}", "name": "vd"}}}}',
+                         "--trainer.default_root_dir", str(tmp_path))
+    assert code == 0, err[-3000:]
+    rows = list(csv.DictReader(next(tmp_path.rglob("metrics.csv")).open()))
+    assert any(r.get("val/bpd_bound_16") for r in rows) and not any(r.get("val/bpd_16") for r in rows)
+    best = [p.name for p in tmp_path.rglob("*.ckpt") if p.name != "last.ckpt"]
+    assert best == ["best.ckpt"], best  # tests.test_cli.TINY_QUICKSTART names it
