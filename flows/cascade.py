@@ -214,26 +214,11 @@ class Cascade(FlowModel):
     @torch.no_grad()
     def reconstruct_with_latent_noise(self, resolution: int, x: Tensor, sigma: float,
                                       cond: Condition = None, max_abs: float = 1.0) -> NoisyReconstruction:
-        """f^{-1}(f(x) + sigma * eps) through the stage at ``resolution`` (its condition
-        from ``cond`` as in :meth:`stage_condition`), the same sigma on every latent
-        (seed 000 sec. 3.2). A sample fails when its reconstruction has a non-finite
-        value or one with |value| > max_abs (data lie in [-0.5, 0.5]); a failed sample is
-        returned as the clean ``x``."""
-        stage = self.stage(resolution)
-        stage_cond = self.stage_condition(resolution, cond)
-        was_training = stage.training
-        stage.eval()  # no data-dependent initialization may happen on noisy inputs
-        try:
-            encoding = stage.encode(x, stage_cond)
-            noisy = [z + sigma * torch.randn_like(z) for z in encoding.latents]
-            recon = stage.decode(noisy, stage_cond).float()
-        finally:
-            stage.train(was_training)
-        failed = ~torch.isfinite(recon).flatten(1).all(dim=1)
-        magnitude = torch.nan_to_num(recon, nan=0.0, posinf=0.0, neginf=0.0).abs().flatten(1).amax(dim=1)
-        failed = failed | (magnitude > max_abs)
-        images = torch.where(failed[:, None, None, None], x.float(), recon).to(x.dtype)
-        return NoisyReconstruction(images, failed)
+        """The stage at ``resolution``'s :meth:`FlowModel.reconstruct_with_latent_noise`
+        of ``x`` under its condition from ``cond`` (:meth:`stage_condition`); failed above
+        ``max_abs`` = 1 by default (variational training's replacement rule)."""
+        return self.stage(resolution).reconstruct_with_latent_noise(
+            x, self.stage_condition(resolution, cond), sigma, max_abs)
 
     def variational_condition(self, resolution: int, cond: Condition, sigma: float,
                               max_abs: float = 1.0) -> NoisyReconstruction:

@@ -189,6 +189,27 @@ class FlowModel(nn.Module):
         return Objective(log_prob.new_zeros(()), log_prob, encoding.exact and dequantized.exact, self.dims,
                          encoding, {}, extra)
 
+    @torch.no_grad()
+    def reconstruct_with_latent_noise(self, x: Any, cond: Condition, sigma: float,
+                                      max_abs: float = math.inf) -> NoisyReconstruction:
+        """f^{-1}(f(x) + sigma * eps), the same sigma on every latent (seed 000 sec. 3.2
+        and 4.4.2), in eval mode (no data-dependent initialization may happen on noisy
+        inputs). A sample fails when its reconstruction has a non-finite value or one with
+        |value| > ``max_abs`` (data lie in [-0.5, 0.5]); a failed sample is returned as the
+        clean ``x``. For one image tensor ``x``."""
+        was_training = self.training
+        self.eval()
+        try:
+            latents = self.encode(x, cond).latents
+            recon = self.decode(map_latents(lambda z: z + sigma * torch.randn_like(z), latents), cond).float()
+        finally:
+            self.train(was_training)
+        failed = ~torch.isfinite(recon).flatten(1).all(dim=1)
+        magnitude = torch.nan_to_num(recon, nan=0.0, posinf=0.0, neginf=0.0).abs().flatten(1).amax(dim=1)
+        failed = failed | (magnitude > max_abs)
+        images = torch.where(failed.view(-1, *[1] * (recon.dim() - 1)), x.float(), recon).to(x.dtype)
+        return NoisyReconstruction(images, failed)
+
     # --- latent groups: what the analyses zero, resample and label, finest first ------------
     def latent_groups(self, latents: Any) -> list:
         """The keys of ``latents``' groups, finest first. Default: list indices (a Glow's

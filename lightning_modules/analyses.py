@@ -58,16 +58,11 @@ class AnalysisHooks:
         """The standard deviation of the latent noise a ``sigma`` setting means (std)."""
         return sigma
 
-    @torch.no_grad()
     def noisy_reconstructions(self, batch, sigma: float) -> dict[int, NoisyReconstruction]:
-        """f^-1(f(x) + sigma eps) through the whole model, the same sigma on every latent;
-        failed where non-finite (seed 000 sec. 4.4.2)."""
+        """f^-1(f(x) + sigma eps) through the whole model, the same sigma on every latent
+        (``FlowModel.reconstruct_with_latent_noise``; failed where non-finite)."""
         x, cond = self.model_input(batch)
-        std = self.noise_std(sigma)
-        noisy = map_latents(lambda z: z + std * torch.randn_like(z), self.model.encode(x, cond).latents)
-        decoded = self.images_of(self.model.decode(noisy, cond))
-        return {r: NoisyReconstruction(images, ~torch.isfinite(images).flatten(1).all(dim=1))
-                for r, images in decoded.items()}
+        return {self.resolution: self.model.reconstruct_with_latent_noise(x, cond, self.noise_std(sigma))}
 
 
 # --- latent groups (the model's: FlowModel.latent_groups) ----------------------------------
