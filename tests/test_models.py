@@ -274,3 +274,21 @@ def test_a_diffusion_like_prior_plugs_into_glow_from_yaml(tmp_path):
     metrics = cli.trainer.callback_metrics
     assert "train/bpd_bound_16" in metrics and "train/bpd_16" not in metrics
     assert not torch.equal(prior.gap.detach(), before)  # the prior's parameters train with the flow
+
+
+def test_any_single_model_without_parts_trains_under_the_density_module():
+    """GlowModule takes any FlowModel of one image size (here seed 001's hierarchical flow,
+    whose objective is eq. 12, not bits per dim): its loss and logged bound are the
+    model's own objective, flagged a bound, with no family code in the module."""
+    from lightning_modules import GlowModule
+    from lightning_modules.family import Batch
+    model, x, cond, _ = build("hierarchical")
+    module = GlowModule(flow=model, n_bits=5).train()
+    clean = dequantize(((x + 0.5) * 255).round().to(torch.uint8), 5, noise=False)
+    noise = torch.rand(clean.shape, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(3)
+    out = module.compute_losses(Batch({8: clean}, {8: clean}, torch.zeros(3, dtype=torch.long), {8: noise}))
+    torch.manual_seed(3)
+    objective = model.training_loss(clean, None, n_bits=5, noise=noise)
+    assert torch.allclose(out.loss, objective.loss) and torch.allclose(out.log_prob[8], objective.log_prob)
+    assert out.exact == {8: False} and "level_bpd_prior" in out.extra
