@@ -232,7 +232,7 @@ def evaluate(name: str, config: dict, checkpoint: Path, weights: Path, args, fig
     started = time.perf_counter()
     for index, batch in enumerate(held_out):
         torch.manual_seed(module.evaluation_seed + 7919 * index)
-        out = module.compute_losses(module.prepare_batch(batch, noise=True))
+        out = module.evaluate_batch(module.prepare_batch(batch, noise=True))
         values = bits_per_dim(out.log_prob[32], out.dims[32], module.n_bits)
         bpd.append(values[: (limit - seen) if limit else None])
         seen += len(bpd[-1])

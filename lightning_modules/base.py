@@ -10,8 +10,7 @@ its model). Around it the base mixes in, one concern per module:
   a diverged run ends with advice;
 * ``parts.py``: parts with their own optimizer settings, checkpoints and freezing;
 * ``analyses.py`` (``AnalysisHooks``): what the analysis callbacks ask of a module;
-* ``checkpointing.py`` (``CheckpointIdentity``): checkpoints that name their model and
-  refuse another.
+* ``checkpointing.py`` (``CheckpointIdentity``): checkpoints name their model, refuse others.
 
 The base itself: the uint8 batch to a :class:`Batch` (the dequantization noise, fixed
 per image in evaluation), one Adamax/Adam group per trainable part with warm-up and step
@@ -136,9 +135,22 @@ class FlowModule(FamilyInterface, NonFiniteStepSkipping, TrainableParts, Analysi
                              for d in (images, clean))
         return Batch(images, clean, batch["label"], uniform)
 
+    # --- work beside the loss (outside the function ``compile: true`` wraps) ----------------
+    def training_diagnostics(self, batch: Batch) -> dict[str, Tensor]:
+        """Figures to log at a training step that the loss does not need (the cascade's
+        failure probe). Default: none."""
+        return {}
+
+    def evaluation_log_probs(self, batch: Batch) -> dict[int, Tensor]:
+        """At val/test, {resolution: log-likelihood} to log instead of the loss's (a DDPM's
+        full T-step bound). Default: none."""
+        return {}
+
     # --- optimization -------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        out = self.compute_losses(self.prepare_batch(batch, noise=True))
+        prepared = self.prepare_batch(batch, noise=True)
+        out = self.compute_losses(prepared)
+        out.extra.update(self.training_diagnostics(prepared))
         self._log_metrics("train", out, on_step=True)
         optimizer = self.optimizers()
         k = self.accumulate_grad_batches
@@ -212,7 +224,13 @@ class FlowModule(FamilyInterface, NonFiniteStepSkipping, TrainableParts, Analysi
         # different epochs compare, and validation never moves the training RNG stream
         # (exact resume relies on it).
         with seeded_rng(self.evaluation_seed + 7919 * batch_idx, self.device):
-            self._log_metrics(split, self.compute_losses(self.prepare_batch(batch, noise=True)))
+            self._log_metrics(split, self.evaluate_batch(self.prepare_batch(batch, noise=True)))
+
+    def evaluate_batch(self, batch: Batch) -> LossOutput:
+        """The val/test figures of a batch: the loss's, with :meth:`evaluation_log_probs`."""
+        out = self.compute_losses(batch)
+        out.log_prob.update(self.evaluation_log_probs(batch))
+        return out
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluate(batch, "val", batch_idx)

@@ -233,9 +233,6 @@ class CascadeModule(FlowModule):
                     bits_per_dim(log_prob.detach(), dims, self.n_bits).mean()
             if resolution in self.train_stages:
                 loss = loss + stage_loss
-        if training and self.failure_probe_every_n_steps and \
-                self.global_step % self.failure_probe_every_n_steps == 0:
-            extra.update(self._failure_probe(batch, cond))
         # At each resolution whose stages all ran: log P(x_R) as the equivalent density
         # on x_R (flows/cascade.py), so the base's bpd formula gives -log P(x_R) / (D log 2).
         # Empty while training with a frozen base: then only the stages' own figures are logged.
@@ -246,6 +243,11 @@ class CascadeModule(FlowModule):
                  for r in cumulative}
         return LossOutput(loss, cumulative, {r: self.model.stage(r).dims for r in cumulative},
                           exact, extra, batch.size)
+
+    def training_diagnostics(self, batch: Batch) -> dict[str, Tensor]:
+        if self.failure_probe_every_n_steps and self.global_step % self.failure_probe_every_n_steps == 0:
+            return self._failure_probe(batch, {LABELS: batch.labels, LOWRES: batch.clean})
+        return {}
 
     @torch.no_grad()
     def _failure_probe(self, batch: Batch, cond: dict) -> dict[str, Tensor]:

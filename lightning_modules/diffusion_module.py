@@ -135,14 +135,17 @@ class DiffusionFlowModule(_DiffusionModule):
             extra["mse"] = detached["mse"].mean()
             if self.training:
                 self._update_sampler(estimate["t"], estimate["sampled_term"])
-        log_prob = {}
         if self.training:
             extra["vlb_bpd"] = vlb_bpd.mean()
             extra["nll_estimate_bpd"] = (logdet_bpd + vlb_bpd).mean() + self.n_bits  # + D log 2^n / (D log 2)
-        else:  # the full bound: T denoiser passes
-            log_prob = {self.resolution: logdet - self.diffusion.negative_elbo(z0)}
-        return LossOutput(loss.mean(), log_prob, {self.resolution: dims}, {self.resolution: False}, extra,
+        return LossOutput(loss.mean(), {}, {self.resolution: dims}, {self.resolution: False}, extra,
                           batch_size=x.shape[0])
+
+    @torch.no_grad()
+    def evaluation_log_probs(self, batch: Batch) -> dict[int, Tensor]:
+        """The full bound: T denoiser passes (evaluation only)."""
+        latents, _, logdet = self.model.transform(batch.images[self.resolution])
+        return {self.resolution: logdet - self.diffusion.negative_elbo(self.model.gather_latents(latents))}
 
     def _update_sampler(self, t: Tensor, terms: Tensor) -> None:
         if self.timestep_sampler.kind != "importance":
@@ -208,6 +211,10 @@ class PixelDiffusionModule(_DiffusionModule):
         extra = {"mse": terms["mse"].mean()}
         if self.training:
             extra["vlb_bpd"] = vlb_bpd.mean()
-        log_prob = {} if self.training else {self.resolution: self.model.encode(batch.images[self.resolution]).log_prob}
-        return LossOutput(loss.mean(), log_prob, {self.resolution: dims}, {self.resolution: False}, extra,
+        return LossOutput(loss.mean(), {}, {self.resolution: dims}, {self.resolution: False}, extra,
                           batch_size=data.shape[0])
+
+    @torch.no_grad()
+    def evaluation_log_probs(self, batch: Batch) -> dict[int, Tensor]:
+        """The bound on the bins' probability: T denoiser passes (evaluation only)."""
+        return {self.resolution: self.model.encode(batch.images[self.resolution]).log_prob}

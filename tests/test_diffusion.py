@@ -261,7 +261,7 @@ def test_the_evaluated_nll_is_the_flow_log_det_plus_the_full_ddpm_bound():
     x = dequantize(torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8), 5)
     with torch.no_grad():
         torch.manual_seed(3)
-        out = module.compute_losses(batch_of(x))
+        out = module.evaluate_batch(batch_of(x))
         torch.manual_seed(3)
         latents, _, logdet = module.model.transform(x)
         z0 = module.model.gather_latents(latents)
