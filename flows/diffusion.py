@@ -44,8 +44,8 @@ import torch
 from torch import Tensor, nn
 
 from flows.base import Condition, zero_logdet
-from flows.distributions import LatentPrior, gaussian_log_density
-from flows.model import Encoding, FlowModel
+from flows.distributions import LatentPrior, PriorTraining, gaussian_log_density
+from flows.model import Encoding, FlowModel, Objective
 from flows.quantization import bin_log_volume, check_n_bits, snap_to_bins
 
 Schedule = Literal["linear", "cosine"]
@@ -125,6 +125,19 @@ def _sum(x: Tensor) -> Tensor:
 
 # --- which time steps the one-step estimate of the bound draws -----------------------------
 BoundEstimator = Literal["uniform", "endpoints", "importance"]
+LossMode = Literal["seed", "bound"]
+PixelLoss = Literal["simple", "hybrid"]
+
+
+def all_gathered(x: Tensor) -> Tensor:
+    """``x`` of every process concatenated (itself outside a multi-process run): what
+    each process adds to the importance sampler's history, so all keep the same."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not distributed or torch.distributed.get_world_size() <= 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
 
 
 class TimestepSampler(nn.Module):
@@ -239,6 +252,33 @@ class DiffusionPrior(LatentPrior):
             motivation). Without it, an untrained DDPM's samples divide noise by
             sqrt(abar_T) ~ 1e-3 and take many thousand steps to become usable. Off for
             pixels (the DDPM baseline as published).
+
+    How it trains as the prior of a flow's latent (:meth:`training_estimate`, the
+    diffusion-augmented flow of seed 003):
+
+        loss_mode:
+            * ``"bound"`` (default): the flow and the DDPM minimize the bound itself at
+              weight 1 (-log|det| + T L_t + L_T, bits per dim: ``nll_estimate_bpd``), and
+              the denoiser also minimizes the hybrid loss of the detached latent (the
+              term ``denoiser_hybrid``; INDM's FID mode), so sample quality does not rest
+              on the bound's high-variance gradient alone.
+            * ``"seed"``: Alg. 1 as printed, corrected: L_simple + lambda L_vlb - log|det|
+              (the seed adds +log|det|, which would reward collapsing the latent; the
+              likelihood needs -log|det|). Units: L_simple per dimension, L_vlb and the
+              log-det in bits per dimension; the loss also carries the constant n_bits of
+              the bin volume, as the bound mode's does, so that both read on one scale.
+              Not a likelihood: the flow can trade a larger latent (log-det down by log s
+              per dim) against lambda-weighted bound terms, so watch ``nll_bpd``.
+        vlb_weight: lambda of the hybrid loss (improved DDPM and seed 003: 0.001).
+        bound_estimator: how ``loss_mode: bound`` estimates the bound each step
+            (:class:`TimestepSampler`): ``"importance"`` (default: L_0 and L_T for every
+            image, one t in 1..T-1 drawn by the second moment of L_t; chosen by
+            benchmarks/diffusion_bound_estimators.py, README "Diffusion-flow training
+            estimate": per-image standard deviation 0.48 bits/dim against 13.2 for
+            endpoints and 29.8 for uniform), ``"endpoints"`` (the same with t uniform) or
+            ``"uniform"`` (T L_t at t in 0..T-1; ``loss_mode: seed`` always uses it, as
+            Alg. 1 does). The importance sampler's history is training state, not in the
+            state_dict: a LightningModule saves :attr:`timestep_sampler` in its checkpoints.
     """
 
     exact = False
@@ -246,7 +286,9 @@ class DiffusionPrior(LatentPrior):
     def __init__(self, shape: tuple[int, int, int], denoiser: DenoiserFactory | None = None,
                  timesteps: int = 1000, schedule: Schedule = "linear", variance: VarianceKind = "learned",
                  decoder: DecoderKind = "continuous", bins: int = 256, sampling_steps: int | None = None,
-                 eta: float = 0.0, clip_denoised: bool = False, gaussian_residual: bool = True) -> None:
+                 eta: float = 0.0, clip_denoised: bool = False, gaussian_residual: bool = True,
+                 loss_mode: LossMode = "bound", vlb_weight: float = 1e-3,
+                 bound_estimator: BoundEstimator = "importance") -> None:
         super().__init__()
         if variance not in ("learned", "fixed_small", "fixed_large"):
             raise ValueError(f"variance must be 'learned', 'fixed_small' or 'fixed_large', got {variance!r}")
@@ -290,6 +332,21 @@ class DiffusionPrior(LatentPrior):
         for name, value in schedule_buffers.items():
             # float64, not saved: a function of the settings, and immune to .half().
             self.register_buffer(name, value, persistent=False)
+        self.configure_training(loss_mode, vlb_weight, bound_estimator)
+
+    def configure_training(self, loss_mode: LossMode, vlb_weight: float, bound_estimator: BoundEstimator) -> None:
+        """Set how :meth:`training_estimate` trains (the class docstring's arguments); a
+        new estimator starts with an empty history."""
+        if loss_mode not in ("seed", "bound"):
+            raise ValueError(f"loss_mode must be 'seed' or 'bound', got {loss_mode!r}")
+        if not vlb_weight >= 0:
+            raise ValueError(f"vlb_weight (lambda of the hybrid loss) must be >= 0, got {vlb_weight}")
+        self.loss_mode = loss_mode
+        self.vlb_weight = float(vlb_weight)
+        self.bound_estimator = bound_estimator
+        device = self.betas.device
+        self.timestep_sampler = TimestepSampler(self.timesteps,
+                                                bound_estimator if loss_mode == "bound" else "uniform").to(device)
 
     # --- pieces ---------------------------------------------------------------------------
     def compute_dtype(self) -> torch.dtype:
@@ -426,6 +483,32 @@ class DiffusionPrior(LatentPrior):
         total = terms.sum(dim=1) + self.prior_term(z0)
         return (total, terms) if per_term else total
 
+    def training_estimate(self, z: Tensor, cond: Condition = None) -> PriorTraining:
+        """One denoiser call's estimate of the bound, per ``loss_mode`` (class docstring).
+        ``extra``: ``mse`` (L_simple) and, in training, ``vlb_bpd`` (the estimate of the
+        bound of z in bits per dim of z). In training mode the importance sampler's
+        history takes the drawn L_t (all-gathered, so every process keeps the same)."""
+        self._check_shape(z)
+        per_dim_bits = 1.0 / (math.prod(self.shape) * math.log(2.0))
+        dims = math.prod(self.shape)
+        if self.loss_mode == "seed":
+            terms = self.training_terms(z)
+            negative_elbo = self.timesteps * terms["vlb_term"] + terms["prior"]
+            surrogate = hybrid_loss(terms, self.timesteps, dims, self.vlb_weight) * (dims * math.log(2.0))
+            estimate = PriorTraining(-negative_elbo, surrogate, {}, {"mse": terms["mse"].mean()}, estimated=True)
+        else:
+            drawn = self.estimate_negative_elbo(z, self.timestep_sampler)
+            negative_elbo = drawn["negative_elbo"]
+            detached = self.training_terms(z.detach())
+            denoiser_loss = hybrid_loss(detached, self.timesteps, dims, self.vlb_weight).mean()
+            estimate = PriorTraining(-negative_elbo, None, {"denoiser_hybrid": denoiser_loss},
+                                     {"mse": detached["mse"].mean()}, estimated=True)
+            if self.training and self.timestep_sampler.kind == "importance":
+                self.timestep_sampler.update(all_gathered(drawn["t"]), all_gathered(drawn["sampled_term"].detach()))
+        if self.training:
+            estimate.extra["vlb_bpd"] = (negative_elbo * per_dim_bits).mean()
+        return estimate
+
     # --- the prior protocol ----------------------------------------------------------------
     def log_prob(self, z: Tensor, cond: Condition = None) -> Tensor:
         """The variational lower bound on log p(z), nats per sample (the discretized
@@ -541,12 +624,16 @@ class PixelDiffusion(FlowModel):
         timesteps, schedule, variance, sampling_steps, eta: :class:`DiffusionPrior`'s
             (DDPM: T = 1000, linear, fixed_large).
         clip_denoised: clip predicted images to [-1, 1] when sampling and evaluating.
+        loss: what :meth:`training_loss` minimizes: ``"simple"`` (DDPM's L_simple, with a
+            fixed variance) or ``"hybrid"`` (improved DDPM, with ``variance: learned``);
+            None (default): the one that trains ``variance``.
+        vlb_weight: lambda of the hybrid loss (improved DDPM: 0.001).
     """
 
     def __init__(self, *, in_channels: int = 3, image_size: int = 32, n_bits: int = 8,
                  denoiser: DenoiserFactory | None = None, timesteps: int = 1000, schedule: Schedule = "linear",
                  variance: VarianceKind = "fixed_large", sampling_steps: int | None = None, eta: float = 0.0,
-                 clip_denoised: bool = True) -> None:
+                 clip_denoised: bool = True, loss: PixelLoss | None = None, vlb_weight: float = 1e-3) -> None:
         super().__init__()
         self.in_channels = in_channels
         self.image_size = image_size
@@ -554,6 +641,43 @@ class PixelDiffusion(FlowModel):
         self.diffusion = DiffusionPrior((in_channels, image_size, image_size), denoiser, timesteps, schedule,
                                         variance, "discretized", 2 ** n_bits, sampling_steps, eta, clip_denoised,
                                         gaussian_residual=False)
+        self.configure_training(loss or ("hybrid" if variance == "learned" else "simple"), vlb_weight)
+
+    def configure_training(self, loss: PixelLoss, vlb_weight: float) -> None:
+        """Set what :meth:`training_loss` minimizes (the class docstring's ``loss`` and
+        ``vlb_weight``), checked against the variance it must train."""
+        if loss not in ("simple", "hybrid"):
+            raise ValueError(f"loss must be 'simple' or 'hybrid', got {loss!r}")
+        if loss == "hybrid" and self.diffusion.variance != "learned":
+            raise ValueError("the hybrid loss trains a learned variance: set the model's variance: learned")
+        if loss == "simple" and self.diffusion.variance == "learned":
+            raise ValueError("L_simple does not train the variance: use variance fixed_large or fixed_small, "
+                             "or loss: hybrid")
+        if not vlb_weight >= 0:
+            raise ValueError(f"vlb_weight (lambda of the hybrid loss) must be >= 0, got {vlb_weight}")
+        self.loss = loss
+        self.vlb_weight = float(vlb_weight)
+
+    def training_loss(self, clean: Tensor, cond: Condition = None, *, n_bits: int,
+                      noise: Tensor | None = None) -> Objective:
+        """L_simple or L_hybrid at one random step per image (``noise`` is unused: the
+        bound is on the bins themselves). ``log_prob`` is the one-step estimate of the
+        bound (``estimated``); ``extra``: ``mse`` and, in training, ``vlb_bpd``."""
+        if n_bits != self.n_bits:
+            raise ValueError(f"this pixel DDPM models {self.n_bits}-bit images, the data have {n_bits} bits: "
+                             "set the model's n_bits and the module's to the same value")
+        diffusion, dims = self.diffusion, self.dims
+        terms = diffusion.training_terms(self.to_diffusion_space(clean))
+        negative_elbo = diffusion.timesteps * terms["vlb_term"] + terms["prior"]  # of the bins' probability
+        if self.loss == "simple":
+            loss = terms["mse"]
+        else:
+            loss = hybrid_loss(terms, diffusion.timesteps, dims, self.vlb_weight)
+        extra = {"mse": terms["mse"].mean()}
+        if self.training:
+            extra["vlb_bpd"] = (negative_elbo / (dims * math.log(2.0))).mean()
+        log_density = -negative_elbo - bin_log_volume(dims, n_bits)  # as encode's: Glow's bpd formula applies
+        return Objective(loss.mean(), log_density, False, dims, None, {}, extra, estimated=True)
 
     @property
     def exact(self) -> bool:

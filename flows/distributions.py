@@ -6,6 +6,14 @@ saying whether ``log_prob`` is the exact log-density or a lower bound on it (a D
 prior's variational bound). Glow takes its priors as arguments, so a diffusion model
 or a flow over the latent plugs in without touching Glow.
 
+A prior also says how it trains: ``training_estimate(z, cond) -> PriorTraining``, by
+default its ``log_prob``. A prior whose ``log_prob`` is too costly for every step (a
+DDPM's bound needs T denoiser passes) returns a one-sample unbiased estimate of it,
+auxiliary losses of its own and, where it trains on something other than its
+likelihood, the surrogate it minimizes (seed 003's Alg. 1). The model that holds the
+prior adds these to its objective (``FlowModel.training_loss``), so the prior's training
+rule lives with the prior and no LightningModule reaches inside the model for it.
+
 * :class:`GaussianPrior`: the prior of the top latent. Learned per-channel mean and
   log-std (Glow's ``learntop``: a zero-init conv on a zero input, seed 004 sec. 2.3),
   optionally plus a class-dependent term: one-hot -> linear -> (mean, log-std)
@@ -20,6 +28,7 @@ Log-probabilities are computed in float32 or wider.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -52,14 +61,60 @@ def gaussian_sample(mean: Tensor, log_std: Tensor, temperature: float) -> Tensor
     return mean + temperature * torch.exp(log_std) * torch.randn_like(mean)
 
 
+@dataclass
+class PriorTraining:
+    """What a prior contributes to a training objective (:meth:`LatentPrior.training_estimate`).
+
+    ``log_prob``: per sample, log p(z) in nats, or (``estimated``) a one-sample unbiased
+    estimate of it (of the bound, for a bound prior), with gradients. ``surrogate``: per
+    sample, the nats minimized in place of ``-log_prob`` (None: ``-log_prob`` itself).
+    ``terms``: named auxiliary losses (batch means), added to the model's loss with the
+    weights of the LightningModule's ``loss_weights`` (1 without one). ``extra``:
+    scalars to log. ``estimated``: True where ``log_prob`` is a random estimate, so
+    evaluation reports the prior's ``log_prob`` itself instead
+    (``FlowModel.evaluation_log_prob``)."""
+
+    log_prob: Tensor
+    surrogate: Tensor | None = None
+    terms: dict[str, Tensor] = field(default_factory=dict)
+    extra: dict[str, Tensor] = field(default_factory=dict)
+    estimated: bool = False
+
+    @property
+    def minimized(self) -> Tensor:
+        """Per sample, the nats this prior's share of the loss minimizes."""
+        return -self.log_prob if self.surrogate is None else self.surrogate
+
+    @staticmethod
+    def combine(parts: list["PriorTraining"]) -> "PriorTraining":
+        """The estimates of independent priors (a Glow's top and split priors) as one:
+        log-probabilities and surrogates add, terms of one name add."""
+        terms: dict[str, Tensor] = {}
+        extra: dict[str, Tensor] = {}
+        for part in parts:
+            for name, value in part.terms.items():
+                terms[name] = terms[name] + value if name in terms else value
+            extra.update(part.extra)
+        surrogate = None
+        if any(part.surrogate is not None for part in parts):
+            surrogate = sum(part.minimized for part in parts)
+        return PriorTraining(sum(part.log_prob for part in parts), surrogate, terms, extra,
+                             any(part.estimated for part in parts))
+
+
 class LatentPrior(nn.Module):
     """p(z | cond). Subclasses implement :meth:`log_prob` and :meth:`sample`; set
-    ``exact = False`` when ``log_prob`` is a lower bound."""
+    ``exact = False`` when ``log_prob`` is a lower bound, and override
+    :meth:`training_estimate` when training should not call ``log_prob``."""
 
     exact: bool = True
 
     def log_prob(self, z: Tensor, cond: Condition = None) -> Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement log_prob")
+
+    def training_estimate(self, z: Tensor, cond: Condition = None) -> PriorTraining:
+        """What a training step minimizes for this prior. Default: ``log_prob`` itself."""
+        return PriorTraining(self.log_prob(z, cond))
 
     def sample(self, n: int, cond: Condition = None, temperature: float = 1.0) -> Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement sample")

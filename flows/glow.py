@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flows.base import LABELS, Condition, condition_value, with_condition, zero_logdet
-from flows.distributions import (KEPT, GaussianPrior, GaussianSplitPrior, LatentPrior,
+from flows.distributions import (KEPT, GaussianPrior, GaussianSplitPrior, LatentPrior, PriorTraining,
                                  SplitPriorFactory, TopPriorFactory)
 from flows.layers import Squeeze, flow_step
 from flows.layers.coupling import NetFactory, ScaleFunction
@@ -229,18 +229,31 @@ class Glow(FlowModel):
     _squeeze = Squeeze()
 
     def encode(self, x: Tensor, cond: Condition = None) -> Encoding:
+        return self._encode(x, cond, training=False)[0]
+
+    def encode_for_training(self, x: Tensor, cond: Condition = None) -> tuple[Encoding, PriorTraining]:
+        """:meth:`encode` with every prior's training estimate (a DDPM joint prior's
+        one-step estimate of its bound; a Gaussian prior's exact log-density)."""
+        return self._encode(x, cond, training=True)
+
+    def _encode(self, x: Tensor, cond: Condition, training: bool) -> tuple[Encoding, PriorTraining]:
         latents, kept, logdet = self.transform(x, cond)
         h = latents[-1]
+
+        def prior_term(prior: LatentPrior, z: Tensor, prior_cond: Condition) -> PriorTraining:
+            return prior.training_estimate(z, prior_cond) if training else PriorTraining(prior.log_prob(z, prior_cond))
+
         if self.joint_prior is not None:
-            log_prior = self.joint_prior.log_prob(self.gather_latents(latents), cond)
+            terms = [prior_term(self.joint_prior, self.gather_latents(latents), cond)]
         else:
-            log_prior = self.top_prior.log_prob(h, cond)
-            for index, prior in enumerate(self.split_priors):
-                log_prior = log_prior + prior.log_prob(latents[index], with_condition(cond, **{KEPT: kept[index]}))
+            terms = [prior_term(self.top_prior, h, cond)]
+            terms += [prior_term(prior, latents[index], with_condition(cond, **{KEPT: kept[index]}))
+                      for index, prior in enumerate(self.split_priors)]
+        prior = PriorTraining.combine(terms)
         class_logits = None
         if self.class_head is not None:
             class_logits = self.class_head(h.to(self.class_head.weight.dtype).mean(dim=(2, 3)))
-        return GlowEncoding(latents, logdet, log_prior, self.exact, class_logits)
+        return GlowEncoding(latents, logdet, prior.log_prob, self.exact, class_logits), prior
 
     def decode(self, latents: list[Tensor | None], cond: Condition = None,
                temperature: float = 1.0) -> Tensor:

@@ -8,6 +8,9 @@ hierarchical flow, the diffusion-augmented flow and the pixel DDPM).
     training_loss(clean, cond, n_bits=, noise=) -> Objective
                                          dequantize (the model's ``dequantizer``), encode,
                                          the loss and the log-likelihood it is built on
+    evaluation_log_prob(clean, cond, n_bits=, noise=)
+                                         what val/test report where the objective's
+                                         log-likelihood is a random estimate (a DDPM's)
 
 ``encode`` takes continuous images in model space ([-0.5, 0.5], ``flows/quantization.py``);
 ``training_loss`` takes the bin centres of the discrete images and dequantizes them
@@ -32,6 +35,7 @@ from torch import Tensor, nn
 
 from flows.base import Condition
 from flows.dequantization import Dequantizer, DequantizerFactory, UniformDequantizer
+from flows.distributions import PriorTraining
 from flows.quantization import bits_per_dim
 
 
@@ -70,7 +74,10 @@ class Objective:
     prior, a learned dequantizer). ``dims``: the data's dimensions D. ``terms``: named
     auxiliary losses (batch means, in bits) that a LightningModule weighs from its
     config (``FlowModule.loss_weights``), e.g. GlowCC's ``class_bits``. ``extra``:
-    scalars to log. ``encoding``: the model's encoding of the dequantized images."""
+    scalars to log. ``encoding``: the model's encoding of the dequantized images.
+    ``estimated``: True where ``log_prob`` is a one-sample random estimate (a DDPM's
+    one-step estimate of its bound): it is logged as an estimate in training only, and
+    evaluation reports :meth:`FlowModel.evaluation_log_prob` instead."""
 
     loss: Tensor
     log_prob: Tensor
@@ -79,6 +86,7 @@ class Objective:
     encoding: Encoding | None = None
     terms: dict[str, Tensor] = field(default_factory=dict)
     extra: dict[str, Tensor] = field(default_factory=dict)
+    estimated: bool = False
 
 
 @dataclass
@@ -170,24 +178,50 @@ class FlowModel(nn.Module):
                       noise: Tensor | None = None) -> Objective:
         """Dequantize the bin centres ``clean`` (``noise``: the uniform [0, 1) noise, None
         to draw it), encode, and minimize bits per dim of log p(y) - log q(u | x): for a
-        uniform dequantizer Glow's objective, for a learned one Flow++'s bound."""
-        objective = self.dequantized_likelihood(clean, cond, n_bits, noise)
-        objective.loss = bits_per_dim(objective.log_prob, self.dims, n_bits).mean()
-        return objective
+        uniform dequantizer Glow's objective, for a learned one Flow++'s bound (with a
+        prior that trains on an estimate or a surrogate, that instead: see
+        :meth:`dequantized_likelihood`)."""
+        return self.dequantized_likelihood(clean, cond, n_bits, noise)
+
+    def encode_for_training(self, x: Tensor, cond: Condition = None) -> tuple[Encoding, PriorTraining]:
+        """:meth:`encode` with what the priors train on (``PriorTraining``: a DDPM prior's
+        one-step estimate of its bound, its auxiliary losses), the encoding's
+        ``log_prior`` being the ``PriorTraining``'s ``log_prob``. Default: the encoding's
+        own log-prior; a model whose priors have training estimates overrides it."""
+        encoding = self.encode(x, cond)
+        return encoding, PriorTraining(encoding.log_prior)
 
     def dequantized_likelihood(self, clean: Tensor, cond: Condition, n_bits: int,
                                noise: Tensor | None) -> Objective:
         """What every objective starts from: dequantize with the model's ``dequantizer``,
-        encode, and log p(y) - log q(u | x) with its exact flag (``loss`` left at 0 for
-        the caller)."""
+        encode (:meth:`encode_for_training`), and log p(y) - log q(u | x) with its exact
+        flag. ``loss``: bits per dim of that log-likelihood, with the priors' surrogates
+        in place of their log-densities where they have one, plus nothing else (a model
+        with its own loss replaces it); the priors' auxiliary losses are ``terms``."""
         dequantized = self.dequantizer(clean, 2.0 ** -n_bits, noise)
-        encoding = self.encode(dequantized.images, cond)
+        encoding, prior = self.encode_for_training(dequantized.images, cond)
         log_prob = encoding.log_prob - dequantized.log_q
-        extra = {}
+        # The encoding's log_prior is the prior's training log_prob (encode_for_training):
+        # where the prior trains on a surrogate, that replaces it in the loss.
+        minimized = log_prob if prior.surrogate is None else log_prob - encoding.log_prior - prior.surrogate
+        extra = dict(prior.extra)
         if not dequantized.exact:  # how far the learned q is from uniform, in bits per dim
             extra["dequantization_log_q_bpd"] = (dequantized.log_q / (self.dims * math.log(2.0))).mean()
-        return Objective(log_prob.new_zeros(()), log_prob, encoding.exact and dequantized.exact, self.dims,
-                         encoding, {}, extra)
+        if prior.estimated:  # the flow's share of the estimate, the rest being the prior's
+            extra["logdet_bpd"] = (-encoding.logdet / (self.dims * math.log(2.0))).mean()
+        loss = bits_per_dim(minimized, self.dims, n_bits).mean()
+        return Objective(loss, log_prob, encoding.exact and dequantized.exact, self.dims, encoding,
+                         dict(prior.terms), extra, prior.estimated)
+
+    @torch.no_grad()
+    def evaluation_log_prob(self, clean: Tensor, cond: Condition = None, *, n_bits: int,
+                            noise: Tensor | None = None) -> Tensor:
+        """The log-likelihood that val/test report where the training objective's is a
+        random estimate (``Objective.estimated``): dequantized as in training, the full
+        :meth:`log_prob` (a DDPM prior's T-step bound), minus log q(u | x). Nats per
+        sample, a density on model space like ``Objective.log_prob``."""
+        dequantized = self.dequantizer(clean, 2.0 ** -n_bits, noise)
+        return self.log_prob(dequantized.images, cond) - dequantized.log_q
 
     @torch.no_grad()
     def reconstruct_with_latent_noise(self, x: Any, cond: Condition, sigma: float,

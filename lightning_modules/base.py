@@ -141,11 +141,6 @@ class FlowModule(FamilyInterface, NonFiniteStepSkipping, TrainableParts, Analysi
         failure probe). Default: none."""
         return {}
 
-    def evaluation_log_probs(self, batch: Batch) -> dict[int, Tensor]:
-        """At val/test, {resolution: log-likelihood} to log instead of the loss's (a DDPM's
-        full T-step bound). Default: none."""
-        return {}
-
     # --- optimization -------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         prepared = self.prepare_batch(batch, noise=True)
@@ -227,9 +222,11 @@ class FlowModule(FamilyInterface, NonFiniteStepSkipping, TrainableParts, Analysi
             self._log_metrics(split, self.evaluate_batch(self.prepare_batch(batch, noise=True)))
 
     def evaluate_batch(self, batch: Batch) -> LossOutput:
-        """The val/test figures of a batch: the loss's, with :meth:`evaluation_log_probs`."""
+        """The val/test figures of a batch: the loss's, with ``evaluation_log_probs`` where
+        the loss's log-likelihood was a random estimate."""
         out = self.compute_losses(batch)
-        out.log_prob.update(self.evaluation_log_probs(batch))
+        if out.estimated:
+            out.log_prob.update(self.evaluation_log_probs(batch, out.estimated))
         return out
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from flows.base import LABELS
 from flows.model import Objective
+from flows.quantization import bits_per_dim
 
 
 @dataclass
@@ -38,7 +39,9 @@ class LossOutput:
     images at that resolution, nats per sample}, logged as bits per dim (Glow's formula
     with ``dims``). ``exact``: {resolution: False} where ``log_prob`` is a lower bound
     (logged as ``bpd_bound_R``); missing resolutions are exact. ``extra``: other
-    scalars to log. ``batch_size``: needed when ``log_prob`` is empty."""
+    scalars to log. ``batch_size``: needed when ``log_prob`` is empty. ``estimated``:
+    the resolutions whose objective's log-likelihood was a random estimate (left out of
+    ``log_prob``): val/test fill them in with ``FamilyInterface.evaluation_log_probs``."""
 
     loss: Tensor
     log_prob: dict[int, Tensor]
@@ -46,6 +49,7 @@ class LossOutput:
     exact: dict[int, bool] = field(default_factory=dict)
     extra: dict[str, Tensor] = field(default_factory=dict)
     batch_size: int | None = None
+    estimated: set[int] = field(default_factory=set)
 
 
 def bpd_name(resolution: int, exact: bool, bound_metric: str = "bpd_bound") -> str:
@@ -98,9 +102,32 @@ class FamilyInterface:
                                      for name, value in objective.terms.items()), objective.loss.new_zeros(()))
 
     def loss_output(self, objective: Objective, resolution: int) -> LossOutput:
-        return LossOutput(self.weighted_loss(objective), {resolution: objective.log_prob},
-                          {resolution: objective.dims}, {resolution: objective.exact},
-                          {**objective.terms, **objective.extra})
+        """The objective as the base logs it. A random estimate of the log-likelihood (a
+        DDPM's one-step estimate) is not logged as the likelihood: in training it is
+        ``nll_estimate_bpd`` (unbiased for the bound's bits per dim), and at val/test the
+        full figure replaces it (:meth:`evaluation_log_probs`), since there the draws
+        are fixed by the evaluation seed and would be one frozen sample of a noisy
+        estimate."""
+        extra = {**objective.terms, **objective.extra}
+        if not objective.estimated:
+            return LossOutput(self.weighted_loss(objective), {resolution: objective.log_prob},
+                              {resolution: objective.dims}, {resolution: objective.exact}, extra)
+        if self.training:
+            extra["nll_estimate_bpd"] = bits_per_dim(objective.log_prob.detach(), objective.dims, self.n_bits).mean()
+        return LossOutput(self.weighted_loss(objective), {}, {resolution: objective.dims},
+                          {resolution: objective.exact}, extra, objective.log_prob.shape[0], {resolution})
+
+    @torch.no_grad()
+    def evaluation_log_probs(self, batch: Batch, resolutions: set[int]) -> dict[int, Tensor]:
+        """At val/test, {resolution: log-likelihood} for the ``resolutions`` whose objective
+        gave only a random estimate: the model's :meth:`~flows.model.FlowModel.evaluation_log_prob`
+        (a DDPM's full T-step bound, T denoiser passes). Evaluation only: it runs outside
+        the function that ``compile: true`` wraps."""
+        r = self.resolution
+        if resolutions - {r}:
+            raise NotImplementedError(f"{type(self).__name__} has no evaluation of resolutions {sorted(resolutions)}")
+        return {r: self.model.evaluation_log_prob(batch.clean[r], self.condition(batch.labels), n_bits=self.n_bits,
+                                                  noise=batch.noise.get(r))}
 
     def sample_images(self, n: int, temperature: float | list[float]) -> dict[int, Tensor]:
         """Samples in model space ([-0.5, 0.5]) per resolution; a class-conditional

@@ -72,3 +72,44 @@ def test_a_legacy_checkpoint_of_another_architecture_is_refused_with_a_message()
                         n_bits=5)
     with pytest.raises(ValueError, match="does not fit"):
         resume_load(module, FIXTURES / "legacy_glow.ckpt")
+
+
+def legacy_diffusion_flow_module(**module_settings):
+    """The fixture's DiffusionFlowModule (tests/fixtures/README.md), with its training
+    rule given either to the module (as configs of commit 9352b3f did) or to the prior."""
+    import functools
+
+    from flows import DiffusionPrior
+    from flows.denoiser import TimeConditionedUNet
+    from lightning_modules import DiffusionFlowModule
+
+    unet = functools.partial(TimeConditionedUNet, base_channels=8, channel_mults=[1], num_res_blocks=1,
+                             attention_resolutions=[])
+    prior_settings = {} if module_settings else {"loss_mode": "bound", "vlb_weight": 1e-3,
+                                                 "bound_estimator": "importance"}
+    glow = Glow(image_size=8, scales=2, steps_per_scale=1, hidden_channels=8,
+                joint_prior=functools.partial(DiffusionPrior, denoiser=unet, timesteps=8, schedule="cosine",
+                                              **prior_settings))
+    return DiffusionFlowModule(flow=glow, n_bits=5, **module_settings)
+
+
+@pytest.mark.parametrize("settings", [{}, {"loss_mode": "bound", "vlb_weight": 1e-3, "bound_estimator": "importance"}],
+                         ids=["rule-on-the-prior", "rule-on-the-module"])
+def test_legacy_diffusion_flow_checkpoint_gives_the_same_bound_loss_and_sampler_history(settings):
+    """A diffusion-augmented flow of commit 9352b3f, whose LightningModule computed the
+    loss from the model's internals, loads into the model-owned objective: the same
+    T-step bound, the same loss (same draws), and the importance sampler's history."""
+    io = torch.load(FIXTURES / "legacy_diffusion_flow_io.pt")
+    module = resume_load(legacy_diffusion_flow_module(**settings), FIXTURES / "legacy_diffusion_flow.ckpt")
+    assert torch.equal(module.timestep_sampler.counts, io["sampler_counts"])
+    assert int(io["sampler_counts"].sum()) == 48  # 6 steps x 8 images entered the history
+    batch = {"images": {8: io["uint8"]}, "label": torch.zeros(4, dtype=torch.long), "index": torch.arange(4)}
+    with torch.no_grad():
+        prepared = module.prepare_batch(batch)
+        assert torch.allclose(prepared.images[8], io["x"], atol=1e-7)
+        torch.manual_seed(7)
+        log_prob = module.model.log_prob(prepared.images[8])
+        torch.manual_seed(8)
+        loss = module.compute_losses(prepared).loss
+    assert torch.allclose(log_prob, io["log_prob"], atol=1e-4, rtol=1e-6), (log_prob, io["log_prob"])
+    assert loss.item() == pytest.approx(io["loss"].item(), abs=1e-5)

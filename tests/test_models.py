@@ -93,6 +93,9 @@ LIFTED = {"hierarchical"}
 # run; tests/test_diffusion.py checks its bound instead (it sums to at most 1 over all
 # images, and nearly 1 with the Bayes-optimal denoiser).
 IDENTITY_ENCODING = {"pixel_diffusion"}
+# Models whose training objective carries a one-step random estimate of the bound (a
+# DDPM's), which evaluation replaces with the full bound (FlowModel.evaluation_log_prob).
+ESTIMATED = {"diffusion_flow", "pixel_diffusion"}
 
 # name: (factory(n) -> (model, x, cond), exact)
 CASES = {
@@ -222,6 +225,14 @@ def test_training_objective_is_the_dequantized_likelihood_and_says_exact_or_boun
     assert ((dequantized.images - clean).abs() <= 2.0 ** -n_bits / 2 + 1e-6).all()  # within its bin
     torch.manual_seed(1)
     by_hand = model.encode(dequantized.images, cond).log_prob - dequantized.log_q
+    assert objective.estimated is (name in ESTIMATED), name
+    if objective.estimated:
+        # A DDPM's one-step estimate of its bound (tests/test_diffusion.py checks it is
+        # unbiased and what it minimizes); evaluation reports the full bound, as by hand.
+        torch.manual_seed(1)
+        evaluated = model.evaluation_log_prob(clean, cond, n_bits=n_bits, noise=noise)
+        assert torch.allclose(evaluated, by_hand, atol=1e-4, rtol=1e-5), name
+        return
     assert torch.allclose(objective.log_prob, by_hand, atol=1e-4, rtol=1e-5), name
     if name not in LIFTED:  # the hierarchical flow minimizes eq. 12's weighted terms (test_hierarchical.py)
         assert torch.allclose(objective.loss, bits_per_dim(by_hand, model.dims, n_bits).mean(), atol=1e-5)
