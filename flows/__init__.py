@@ -7,7 +7,8 @@ from flows.glow import Glow
 from flows.hierarchical import HierarchicalFlow, Level
 from flows.model import Encoding, FlowModel
 from flows.srflow import SRFlow
+from flows.tarflow import TarFlow
 
 __all__ = ["FEATURES", "LABELS", "LOWRES", "Bijection", "FlowSequential", "Cascade", "DiffusionPrior",
            "PixelDiffusion", "GaussianPrior", "GaussianSplitPrior", "LatentPrior", "Glow", "HierarchicalFlow", "Level",
-           "Encoding", "FlowModel", "SRFlow"]
+           "Encoding", "FlowModel", "SRFlow", "TarFlow"]

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from flows.base import LABELS, LOWRES
 from flows.cascade import Cascade
-from flows.glow import Glow
+from flows.model import FlowModel
 from flows.quantization import bits_per_dim
 from flows.srflow import SRFlow
 from lightning_modules.base import Batch, FlowModule, LossOutput
@@ -43,12 +43,13 @@ SRFLOW_MILESTONES = [100_000, 150_000, 180_000, 190_000]
 
 @dataclass
 class GlowStage:
-    """The cascade's base: ``flow`` (``class_path: flows.Glow``; seed 000 sec. 4.3.1: L=3,
-    K=32, 512 hidden, no squishing) and its optimizer (sec. 4.3.2: Adamax 5e-4, betas
+    """The cascade's base: ``flow``, any model of one image size (``class_path: flows.Glow``;
+    seed 000 sec. 4.3.1: L=3, K=32, 512 hidden, no squishing; or NSF, RealNVP,
+    ``flows.tarflow.TarFlow``) and its optimizer (sec. 4.3.2: Adamax 5e-4, betas
     (0.9, 0.999), weight decay 5e-5, linear warm-up over 5 epochs). ``checkpoint``: a
     cascade or Glow checkpoint to load this stage from (overrides ``init_checkpoint``)."""
 
-    flow: Glow
+    flow: FlowModel
     optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
     checkpoint: str | None = None
 
@@ -135,7 +136,7 @@ class CascadeModule(FlowModule):
         self.load_parts(init_checkpoint)
 
     @staticmethod
-    def _sr_flows(base: Glow, sr_stages: list[SRFlowStage]) -> list[SRFlow]:
+    def _sr_flows(base: FlowModel, sr_stages: list[SRFlowStage]) -> list[SRFlow]:
         flows, size = [], base.image_size
         for stage in sr_stages:
             size *= 2

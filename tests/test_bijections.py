@@ -16,6 +16,7 @@ from flows.layers import (ActNorm, AdditiveCoupling, AffineCoupling, AffineInjec
                           InvertibleConv1x1, InvertibleConv1x1LU, OrthogonalConv1x1, SplineCoupling, Squeeze,
                           flow_step)
 from flows.reversible import CheckpointedSequential, ReversibleSequential
+from flows.tarflow import TarFlowBlock
 from flows.nets import CouplingNet, ResNetCouplingNet
 from tests.conftest import perturb_parameters
 
@@ -64,6 +65,11 @@ CASES = {
                                                            tail_bound=1.5), True),
     "flow_step_spline": (lambda: flow_step(C, 8, coupling="spline", num_bins=4, tail_bound=1.5), False),
     "squeeze": (lambda: Squeeze(), False),
+    # TarFlow's autoregressive blocks (flows/tarflow.py): 4 patches of 2x2x4, an affine one
+    # in raster order and a shift-only one in reversed order.
+    "tarflow_block": (lambda: TarFlowBlock(C, H, 2, 16, 2, head_channels=8), False),
+    "tarflow_block_reversed_shift_only": (lambda: TarFlowBlock(C, H, 2, 16, 1, head_channels=8, reverse=True,
+                                                               affine=False), False),
     # openai/glow's coupling-net options (benchmarks/learning_curves.py measures them).
     "flow_step_edge_padding": (lambda: flow_step(C, 8, net=partial(CouplingNet, edge_padding=True)), False),
     "flow_step_net_actnorm": (lambda: flow_step(C, 8, net=partial(CouplingNet, actnorm=True)), False),
@@ -91,7 +97,9 @@ CASES = {
 # 3x3 convs of a residual net amplify noise of 0.2 on every weight (~sqrt(72) * 0.2 per
 # conv) into raw spline parameters of ~20, i.e. slopes of e^-10 that no float32 inverse
 # resolves to 1e-4; 0.1 still gives log-dets of several nats per sample.
-PERTURBATION = {"spline_coupling_resnet": 0.1}
+# A TarFlow block at 0.2 has per-patch scales up to e^3 that compound along the patch
+# order, so float32 round trips drift just past 1e-4; 0.1 keeps scales of e^1-e^2.
+PERTURBATION = {"spline_coupling_resnet": 0.1, "tarflow_block": 0.1, "tarflow_block_reversed_shift_only": 0.1}
 
 
 def build(name):

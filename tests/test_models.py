@@ -47,6 +47,16 @@ def realnvp_case(n):
     return model, torch.rand(n, 1, 8, 8) - 0.5, {}
 
 
+def tarflow_case(n, num_classes=0):
+    """TarFlow (flows/tarflow.py): two causal-transformer blocks over 2x2 patches, the
+    second in reversed patch order; class-conditional with a null-class label (-1)."""
+    from flows.tarflow import TarFlow
+    model = TarFlow(in_channels=3, image_size=4, patch_size=2, channels=16, blocks=2, layers_per_block=1,
+                    head_channels=8, num_classes=num_classes)
+    cond = {LABELS: torch.tensor([0, 2, -1, 1][:n])} if num_classes else {}
+    return model, torch.rand(n, 3, 4, 4) - 0.5, cond
+
+
 def tiny_denoiser(in_channels, out_channels, image_size):
     return TimeConditionedUNet(in_channels, out_channels, image_size, base_channels=8, channel_mults=(1, 2),
                                num_res_blocks=1, attention_resolutions=(2,), dropout=0.0, num_heads=2)
@@ -109,6 +119,8 @@ CASES = {
     "glow_standin_diffusion_prior": (glow_case(top_prior=lambda shape: StandInDiffusionPrior(shape)), False),
     "nsf": (nsf_case, True),
     "realnvp": (realnvp_case, True),
+    "tarflow": (tarflow_case, True),
+    "tarflow_class_conditional": (lambda n: tarflow_case(n, num_classes=3), True),
     "diffusion_flow": (diffusion_flow_case, False),
     "pixel_diffusion": (pixel_diffusion_case, False),
     "srflow": (srflow_case, True),

@@ -1,0 +1,331 @@
+"""TarFlow (Zhai et al. 2024, "Normalizing Flows are Capable Generative Models"): a
+stack of autoregressive flow blocks over image patches, each a causal transformer.
+
+One block (:class:`TarFlowBlock`), on an image cut into T patches of p x p pixels
+(patch i is a vector x_i of C p^2 values, in raster order, or reversed in every other
+block so that each patch is conditioned on the ones after it once):
+
+    (log s_i, b_i) = g(x_<i)      a causal transformer: the output at position j, shifted
+                                   one place on, gives patch j + 1's transform
+    z_i = (x_i - b_i) exp(-log s_i),   z_0 = x_0
+    log|det dz/dx| = -sum_i sum_d log s_i,d       (the Jacobian is block triangular)
+
+The transformer: a linear projection of each patch, a learned positional embedding (and
+an optional class embedding), ``layers`` pre-LayerNorm layers of causal self-attention
+and a GELU MLP, and a zero-initialized output projection, so a new block is the identity.
+The whole model: ``blocks`` such blocks, then a Gaussian prior; its log-likelihood is
+exact (``exact = True``).
+
+Sampling inverts the blocks last to first; inside a block patch i + 1 needs patches
+<= i, which are known only in turn, so the inverse is sequential. With a key/value cache
+(:meth:`TarFlowBlock.inverse`) each of the T - 1 steps runs the transformer on one new
+patch and attends to the cached keys and values of the earlier ones: about one forward
+pass per block in all, against T full passes without it
+(:meth:`TarFlowBlock.inverse_uncached`, kept as the reference the cache is tested
+against; ``benchmarks/tarflow_sampling.py`` measures the two).
+
+Read from apple/ml-tarflow where the paper is open (its ``MetaBlock``; nothing copied):
+
+* ``affine`` is its ``nvp`` flag: True gives each patch a scale and a shift; False a
+  shift only (volume preserving, log-det 0), for which that code learns the prior's
+  variance. Here the prior's per-channel scale is then a learned parameter
+  (``learn_prior_scale``, default: on exactly when ``affine`` is off), trained by the
+  likelihood's gradient, where that code moves a buffer towards E[z^2] (the same
+  maximum-likelihood fixed point; a parameter keeps it in the exact objective).
+* The log-det is summed over all dimensions (an exact log-likelihood); that code's loss
+  averages it per dimension, the same objective divided by D.
+* Its output projection zeroes the weight only; here the bias too, so that a new model
+  is exactly the identity (and its log-likelihood the prior's).
+* Class conditioning: a learned embedding per class added to every position, plus one
+  for the null class (label -1: classifier-free guidance's unconditional model; that code
+  uses the mean of the class embeddings instead). ``label_dropout`` trains the null
+  class; ``cond["guidance"] = w`` samples with guidance, each step's log-scale and
+  shift moved to (1 + w) conditional - w unconditional (w = 0: plain conditional
+  sampling), as that code guides them.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from flows.base import LABELS, Bijection, Condition, at_least_float32, condition_value, with_condition
+from flows.dequantization import DequantizerFactory
+from flows.distributions import GaussianPrior
+from flows.model import Encoding, FlowModel, Objective
+
+GUIDANCE = "guidance"  # the classifier-free guidance weight w of a sampling call's cond
+NULL_LABEL = -1  # the label of the unconditional model (classifier-free guidance)
+
+
+def patchify(x: Tensor, patch_size: int) -> Tensor:
+    """[B, C, H, W] -> [B, T, C p^2]: non-overlapping p x p patches in raster order."""
+    return F.unfold(x, patch_size, stride=patch_size).transpose(1, 2)
+
+
+def unpatchify(patches: Tensor, patch_size: int, image_size: int) -> Tensor:
+    """The inverse of :func:`patchify`."""
+    return F.fold(patches.transpose(1, 2), (image_size, image_size), patch_size, stride=patch_size)
+
+
+class CausalSelfAttention(nn.Module):
+    """Pre-LayerNorm multi-head self-attention in which position i sees positions <= i.
+    With a ``cache`` (a dict, empty at the first step) the input is the newest position
+    only: its keys and values are appended and it attends to all cached ones."""
+
+    def __init__(self, channels: int, head_channels: int) -> None:
+        super().__init__()
+        if channels % head_channels:
+            raise ValueError(f"channels ({channels}) must be a multiple of head_channels ({head_channels})")
+        self.heads = channels // head_channels
+        self.norm = nn.LayerNorm(channels)
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.proj = nn.Linear(channels, channels)
+
+    def forward(self, x: Tensor, cache: dict | None = None) -> Tensor:
+        batch, length, channels = x.shape
+        q, k, v = self.qkv(self.norm(x)).view(batch, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        if cache is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            if cache:
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
+            out = F.scaled_dot_product_attention(q, k, v)  # the newest position sees all
+        return self.proj(out.transpose(1, 2).reshape(batch, length, channels))
+
+
+class TransformerLayer(nn.Module):
+    """x + attention(x), then x + MLP(x) (pre-LayerNorm, GELU, ``expansion`` x wide)."""
+
+    def __init__(self, channels: int, head_channels: int, expansion: int) -> None:
+        super().__init__()
+        self.attention = CausalSelfAttention(channels, head_channels)
+        self.mlp = nn.Sequential(nn.LayerNorm(channels), nn.Linear(channels, expansion * channels), nn.GELU(),
+                                 nn.Linear(expansion * channels, channels))
+
+    def forward(self, x: Tensor, cache: dict | None = None) -> Tensor:
+        x = x + self.attention(x, cache)
+        return x + self.mlp(x)
+
+
+class TarFlowBlock(Bijection):
+    """One autoregressive flow block over the patches of [B, C, H, W] images (the module
+    docstring). ``reverse``: condition each patch on the later ones (the patch order
+    reversed). Conditions: ``cond["labels"]`` (class embedding; -1 the null class) and,
+    when inverting, ``cond["guidance"]``."""
+
+    def __init__(self, in_channels: int, image_size: int, patch_size: int, channels: int, layers: int,
+                 head_channels: int = 64, expansion: int = 4, reverse: bool = False, affine: bool = True,
+                 num_classes: int = 0) -> None:
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+        self.image_size, self.patch_size = image_size, patch_size
+        self.patch_dim = in_channels * patch_size ** 2
+        self.num_patches = (image_size // patch_size) ** 2
+        self.reverse, self.affine, self.num_classes = reverse, affine, num_classes
+        self.proj_in = nn.Linear(self.patch_dim, channels)
+        self.pos_embed = nn.Parameter(torch.randn(self.num_patches, channels) * 1e-2)
+        # One row per class and a last one for the null class (label -1).
+        self.class_embed = nn.Parameter(torch.randn(num_classes + 1, channels) * 1e-2) if num_classes else None
+        self.layers = nn.ModuleList(TransformerLayer(channels, head_channels, expansion) for _ in range(layers))
+        self.proj_out = nn.Linear(channels, (2 if affine else 1) * self.patch_dim)
+        nn.init.zeros_(self.proj_out.weight)  # a new block is the identity
+        nn.init.zeros_(self.proj_out.bias)
+
+    # --- the patch sequence in this block's order -------------------------------------------
+    def _sequence(self, x: Tensor) -> Tensor:
+        patches = patchify(x, self.patch_size)
+        return patches.flip(1) if self.reverse else patches
+
+    def _image(self, patches: Tensor) -> Tensor:
+        return unpatchify(patches.flip(1) if self.reverse else patches, self.patch_size, self.image_size)
+
+    def _embedding(self, cond: Condition, batch: int, like: Tensor, null: bool = False) -> Tensor | None:
+        """[B, 1, channels]: the class embedding (the null class where labels are -1, or
+        for every sample with ``null``), None without classes."""
+        if self.class_embed is None:
+            return None
+        labels = condition_value(cond, LABELS)
+        if labels is None:
+            raise ValueError(f"this TarFlow is class-conditional: pass cond['{LABELS}'] (-1 for no class)")
+        labels = labels.long().to(like.device)
+        if null:
+            labels = torch.full_like(labels, NULL_LABEL)
+        rows = torch.where(labels < 0, torch.full_like(labels, self.num_classes), labels)
+        return self.class_embed[rows].unsqueeze(1).to(like.dtype)
+
+    def _transform(self, out: Tensor) -> tuple[Tensor, Tensor]:
+        """(log-scale, shift) from the output projection, the log-scale in float32 or wider."""
+        if self.affine:
+            log_scale, shift = out.chunk(2, dim=-1)
+            return at_least_float32(log_scale), shift
+        return at_least_float32(torch.zeros_like(out)), out
+
+    def _patch_transforms(self, sequence: Tensor, cond: Condition) -> tuple[Tensor, Tensor]:
+        """Every patch's (log-scale, shift) from the patches before it: one causal pass,
+        the outputs shifted one position on (the first patch gets the identity)."""
+        h = self.proj_in(sequence) + self.pos_embed.to(sequence.dtype)
+        embedding = self._embedding(cond, sequence.shape[0], sequence)
+        if embedding is not None:
+            h = h + embedding
+        for layer in self.layers:
+            h = layer(h)
+        out = self.proj_out(h)
+        out = torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], dim=1)
+        return self._transform(out)
+
+    # --- the two directions ------------------------------------------------------------------
+    def forward(self, x: Tensor, cond: Condition = None) -> tuple[Tensor, Tensor]:
+        sequence = self._sequence(x)
+        log_scale, shift = self._patch_transforms(sequence, cond)
+        z = ((sequence - shift) * torch.exp(-log_scale)).to(x.dtype)
+        return self._image(z), -log_scale.flatten(1).sum(dim=1)
+
+    def inverse(self, z: Tensor, cond: Condition = None) -> tuple[Tensor, Tensor]:
+        """Patch by patch with a key/value cache: step i runs the transformer on patch i
+        alone (attending to the cached earlier ones) and inverts patch i + 1. With
+        labels and ``cond["guidance"] = w > 0``, a second, null-class pass guides each
+        step's log-scale and shift: (1 + w) conditional - w unconditional."""
+        guidance = float(condition_value(cond, GUIDANCE) or 0.0)
+        guided = guidance > 0 and self.class_embed is not None
+        sequence = self._sequence(z)
+        patches = [sequence[:, 0]]
+        caches = [{} for _ in self.layers]
+        null_caches = [{} for _ in self.layers]
+        embedding = self._embedding(cond, z.shape[0], z)
+        null_embedding = self._embedding(cond, z.shape[0], z, null=True) if guided else None
+        log_scales = []
+        for i in range(self.num_patches - 1):
+            log_scale, shift = self._step(patches[-1], i, embedding, caches)
+            if guided:
+                null_log_scale, null_shift = self._step(patches[-1], i, null_embedding, null_caches)
+                log_scale = log_scale + guidance * (log_scale - null_log_scale)
+                shift = shift + guidance * (shift - null_shift)
+            patches.append((sequence[:, i + 1] * torch.exp(log_scale) + shift).to(z.dtype))
+            log_scales.append(log_scale)
+        logdet = torch.stack(log_scales, 1).sum(dim=(1, 2)) if log_scales else z.new_zeros(z.shape[0])
+        return self._image(torch.stack(patches, dim=1)), at_least_float32(logdet)
+
+    def _step(self, patch: Tensor, i: int, embedding: Tensor | None, caches: list[dict]) -> tuple[Tensor, Tensor]:
+        """Patch i + 1's (log-scale, shift) from patch i and the caches of patches < i."""
+        h = self.proj_in(patch.unsqueeze(1)) + self.pos_embed[i:i + 1].to(patch.dtype)
+        if embedding is not None:
+            h = h + embedding
+        for layer, cache in zip(self.layers, caches):
+            h = layer(h, cache)
+        log_scale, shift = self._transform(self.proj_out(h))
+        return log_scale[:, 0], shift[:, 0]
+
+    def inverse_uncached(self, z: Tensor, cond: Condition = None) -> tuple[Tensor, Tensor]:
+        """The same inverse without a cache (T - 1 full causal passes, no guidance): the
+        reference :meth:`inverse` is tested against and benchmarked with."""
+        sequence = self._sequence(z)
+        x = sequence.clone()
+        log_scale = None
+        for i in range(1, self.num_patches):
+            log_scale, shift = self._patch_transforms(x, cond)
+            x = torch.cat([x[:, :i], (sequence[:, i:i + 1] * torch.exp(log_scale[:, i:i + 1])
+                                      + shift[:, i:i + 1]).to(z.dtype), x[:, i + 1:]], dim=1)
+        logdet = log_scale.flatten(1).sum(dim=1) if log_scale is not None else z.new_zeros(z.shape[0])
+        return self._image(x), at_least_float32(logdet)
+
+    def extra_repr(self) -> str:
+        return (f"patches={self.num_patches} x {self.patch_dim}, reverse={self.reverse}, affine={self.affine}, "
+                f"num_classes={self.num_classes}")
+
+
+class TarFlow(FlowModel):
+    """TarFlow as a whole model (the module docstring; paper Table 2 and apple/ml-tarflow).
+
+    Args:
+        in_channels, image_size: the images modelled.
+        patch_size: p (the paper: 2 on ImageNet 64 density, 8 on AFHQ 256).
+        channels: the transformer's width (768 for ImageNet 64).
+        blocks, layers_per_block: flow blocks and transformer layers in each (8 x 8).
+        head_channels: channels per attention head (64); expansion: the MLP's width factor (4).
+        affine: per-patch scale and shift (ml-tarflow's ``nvp``); False: shift only.
+        num_classes: > 0 adds a class embedding to every block (labels in cond["labels"],
+            -1 the null class).
+        label_dropout: in training, the fraction of labels replaced by the null class
+            (classifier-free guidance; the paper trains with 0.1).
+        learn_prior_scale: learn the Gaussian prior's per-channel mean and scale (None:
+            exactly when ``affine`` is off).
+        dequantizer: as Glow's (``flows/dequantization.py``).
+    """
+
+    def __init__(self, *, in_channels: int = 3, image_size: int = 32, patch_size: int = 2, channels: int = 256,
+                 blocks: int = 4, layers_per_block: int = 4, head_channels: int = 64, expansion: int = 4,
+                 affine: bool = True, num_classes: int = 0, label_dropout: float = 0.0,
+                 learn_prior_scale: bool | None = None, dequantizer: DequantizerFactory | None = None) -> None:
+        super().__init__(dequantizer, in_channels)
+        if blocks < 1 or layers_per_block < 1:
+            raise ValueError("TarFlow needs blocks >= 1 and layers_per_block >= 1")
+        if not 0.0 <= label_dropout < 1.0:
+            raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout}")
+        if label_dropout and not num_classes:
+            raise ValueError("label_dropout needs classes (num_classes > 0)")
+        self.in_channels, self.image_size, self.num_classes = in_channels, image_size, num_classes
+        self.label_dropout = label_dropout
+        self.blocks = nn.ModuleList(
+            TarFlowBlock(in_channels, image_size, patch_size, channels, layers_per_block, head_channels, expansion,
+                         reverse=index % 2 == 1, affine=affine, num_classes=num_classes)
+            for index in range(blocks))
+        learned = (not affine) if learn_prior_scale is None else learn_prior_scale
+        self.prior = GaussianPrior((in_channels, image_size, image_size), learned=learned)
+
+    def _check_input(self, x: Tensor) -> None:
+        expected = (self.in_channels, self.image_size, self.image_size)
+        if tuple(x.shape[1:]) != expected:
+            raise ValueError(f"TarFlow expects images of shape [B, {', '.join(map(str, expected))}], "
+                             f"got {list(x.shape)}")
+
+    def encode(self, x: Tensor, cond: Condition = None) -> Encoding:
+        self._check_input(x)
+        z, logdet = x, None
+        for block in self.blocks:
+            z, block_logdet = block(z, cond)
+            logdet = block_logdet if logdet is None else logdet + block_logdet
+        return Encoding([z], logdet, self.prior.log_prob(z), exact=True)
+
+    def decode(self, latents: list[Tensor | None], cond: Condition = None, temperature: float = 1.0,
+               cached: bool = True) -> Tensor:
+        """Inverse of :meth:`encode`; a latent given as None is drawn at ``temperature``
+        (the batch size from the labels). ``cached``: False inverts without the key/value
+        cache (the reference, for tests and benchmarks)."""
+        z = latents[0]
+        if z is None:
+            labels = condition_value(cond, LABELS)
+            if labels is None:
+                raise ValueError("pass a latent or labels to fix the batch size")
+            z = self.prior.sample(labels.shape[0], None, temperature).to(self.blocks[0].proj_in.weight.dtype)
+        for block in reversed(self.blocks):
+            z = (block.inverse if cached else block.inverse_uncached)(z, cond)[0]
+        return z
+
+    @torch.no_grad()
+    def sample(self, n: int, cond: Condition = None, temperature: float = 1.0) -> Tensor:
+        """n samples; a class-conditional TarFlow without labels draws them uniformly.
+        ``cond["guidance"]``: the classifier-free guidance weight (0: none)."""
+        if self.num_classes and condition_value(cond, LABELS) is None:
+            cond = with_condition(cond, **{LABELS: torch.randint(0, self.num_classes, (n,), device=self._device())})
+        z = self.prior.sample(n, None, temperature).to(self.blocks[0].proj_in.weight.dtype)
+        return self.decode([z], cond)
+
+    def training_loss(self, clean: Tensor, cond: Condition = None, *, n_bits: int,
+                      noise: Tensor | None = None) -> Objective:
+        """The exact bits per dim; with ``label_dropout``, that fraction of the labels is
+        the null class (classifier-free guidance's unconditional model)."""
+        labels = condition_value(cond, LABELS)
+        if self.training and self.label_dropout and labels is not None:
+            dropped = torch.rand(labels.shape, device=labels.device) < self.label_dropout
+            cond = with_condition(cond, **{LABELS: torch.where(dropped, torch.full_like(labels, NULL_LABEL), labels)})
+        return super().training_loss(clean, cond, n_bits=n_bits, noise=noise)
+
+    @property
+    def display_name(self) -> str:
+        return f"TarFlow{'CC' if self.num_classes else ''}{self.image_size}"
+
+    def extra_repr(self) -> str:
+        return f"label_dropout={self.label_dropout}" if self.label_dropout else ""

@@ -1,0 +1,154 @@
+"""TarFlow (flows/tarflow.py) beyond the shared layer and model properties
+(tests/test_bijections.py and tests/test_models.py list it): the cached inverse is the
+uncached one, guidance at w = 0 is plain conditional sampling, label dropout trains the
+null class, and bad settings are refused with a message."""
+import pytest
+import torch
+
+from flows import LABELS
+from flows.quantization import dequantize
+from flows.tarflow import GUIDANCE, NULL_LABEL, TarFlow, TarFlowBlock
+from tests.conftest import perturb_parameters
+
+
+def tiny_tarflow(num_classes=3, **kwargs):
+    torch.manual_seed(0)
+    model = TarFlow(in_channels=3, image_size=8, patch_size=2, channels=32, blocks=2, layers_per_block=2,
+                    head_channels=16, num_classes=num_classes, **kwargs)
+    perturb_parameters(model, 0.05)
+    return model.eval()
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("affine", [True, False])
+def test_the_cached_inverse_equals_the_uncached_one(reverse, affine):
+    """One pass per patch with the key/value cache gives what T full causal passes give."""
+    torch.manual_seed(0)
+    block = TarFlowBlock(3, 8, 2, 32, 2, head_channels=16, reverse=reverse, affine=affine, num_classes=3)
+    perturb_parameters(block, 0.05)
+    z = torch.randn(4, 3, 8, 8)
+    cond = {LABELS: torch.tensor([0, 1, 2, NULL_LABEL])}
+    with torch.no_grad():
+        cached, cached_logdet = block.inverse(z, cond)
+        uncached, uncached_logdet = block.inverse_uncached(z, cond)
+        forward_logdet = block(cached, cond)[1]
+    assert (cached - uncached).abs().max() < 1e-5
+    assert torch.allclose(cached_logdet, uncached_logdet, atol=1e-4)
+    assert torch.allclose(cached_logdet, -forward_logdet, atol=1e-4)  # the two directions' log-dets cancel
+    if affine:
+        assert cached_logdet.abs().min() > 1e-3  # the perturbed block scales: the test is not trivial
+
+
+def test_the_cached_model_samples_equal_the_uncached_ones():
+    model = tiny_tarflow()
+    cond = {LABELS: torch.tensor([0, 1, 2])}
+    torch.manual_seed(1)
+    z = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        assert (model.decode([z], cond) - model.decode([z], cond, cached=False)).abs().max() < 1e-5
+
+
+def test_guidance_zero_is_conditional_sampling_and_guidance_moves_the_samples():
+    model = tiny_tarflow()
+    labels = torch.tensor([0, 1, 2, 0])
+    samples = {}
+    for name, cond in {"conditional": {LABELS: labels}, "w0": {LABELS: labels, GUIDANCE: 0.0},
+                       "w2": {LABELS: labels, GUIDANCE: 2.0}}.items():
+        torch.manual_seed(5)
+        samples[name] = model.sample(4, cond)
+    assert torch.equal(samples["w0"], samples["conditional"])
+    assert (samples["w2"] - samples["conditional"]).abs().max() > 1e-3
+
+
+def test_guidance_is_the_extrapolation_of_the_conditional_and_null_class_transforms():
+    """At one step, w moves the log-scale and shift to (1 + w) cond - w null: with a
+    single block of 2 patches the second patch is z_1 exp(a) + b with exactly those."""
+    torch.manual_seed(0)
+    block = TarFlowBlock(1, 2, 1, 16, 1, head_channels=8, num_classes=2)  # 4 patches of one pixel
+    perturb_parameters(block, 0.1)
+    z = torch.randn(3, 1, 2, 2)
+    labels = torch.tensor([0, 1, 1])
+    w = 1.5
+    with torch.no_grad():
+        guided = block.inverse(z, {LABELS: labels, GUIDANCE: w})[0]
+        conditional = block.inverse(z, {LABELS: labels})[0]
+        null = block.inverse(z, {LABELS: torch.full_like(labels, NULL_LABEL)})[0]
+        # The second patch depends on the first alone, which no block changes.
+        first = z.flatten(1)[:, :1]
+        sequence = torch.cat([first, torch.zeros(3, 3)], dim=1).view(3, 4, 1)
+        a_c, b_c = (t[:, 1, 0] for t in block._patch_transforms(sequence, {LABELS: labels}))
+        a_u, b_u = (t[:, 1, 0] for t in block._patch_transforms(sequence, {LABELS: torch.full_like(labels, -1)}))
+    expected = z.flatten(1)[:, 1] * torch.exp(a_c + w * (a_c - a_u)) + b_c + w * (b_c - b_u)
+    assert torch.allclose(guided.flatten(1)[:, 1], expected, atol=1e-6)
+    assert not torch.allclose(conditional, null)  # the null class is a class of its own
+
+
+def test_label_dropout_trains_the_null_class_on_that_fraction_of_the_labels():
+    model = tiny_tarflow(label_dropout=0.5).train()
+    uint8 = torch.randint(0, 256, (8, 3, 8, 8), dtype=torch.uint8)
+    clean, noise = dequantize(uint8, 5, noise=False), torch.rand(8, 3, 8, 8)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    torch.manual_seed(3)
+    dropped_run = model.training_loss(clean, {LABELS: labels}, n_bits=5, noise=noise)
+    torch.manual_seed(3)
+    dropped = torch.rand(labels.shape) < 0.5
+    assert 0 < int(dropped.sum()) < 8
+    model.label_dropout = 0.0
+    by_hand = model.training_loss(clean, {LABELS: torch.where(dropped, NULL_LABEL, labels)}, n_bits=5, noise=noise)
+    kept = model.training_loss(clean, {LABELS: labels}, n_bits=5, noise=noise)
+    assert torch.allclose(dropped_run.log_prob, by_hand.log_prob)
+    assert not torch.allclose(dropped_run.log_prob[dropped], kept.log_prob[dropped])
+    model.label_dropout = 0.5
+    model.eval()  # evaluation never drops labels
+    assert torch.allclose(model.training_loss(clean, {LABELS: labels}, n_bits=5, noise=noise).log_prob,
+                          kept.log_prob)
+
+
+def test_bad_settings_and_inputs_are_refused_with_a_message():
+    with pytest.raises(ValueError, match="not a multiple of patch_size"):
+        TarFlow(image_size=10, patch_size=4)
+    with pytest.raises(ValueError, match="multiple of head_channels"):
+        TarFlow(image_size=8, channels=40, head_channels=16)
+    with pytest.raises(ValueError, match="label_dropout needs classes"):
+        TarFlow(image_size=8, label_dropout=0.1)
+    model = tiny_tarflow()
+    with pytest.raises(ValueError, match="class-conditional"):
+        model.encode(torch.rand(2, 3, 8, 8) - 0.5)
+    with pytest.raises(ValueError, match=r"shape \[B, 3, 8, 8\]"):
+        model.encode(torch.rand(2, 1, 8, 8), {LABELS: torch.zeros(2, dtype=torch.long)})
+
+
+def test_a_tarflow_is_a_cascade_base_stage():
+    """Nothing in the cascade is Glow's: a TarFlow base under SRFlow stages trains, and
+    its log-likelihood is the stage's exact one."""
+    from flows import SRFlow
+    from lightning_modules import CascadeModule, GlowStage, SRFlowStage
+    from lightning_modules.base import Batch
+
+    torch.manual_seed(0)
+    base = TarFlow(in_channels=3, image_size=8, patch_size=2, channels=16, blocks=2, layers_per_block=1,
+                   head_channels=8)
+    sr = SRFlow(image_size=16, scales=1, steps_per_scale=1, hidden_channels=4, rrdb_features=4, rrdb_blocks=1,
+                rrdb_growth=2)
+    module = CascadeModule(base=GlowStage(flow=base), sr_stages=[SRFlowStage(flow=sr)], n_bits=5).eval()
+    uint8 = {r: torch.randint(0, 256, (2, 3, r, r), dtype=torch.uint8) for r in (8, 16)}
+    noise = {r: torch.rand(2, 3, r, r) for r in (8, 16)}
+    batch = Batch({r: dequantize(u, 5, noise[r]) for r, u in uint8.items()},
+                  {r: dequantize(u, 5, noise=False) for r, u in uint8.items()}, torch.zeros(2, dtype=torch.long), noise)
+    with torch.no_grad():
+        out = module.compute_losses(batch)
+        expected = base.encode(batch.images[8]).log_prob
+    assert out.exact[8] and torch.allclose(out.log_prob[8], expected, atol=1e-4)
+    assert torch.isfinite(out.loss)
+
+
+def test_guided_samples_of_a_toy_two_class_problem_are_classified_better_as_w_rises():
+    """benchmarks/tarflow_guidance.py, shortened: two overlapping Gaussian classes, a
+    class-conditional TarFlow trained with label dropout; the Bayes rule's accuracy on
+    its samples rises from w = 0 to w = 3."""
+    from benchmarks.tarflow_guidance import train_and_measure
+
+    result = train_and_measure(steps=200, samples=1000, weights=(0.0, 3.0))
+    accuracy = result["accuracy"]
+    assert accuracy[3.0] > accuracy[0.0] + 0.03, result
+    assert accuracy[0.0] > 0.6, result  # the conditional model learned the classes at all
