@@ -150,5 +150,6 @@ def test_guided_samples_of_a_toy_two_class_problem_are_classified_better_as_w_ri
 
     result = train_and_measure(steps=200, samples=1000, weights=(0.0, 3.0))
     accuracy = result["accuracy"]
-    assert accuracy[3.0] > accuracy[0.0] + 0.03, result
+    # the data's own Bayes accuracy is about 0.73 (m = 0.03): room for guidance to show
+    assert accuracy[3.0] > accuracy[0.0] + 0.1, result
     assert accuracy[0.0] > 0.6, result  # the conditional model learned the classes at all
