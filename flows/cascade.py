@@ -70,6 +70,13 @@ class Cascade(FlowModel):
             if stage.in_channels != base.in_channels:
                 raise ValueError("every stage of a cascade must have the base's channels")
             size = stage.image_size
+        for stage in [base, *sr_stages]:
+            if stage.dequantizer.continuous:
+                # log P(x_R) is a product of the stages' discrete likelihoods, and the
+                # conditions are the discrete images: noisy data have neither.
+                raise ValueError(f"the cascade's {stage.display_name} stage trains on noisy data "
+                                 f"({type(stage.dequantizer).__name__}); a cascade composes discrete "
+                                 "likelihoods: give its stages uniform or variational dequantization")
         self.in_channels = base.in_channels
         self.image_size = size
         self.base_resolution = base.image_size

@@ -116,9 +116,6 @@ class Glow(FlowModel):
         self.image_size = image_size
         self.num_classes = num_classes
         self.coupling = coupling
-        if self.dequantizer.in_channels not in (None, in_channels):
-            raise ValueError(f"the dequantizer was built for {self.dequantizer.in_channels} channels but the "
-                             f"model for {in_channels}; set the dequantizer's in_channels: {in_channels}")
         if joint_prior is not None and (top_prior is not None or split_prior is not None or num_classes
                                         or cond_channels):
             raise ValueError("joint_prior models every latent: it replaces top_prior and split_prior, and "
@@ -164,6 +161,7 @@ class Glow(FlowModel):
             self.class_head = nn.Linear(channels, num_classes)
             nn.init.zeros_(self.class_head.weight)
             nn.init.zeros_(self.class_head.bias)
+        self.check_dequantizer()
 
     @property
     def display_name(self) -> str:
@@ -299,7 +297,7 @@ class Glow(FlowModel):
             labels = torch.randint(0, self.num_classes, (n,), device=self._device())
             cond = with_condition(cond, **{LABELS: labels})
         x, _ = self.decode_with_logdet([None] * len(self.scales), cond, temperature, n)
-        return x
+        return self.finish_samples(x, cond)
 
     def class_loss(self, encoding: Encoding, labels: Tensor) -> Tensor:
         """Per-sample cross-entropy of the class head (seed 000 sec. 4.3.1 weights it by

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from flows.base import Condition
 from flows.dequantization import Dequantizer, DequantizerFactory, UniformDequantizer
 from flows.distributions import PriorTraining
-from flows.quantization import bits_per_dim
+from flows.quantization import bits_per_dim, noisy_data_bits
 
 
 @dataclass
@@ -77,7 +77,10 @@ class Objective:
     scalars to log. ``encoding``: the model's encoding of the dequantized images.
     ``estimated``: True where ``log_prob`` is a one-sample random estimate (a DDPM's
     one-step estimate of its bound): it is logged as an estimate in training only, and
-    evaluation reports :meth:`FlowModel.evaluation_log_prob` instead."""
+    evaluation reports :meth:`FlowModel.evaluation_log_prob` instead. ``continuous``:
+    True where the dequantizer added Gaussian noise (noise augmentation): ``log_prob`` is
+    the density of the noisy data, logged as ``noisy_data_nll_bits_R``, never as bits
+    per dim of the discrete data."""
 
     loss: Tensor
     log_prob: Tensor
@@ -87,6 +90,7 @@ class Objective:
     terms: dict[str, Tensor] = field(default_factory=dict)
     extra: dict[str, Tensor] = field(default_factory=dict)
     estimated: bool = False
+    continuous: bool = False
 
 
 @dataclass
@@ -209,9 +213,11 @@ class FlowModel(nn.Module):
             extra["dequantization_log_q_bpd"] = (dequantized.log_q / (self.dims * math.log(2.0))).mean()
         if prior.estimated:  # the flow's share of the estimate, the rest being the prior's
             extra["logdet_bpd"] = (-encoding.logdet / (self.dims * math.log(2.0))).mean()
-        loss = bits_per_dim(minimized, self.dims, n_bits).mean()
+        # Noisy data have no bins: their loss is the bits per dim of the density itself.
+        loss = (noisy_data_bits(minimized, self.dims) if dequantized.continuous
+                else bits_per_dim(minimized, self.dims, n_bits)).mean()
         return Objective(loss, log_prob, encoding.exact and dequantized.exact, self.dims, encoding,
-                         dict(prior.terms), extra, prior.estimated)
+                         dict(prior.terms), extra, prior.estimated, dequantized.continuous)
 
     @torch.no_grad()
     def evaluation_log_prob(self, clean: Tensor, cond: Condition = None, *, n_bits: int,
@@ -222,6 +228,41 @@ class FlowModel(nn.Module):
         sample, a density on model space like ``Objective.log_prob``."""
         dequantized = self.dequantizer(clean, 2.0 ** -n_bits, noise)
         return self.log_prob(dequantized.images, cond) - dequantized.log_q
+
+    def denoise(self, x: Tensor, cond: Condition = None) -> Tensor:
+        """Score-based denoising of samples of a model trained on noisy data (TarFlow sec.
+        2.3): Tweedie's formula E[x | y] = y + sigma^2 grad_y log p(y) for y = x + sigma eps
+        with p the model's density of the noisy data, sigma its dequantizer's
+        ``noise_std``; one autograd pass through :meth:`log_prob`. Needs the exact density
+        (a bound's gradient is not the score) and noise augmentation (else sigma is
+        undefined)."""
+        sigma = getattr(self.dequantizer, "noise_std", None)
+        if not self.dequantizer.continuous or sigma is None:
+            raise ValueError(f"{self.display_name} was not trained on noisy data (its dequantizer is "
+                             f"{type(self.dequantizer).__name__}): denoising needs the noise std of a "
+                             "GaussianNoiseDequantizer (flows/dequantization.py)")
+        if not self.exact:
+            raise ValueError(f"{self.display_name}'s log-likelihood is a bound, whose gradient is not the score "
+                             "that denoising needs")
+        with torch.enable_grad():
+            y = x.detach().requires_grad_(True)
+            (score,) = torch.autograd.grad(self.log_prob(y, cond).sum(), y)
+        return (x + sigma ** 2 * score).detach()
+
+    def finish_samples(self, x: Tensor, cond: Condition = None) -> Tensor:
+        """What :meth:`sample` hands out: ``x`` denoised where the dequantizer asks for it
+        (noise augmentation with ``denoise_samples``), else ``x``."""
+        return self.denoise(x, cond) if self.dequantizer.denoise_samples else x
+
+    def check_dequantizer(self) -> None:
+        """Raise ValueError where the dequantizer does not suit the model: built for
+        another channel count, or denoising samples of a density that is a bound."""
+        if self.dequantizer.in_channels not in (None, self.in_channels):
+            raise ValueError(f"the dequantizer was built for {self.dequantizer.in_channels} channels but the "
+                             f"model for {self.in_channels}; set the dequantizer's in_channels: {self.in_channels}")
+        if self.dequantizer.denoise_samples and not self.exact:
+            raise ValueError(f"{self.display_name}'s log-likelihood is a bound, whose gradient is not the score "
+                             "that denoising needs: set the dequantizer's denoise_samples: false")
 
     @torch.no_grad()
     def reconstruct_with_latent_noise(self, x: Any, cond: Condition, sigma: float,

@@ -83,6 +83,13 @@ def bits_per_dim(log_prob: Tensor, dims: int, n_bits: int = 8) -> Tensor:
     return (-log_prob - bin_log_volume(dims, n_bits)) / (dims * math.log(2.0))
 
 
+def noisy_data_bits(log_prob: Tensor, dims: int) -> Tensor:
+    """Bits per dim of a continuous density on model space, -log p(y) / (D log 2): the
+    figure of data with Gaussian noise added (noise augmentation), which have no bins.
+    Not comparable with :func:`bits_per_dim` (it can be negative)."""
+    return -log_prob / (dims * math.log(2.0))
+
+
 def per_sample_uniform(shape: tuple[int, ...], indices: Tensor, seed: int) -> Tensor:
     """Uniform [0, 1) noise of ``shape`` ([B, ...]) whose row i depends only on
     (seed, indices[i])."""

@@ -274,6 +274,7 @@ class TarFlow(FlowModel):
             for index in range(blocks))
         learned = (not affine) if learn_prior_scale is None else learn_prior_scale
         self.prior = GaussianPrior((in_channels, image_size, image_size), learned=learned)
+        self.check_dequantizer()
 
     def _check_input(self, x: Tensor) -> None:
         expected = (self.in_channels, self.image_size, self.image_size)
@@ -311,7 +312,7 @@ class TarFlow(FlowModel):
         if self.num_classes and condition_value(cond, LABELS) is None:
             cond = with_condition(cond, **{LABELS: torch.randint(0, self.num_classes, (n,), device=self._device())})
         z = self.prior.sample(n, None, temperature).to(self.blocks[0].proj_in.weight.dtype)
-        return self.decode([z], cond)
+        return self.finish_samples(self.decode([z], cond), cond)
 
     def training_loss(self, clean: Tensor, cond: Condition = None, *, n_bits: int,
                       noise: Tensor | None = None) -> Objective:

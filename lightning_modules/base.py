@@ -27,11 +27,11 @@ import torch
 from torch import Tensor
 
 from datamodules.pyramid import data_mismatch
-from flows.quantization import bits_per_dim, check_n_bits, dequantize, per_sample_uniform
+from flows.quantization import check_n_bits, dequantize, per_sample_uniform
 from lightning_modules.analyses import AnalysisHooks
 from lightning_modules.checkpointing import CheckpointIdentity, save_constructor_arguments, seeded_rng
 from lightning_modules.errors import ConfigurationError
-from lightning_modules.family import Batch, FamilyInterface, LossOutput, bpd_name
+from lightning_modules.family import Batch, FamilyInterface, LossOutput, bpd_name, likelihood_figure
 from lightning_modules.parts import RelativeGradientClipping, TrainableParts, build_optimizer, steps_per_epoch
 from lightning_modules.step_skipping import NonFiniteStepSkipping
 
@@ -208,8 +208,9 @@ class FlowModule(FamilyInterface, NonFiniteStepSkipping, TrainableParts, Analysi
                       sync_dist=not on_step)
         self.log(f"{split}/loss", out.loss.detach(), prog_bar=split == "train", **kwargs)
         for resolution, log_prob in out.log_prob.items():
-            bpd = bits_per_dim(log_prob.detach(), out.dims[resolution], self.n_bits).mean()
-            name = bpd_name(resolution, out.exact.get(resolution, True), self.bound_metric)
+            continuous = resolution in out.continuous
+            bpd = likelihood_figure(log_prob.detach(), out.dims[resolution], self.n_bits, continuous).mean()
+            name = bpd_name(resolution, out.exact.get(resolution, True), self.bound_metric, continuous)
             self.log(f"{split}/{name}", bpd, prog_bar=split != "train", **kwargs)
         for name, value in out.extra.items():
             self.log(f"{split}/{name}", value.detach(), **kwargs)

@@ -34,6 +34,7 @@ from datamodules.datamodules import PyramidDataset, ResumableSampler
 from flows.quantization import reduce_bits, to_uint8
 from lightning_modules.checkpointing import RNG_KEY, gather_rng_states, restore_rng_states, seeded_rng
 from lightning_modules.errors import ConfigurationError
+from lightning_modules.family import NOISY_DATA_METRIC
 from lightning_modules.metrics import (FIDSettings, ImagesAtResolution, TensorImages, as_rgb, feature_cache_tag,
                                        fidelity, generate_uint8, in_loop_fid, plot_temperature_sweep, settings_dict,
                                        time_sampling, write_metrics_table)
@@ -223,7 +224,7 @@ class ValidationFID(pl.Callback):
 class TestMetrics(pl.Callback):
     """At the end of ``lightning test``: ``metrics.json`` in the log folder with the
     model name, the test bits per dim per resolution (``bpd`` exact, ``bpd_bound`` where
-    the likelihood is a lower bound) and every test metric; with ``fid`` settings also
+    the likelihood is a lower bound, ``noisy_data_nll_bits`` for a model of noisy data) and every test metric; with ``fid`` settings also
     FID and KID per resolution against a reference split at that resolution (seed 000
     sec. 4.2: the test split; seed 001's official code: the training images, up to 30k;
     ``fid.reference_split`` chooses, the count goes in ``fid_reference_images``; samples
@@ -264,10 +265,12 @@ class TestMetrics(pl.Callback):
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
         bound = f"test/{getattr(pl_module, 'bound_metric', 'bpd_bound')}_"
+        noisy = f"test/{NOISY_DATA_METRIC}_"
         table = {"model": name, "n_bits": getattr(pl_module, "n_bits", None),
                  "bpd": {k[len("test/bpd_"):]: v for k, v in metrics.items()
                          if k.startswith("test/bpd_") and not k.startswith("test/bpd_bound_")},
                  "bpd_bound": {k[len(bound):]: v for k, v in metrics.items() if k.startswith(bound)},
+                 NOISY_DATA_METRIC: {k[len(noisy):]: v for k, v in metrics.items() if k.startswith(noisy)},
                  "test_metrics": metrics, **table}
         if self.sampling_time_samples and getattr(pl_module, "sample_images", None) is not None:
             n = self.sampling_time_samples

@@ -27,6 +27,8 @@ import time
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint as LightningModelCheckpoint
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
+from lightning_modules.errors import ConfigurationError
+from lightning_modules.family import NOISY_DATA_METRIC
 
 
 class ModelCheckpoint(LightningModelCheckpoint):
@@ -73,6 +75,11 @@ class ModelCheckpoint(LightningModelCheckpoint):
         candidates = super()._monitor_candidates(trainer)
         match = re.fullmatch(r"(\w+)/bpd_(\d+)", self.monitor or "")
         bound = getattr(trainer.lightning_module, "bound_metric", None)
+        noisy = match and f"{match[1]}/{NOISY_DATA_METRIC}_{match[2]}"
+        if match and self.monitor not in candidates and noisy in candidates:
+            raise ConfigurationError(f"ModelCheckpoint monitors {self.monitor}, but the model trains on noisy data "
+                                     "(noise augmentation), whose figure is not the discrete data's bits per dim: "
+                                     f"monitor {noisy} (or train with uniform dequantization)")
         if match and self.monitor not in candidates and bound:
             name = f"{match[1]}/{bound}_{match[2]}"
             if name in candidates:
