@@ -29,6 +29,8 @@ Condition = Any  # Mapping[str, Any] | Tensor (the feature map) | None
 LABELS = "labels"
 LOWRES = "lowres"
 FEATURES = "features"
+GUIDANCE = "guidance"  # a sampling call's classifier-free guidance weight w (0: none)
+NULL_LABEL = -1  # the null class: a class-conditional model's unconditional member
 
 
 def zero_logdet(x: Tensor) -> Tensor:
@@ -56,6 +58,23 @@ def condition_value(cond: Condition, name: str) -> Any:
     if isinstance(cond, Tensor):
         return cond if name == FEATURES else None
     return cond.get(name)
+
+
+def drop_labels(cond: Condition, probability: float) -> Condition:
+    """``cond`` with each label replaced by :data:`NULL_LABEL` with ``probability``:
+    classifier-free guidance's label dropout (Ho & Salimans 2022), which trains the
+    unconditional model as the null class of the conditional one."""
+    labels = condition_value(cond, LABELS)
+    if not probability or labels is None:
+        return cond
+    dropped = torch.rand(labels.shape, device=labels.device) < probability
+    return with_condition(cond, **{LABELS: torch.where(dropped, torch.full_like(labels, NULL_LABEL), labels)})
+
+
+def guided(conditional: Tensor, null: Tensor, weight: float) -> Tensor:
+    """Classifier-free guidance of a parameter (a shift, a log-scale, a prior's mean):
+    ``conditional + w (conditional - null)``; w = 0 is the conditional one."""
+    return conditional + weight * (conditional - null) if weight else conditional
 
 
 def with_condition(cond: Condition, **named: Any) -> dict[str, Any]:

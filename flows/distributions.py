@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flows.base import LABELS, Condition, at_least_float32, concat_features, condition_features, condition_value
+from flows.base import (GUIDANCE, LABELS, NULL_LABEL, Condition, at_least_float32, concat_features, condition_features,
+                        condition_value, guided, with_condition)
 from flows.nets import ZeroConv2d
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -159,10 +160,12 @@ class GaussianPrior(LatentPrior):
             y = condition_value(cond, LABELS)
             if y is None:
                 raise ValueError(f"this prior is class-conditional: pass labels as cond['{LABELS}']")
-            if y.min() < 0 or y.max() >= self.num_classes:
-                raise ValueError(f"labels must lie in [0, {self.num_classes}), got "
-                                 f"[{int(y.min())}, {int(y.max())}]")
-            onehot = F.one_hot(y.long(), self.num_classes).to(self.class_embedding.weight.dtype)
+            if y.min() < NULL_LABEL or y.max() >= self.num_classes:
+                raise ValueError(f"labels must lie in [0, {self.num_classes}) or be {NULL_LABEL} (the null "
+                                 f"class), got [{int(y.min())}, {int(y.max())}]")
+            # The null class is the all-zero one-hot: the embedding's bias alone.
+            known = (y >= 0).unsqueeze(1)
+            onehot = (F.one_hot(y.long().clamp(min=0), self.num_classes) * known).to(self.class_embedding.weight.dtype)
             class_mean, class_log_std = self.class_embedding(onehot).chunk(2, dim=1)
             mean = mean + class_mean[:, :, None, None]
             log_std = log_std + class_log_std[:, :, None, None]
@@ -178,7 +181,15 @@ class GaussianPrior(LatentPrior):
         return gaussian_log_prob(z, mean, log_std)
 
     def sample(self, n: int, cond: Condition = None, temperature: float = 1.0) -> Tensor:
+        """Draws at ``temperature``; with classes and ``cond["guidance"] = w``, from the
+        classifier-free guided Gaussian: mean and log-std each ``c + w (c - null)``, c the
+        class's and null the null class's (flows/base.py ``guided``)."""
         mean, log_std = self.params(n, cond)
+        weight = float(condition_value(cond, GUIDANCE) or 0.0)
+        if weight and self.num_classes:
+            labels = condition_value(cond, LABELS)
+            null_mean, null_log_std = self.params(n, with_condition(cond, **{LABELS: torch.full_like(labels, NULL_LABEL)}))
+            mean, log_std = guided(mean, null_mean, weight), guided(log_std, null_log_std, weight)
         return gaussian_sample(mean, log_std, temperature)
 
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flows.base import LABELS, Condition, condition_value, with_condition, zero_logdet
+from flows.base import LABELS, NULL_LABEL, Condition, condition_value, with_condition, zero_logdet
 from flows.distributions import (KEPT, GaussianPrior, GaussianSplitPrior, LatentPrior, PriorTraining,
                                  SplitPriorFactory, TopPriorFactory)
 from flows.layers import Squeeze, flow_step
@@ -89,7 +89,14 @@ class Glow(FlowModel):
         dequantizer: factory (image channels) -> how :meth:`training_loss` dequantizes
             the data (``flows/dequantization.py``): uniform by default, or Flow++'s
             learned ``VariationalDequantizer`` (``class_path`` and its other settings in
-            YAML; the likelihood is then a bound, logged as one).
+            YAML; the likelihood is then a bound, logged as one), or TarFlow's noise
+            augmentation ``GaussianNoiseDequantizer``.
+        label_dropout, guidance: classifier-free guidance of a GlowCC (TarFlow sec. 2.4,
+            carried to Glow): the share of training labels that are the null class (-1,
+            the default top prior's bias alone), and the weight w with which sampling
+            extrapolates the class's top-prior mean and log-std from the null class's
+            (:meth:`~flows.distributions.GaussianPrior.sample`; a call's
+            ``cond["guidance"]`` overrides it). The class head trains on the true labels.
     """
 
     def __init__(self, *, in_channels: int = 3, image_size: int = 32, scales: int = 3,
@@ -104,7 +111,8 @@ class Glow(FlowModel):
                  coupling_net: NetFactory = CouplingNet, num_bins: int = 8,
                  tail_bound: float = 3.0, memory_efficient: bool = False,
                  activation_checkpointing: bool = False, block: BlockFactory | None = None,
-                 dequantizer: DequantizerFactory | None = None) -> None:
+                 dequantizer: DequantizerFactory | None = None, label_dropout: float = 0.0,
+                 guidance: float = 0.0) -> None:
         super().__init__(dequantizer, in_channels)
         if scales < 1 or steps_per_scale < 1:
             raise ValueError("Glow needs scales >= 1 and steps_per_scale >= 1")
@@ -115,6 +123,7 @@ class Glow(FlowModel):
         self.in_channels = in_channels
         self.image_size = image_size
         self.num_classes = num_classes
+        self.set_guidance(label_dropout, guidance)
         self.coupling = coupling
         if joint_prior is not None and (top_prior is not None or split_prior is not None or num_classes
                                         or cond_channels):
@@ -262,6 +271,7 @@ class Glow(FlowModel):
     def decode_with_logdet(self, latents: list[Tensor | None], cond: Condition = None,
                            temperature: float = 1.0, n: int | None = None) -> tuple[Tensor, Tensor]:
         """(x, log|det dx/dz|); ``n`` fixes the batch size when every latent is None."""
+        cond = self.guided_condition(cond)
         if len(latents) != len(self.scales):
             raise ValueError(f"expected {len(self.scales)} latents, got {len(latents)}")
         if n is None:
@@ -302,10 +312,11 @@ class Glow(FlowModel):
     def class_loss(self, encoding: Encoding, labels: Tensor) -> Tensor:
         """Per-sample cross-entropy of the class head (seed 000 sec. 4.3.1 weights it by
         lambda_c = 0.01; the seed says "binary" cross-entropy, which fits multi-label
-        attributes; CIFAR-10 classes are exclusive, so we use the softmax form)."""
+        attributes; CIFAR-10 classes are exclusive, so we use the softmax form). A null
+        label (-1, no class) costs 0."""
         if encoding.class_logits is None:
             raise ValueError("this Glow has no class head (num_classes = 0)")
-        return F.cross_entropy(encoding.class_logits, labels.long(), reduction="none")
+        return F.cross_entropy(encoding.class_logits, labels.long(), reduction="none", ignore_index=NULL_LABEL)
 
     def training_loss(self, clean: Tensor, cond: Condition = None, *, n_bits: int,
                       noise: Tensor | None = None) -> Objective:
@@ -316,6 +327,7 @@ class Glow(FlowModel):
             labels = condition_value(cond, LABELS)
             class_bits = self.class_loss(objective.encoding, labels) / math.log(2.0)
             objective.terms["class_bits"] = class_bits.mean()
-            accuracy = (objective.encoding.class_logits.argmax(1) == labels).float().mean()
+            known = labels != NULL_LABEL
+            accuracy = (objective.encoding.class_logits.argmax(1) == labels)[known].float().mean()
             objective.extra["class_accuracy"] = accuracy
         return objective

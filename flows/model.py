@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from flows.base import Condition
+from flows.base import GUIDANCE, Condition, condition_value, drop_labels, with_condition
 from flows.dequantization import Dequantizer, DequantizerFactory, UniformDequantizer
 from flows.distributions import PriorTraining
 from flows.quantization import bits_per_dim, noisy_data_bits
@@ -146,11 +146,33 @@ class FlowModel(nn.Module):
     in_channels: int
     image_size: int
     num_classes: int = 0  # > 0: class-conditional (cond["labels"])
+    # Classifier-free guidance (Ho & Salimans 2022; TarFlow sec. 2.4), for a class-conditional
+    # model: the share of training labels replaced by the null class, and the weight w that
+    # sampling uses where a call's cond names none (``set_guidance``).
+    label_dropout: float = 0.0
+    guidance: float = 0.0
 
     def __init__(self, dequantizer: DequantizerFactory | None = None, in_channels: int | None = None) -> None:
         """``dequantizer``: a factory called with ``in_channels`` (None: uniform)."""
         super().__init__()
         self.dequantizer: Dequantizer = UniformDequantizer() if dequantizer is None else dequantizer(in_channels)
+
+    def set_guidance(self, label_dropout: float = 0.0, guidance: float = 0.0) -> None:
+        """Check and set :attr:`label_dropout` (in [0, 1)) and :attr:`guidance` (w >= 0);
+        both need classes. A model calls it once ``num_classes`` is set."""
+        if not 0.0 <= label_dropout < 1.0:
+            raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout}")
+        if not guidance >= 0.0:
+            raise ValueError(f"guidance (the weight w) must be >= 0, got {guidance}")
+        if (label_dropout or guidance) and not self.num_classes:
+            raise ValueError("classifier-free guidance (label_dropout, guidance) needs classes (num_classes > 0)")
+        self.label_dropout, self.guidance = float(label_dropout), float(guidance)
+
+    def guided_condition(self, cond: Condition) -> Condition:
+        """``cond`` with the model's guidance weight, unless it names one (sampling)."""
+        if not self.guidance or condition_value(cond, GUIDANCE) is not None:
+            return cond
+        return with_condition(cond, **{GUIDANCE: self.guidance})
 
     @property
     def exact(self) -> bool:
@@ -184,7 +206,10 @@ class FlowModel(nn.Module):
         to draw it), encode, and minimize bits per dim of log p(y) - log q(u | x): for a
         uniform dequantizer Glow's objective, for a learned one Flow++'s bound (with a
         prior that trains on an estimate or a surrogate, that instead: see
-        :meth:`dequantized_likelihood`)."""
+        :meth:`dequantized_likelihood`). In training, ``label_dropout`` of the labels
+        are the null class."""
+        if self.training:  # classifier-free guidance trains the null class on these labels
+            cond = drop_labels(cond, self.label_dropout)
         return self.dequantized_likelihood(clean, cond, n_bits, noise)
 
     def encode_for_training(self, x: Tensor, cond: Condition = None) -> tuple[Encoding, PriorTraining]:

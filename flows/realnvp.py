@@ -43,15 +43,16 @@ class RealNVP(Glow):
         hidden_channels: width of the coupling networks (the paper: 64 features).
         coupling_net: factory (in, out, hidden) -> the couplings' network.
         scale_fn: the couplings' scale (see the module docstring).
-        num_classes, learn_top_prior, top_prior, split_prior, memory_efficient, dequantizer:
-            as Glow's.
+        num_classes, learn_top_prior, top_prior, split_prior, memory_efficient, dequantizer,
+            label_dropout, guidance: as Glow's.
     """
 
     def __init__(self, *, in_channels: int = 3, image_size: int = 32, scales: int = 3, couplings: int = 3,
                  hidden_channels: int = 64, coupling_net: NetFactory = ResNetCouplingNet,
                  scale_fn: ScaleFunction = "glow", num_classes: int = 0, learn_top_prior: bool = True,
                  top_prior=None, split_prior=None, memory_efficient: bool = False,
-                 dequantizer: DequantizerFactory | None = None) -> None:
+                 dequantizer: DequantizerFactory | None = None, label_dropout: float = 0.0,
+                 guidance: float = 0.0) -> None:
         if couplings < 1:
             raise ValueError(f"RealNVP needs couplings >= 1 per mask type, got {couplings}")
         block = partial(realnvp_scale, scales=scales, couplings=couplings, hidden_channels=hidden_channels,
@@ -60,7 +61,7 @@ class RealNVP(Glow):
                          hidden_channels=hidden_channels, coupling_net=coupling_net, scale_fn=scale_fn,
                          num_classes=num_classes, learn_top_prior=learn_top_prior, top_prior=top_prior,
                          split_prior=split_prior, memory_efficient=memory_efficient, block=block,
-                         dequantizer=dequantizer)
+                         dequantizer=dequantizer, label_dropout=label_dropout, guidance=guidance)
 
 
 def realnvp_scale(scale: int, channels: int, *, scales: int, couplings: int, hidden_channels: int,

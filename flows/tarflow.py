@@ -49,13 +49,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flows.base import LABELS, Bijection, Condition, at_least_float32, condition_value, with_condition
+from flows.base import (GUIDANCE, LABELS, NULL_LABEL, Bijection, Condition, at_least_float32, condition_value, guided,
+                        with_condition)
 from flows.dequantization import DequantizerFactory
 from flows.distributions import GaussianPrior
-from flows.model import Encoding, FlowModel, Objective
+from flows.model import Encoding, FlowModel
 
-GUIDANCE = "guidance"  # the classifier-free guidance weight w of a sampling call's cond
-NULL_LABEL = -1  # the label of the unconditional model (classifier-free guidance)
 
 
 def patchify(x: Tensor, patch_size: int) -> Tensor:
@@ -189,20 +188,19 @@ class TarFlowBlock(Bijection):
         labels and ``cond["guidance"] = w > 0``, a second, null-class pass guides each
         step's log-scale and shift: (1 + w) conditional - w unconditional."""
         guidance = float(condition_value(cond, GUIDANCE) or 0.0)
-        guided = guidance > 0 and self.class_embed is not None
+        is_guided = guidance > 0 and self.class_embed is not None
         sequence = self._sequence(z)
         patches = [sequence[:, 0]]
         caches = [{} for _ in self.layers]
         null_caches = [{} for _ in self.layers]
         embedding = self._embedding(cond, z.shape[0], z)
-        null_embedding = self._embedding(cond, z.shape[0], z, null=True) if guided else None
+        null_embedding = self._embedding(cond, z.shape[0], z, null=True) if is_guided else None
         log_scales = []
         for i in range(self.num_patches - 1):
             log_scale, shift = self._step(patches[-1], i, embedding, caches)
-            if guided:
+            if is_guided:
                 null_log_scale, null_shift = self._step(patches[-1], i, null_embedding, null_caches)
-                log_scale = log_scale + guidance * (log_scale - null_log_scale)
-                shift = shift + guidance * (shift - null_shift)
+                log_scale, shift = guided(log_scale, null_log_scale, guidance), guided(shift, null_shift, guidance)
             patches.append((sequence[:, i + 1] * torch.exp(log_scale) + shift).to(z.dtype))
             log_scales.append(log_scale)
         logdet = torch.stack(log_scales, 1).sum(dim=(1, 2)) if log_scales else z.new_zeros(z.shape[0])
@@ -250,6 +248,8 @@ class TarFlow(FlowModel):
             -1 the null class).
         label_dropout: in training, the fraction of labels replaced by the null class
             (classifier-free guidance; the paper trains with 0.1).
+        guidance: the guidance weight w of samples whose cond names none (0: conditional
+            sampling).
         learn_prior_scale: learn the Gaussian prior's per-channel mean and scale (None:
             exactly when ``affine`` is off).
         dequantizer: as Glow's (``flows/dequantization.py``).
@@ -257,17 +257,13 @@ class TarFlow(FlowModel):
 
     def __init__(self, *, in_channels: int = 3, image_size: int = 32, patch_size: int = 2, channels: int = 256,
                  blocks: int = 4, layers_per_block: int = 4, head_channels: int = 64, expansion: int = 4,
-                 affine: bool = True, num_classes: int = 0, label_dropout: float = 0.0,
+                 affine: bool = True, num_classes: int = 0, label_dropout: float = 0.0, guidance: float = 0.0,
                  learn_prior_scale: bool | None = None, dequantizer: DequantizerFactory | None = None) -> None:
         super().__init__(dequantizer, in_channels)
         if blocks < 1 or layers_per_block < 1:
             raise ValueError("TarFlow needs blocks >= 1 and layers_per_block >= 1")
-        if not 0.0 <= label_dropout < 1.0:
-            raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout}")
-        if label_dropout and not num_classes:
-            raise ValueError("label_dropout needs classes (num_classes > 0)")
         self.in_channels, self.image_size, self.num_classes = in_channels, image_size, num_classes
-        self.label_dropout = label_dropout
+        self.set_guidance(label_dropout, guidance)
         self.blocks = nn.ModuleList(
             TarFlowBlock(in_channels, image_size, patch_size, channels, layers_per_block, head_channels, expansion,
                          reverse=index % 2 == 1, affine=affine, num_classes=num_classes)
@@ -295,6 +291,7 @@ class TarFlow(FlowModel):
         """Inverse of :meth:`encode`; a latent given as None is drawn at ``temperature``
         (the batch size from the labels). ``cached``: False inverts without the key/value
         cache (the reference, for tests and benchmarks)."""
+        cond = self.guided_condition(cond)
         z = latents[0]
         if z is None:
             labels = condition_value(cond, LABELS)
@@ -314,19 +311,9 @@ class TarFlow(FlowModel):
         z = self.prior.sample(n, None, temperature).to(self.blocks[0].proj_in.weight.dtype)
         return self.finish_samples(self.decode([z], cond), cond)
 
-    def training_loss(self, clean: Tensor, cond: Condition = None, *, n_bits: int,
-                      noise: Tensor | None = None) -> Objective:
-        """The exact bits per dim; with ``label_dropout``, that fraction of the labels is
-        the null class (classifier-free guidance's unconditional model)."""
-        labels = condition_value(cond, LABELS)
-        if self.training and self.label_dropout and labels is not None:
-            dropped = torch.rand(labels.shape, device=labels.device) < self.label_dropout
-            cond = with_condition(cond, **{LABELS: torch.where(dropped, torch.full_like(labels, NULL_LABEL), labels)})
-        return super().training_loss(clean, cond, n_bits=n_bits, noise=noise)
-
     @property
     def display_name(self) -> str:
         return f"TarFlow{'CC' if self.num_classes else ''}{self.image_size}"
 
     def extra_repr(self) -> str:
-        return f"label_dropout={self.label_dropout}" if self.label_dropout else ""
+        return f"label_dropout={self.label_dropout}, guidance={self.guidance}" if self.num_classes else ""
