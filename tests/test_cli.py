@@ -48,7 +48,7 @@ def test_print_config_resolves_the_seed_settings(capsys):
         assert line in out, line
 
 
-ADD_ONS = {"analyses.yaml", "variational_dequantization.yaml"}  # put on top of an experiment's config
+ADD_ONS = {"analyses.yaml", "variational_dequantization.yaml", "noise_augmentation.yaml"}  # put on top of an experiment's config
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "experiments").glob("*.yaml")))

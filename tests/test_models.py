@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from flows import LABELS, LOWRES, Cascade, DiffusionPrior, Glow, HierarchicalFlow, PixelDiffusion, SRFlow
-from flows.dequantization import VariationalDequantizer
+from flows.dequantization import GaussianNoiseDequantizer, VariationalDequantizer
 from flows.denoiser import TimeConditionedUNet
 from flows.nets import ResNetCouplingNet
 from flows.quantization import dequantize
@@ -47,12 +47,12 @@ def realnvp_case(n):
     return model, torch.rand(n, 1, 8, 8) - 0.5, {}
 
 
-def tarflow_case(n, num_classes=0):
+def tarflow_case(n, num_classes=0, dequantizer=None):
     """TarFlow (flows/tarflow.py): two causal-transformer blocks over 2x2 patches, the
     second in reversed patch order; class-conditional with a null-class label (-1)."""
     from flows.tarflow import TarFlow
     model = TarFlow(in_channels=3, image_size=4, patch_size=2, channels=16, blocks=2, layers_per_block=1,
-                    head_channels=8, num_classes=num_classes)
+                    head_channels=8, num_classes=num_classes, dequantizer=dequantizer)
     cond = {LABELS: torch.tensor([0, 2, -1, 1][:n])} if num_classes else {}
     return model, torch.rand(n, 3, 4, 4) - 0.5, cond
 
@@ -121,6 +121,9 @@ CASES = {
     "realnvp": (realnvp_case, True),
     "tarflow": (tarflow_case, True),
     "tarflow_class_conditional": (lambda n: tarflow_case(n, num_classes=3), True),
+    # Noise augmentation: the density of noisy data, its samples denoised (Tweedie).
+    "tarflow_noise_augmented": (lambda n: tarflow_case(n, dequantizer=partial(GaussianNoiseDequantizer,
+                                                                             noise_std=0.05)), True),
     "diffusion_flow": (diffusion_flow_case, False),
     "pixel_diffusion": (pixel_diffusion_case, False),
     "srflow": (srflow_case, True),
@@ -225,7 +228,7 @@ def test_training_objective_is_the_dequantized_likelihood_and_says_exact_or_boun
     model's dequantization, and is exact only where both the flow and q are (a cascade's
     stages are checked in tests/test_cascade.py). The same noise gives the same figure as
     encoding the dequantized images by hand."""
-    from flows.quantization import bits_per_dim
+    from flows.quantization import bits_per_dim, noisy_data_bits
     model, x, cond, exact = build(name)
     n_bits = 5
     clean = dequantize(((x + 0.5) * 255).round().clamp(0, 255).to(torch.uint8), n_bits, noise=False)
@@ -234,7 +237,9 @@ def test_training_objective_is_the_dequantized_likelihood_and_says_exact_or_boun
     objective = model.training_loss(clean, cond, n_bits=n_bits, noise=noise)
     assert objective.exact is (exact and model.dequantizer.exact), name
     dequantized = model.dequantizer(clean, 2.0 ** -n_bits, noise)
-    assert ((dequantized.images - clean).abs() <= 2.0 ** -n_bits / 2 + 1e-6).all()  # within its bin
+    assert objective.continuous is model.dequantizer.continuous, name
+    if not objective.continuous:  # noise augmentation leaves the bins on purpose
+        assert ((dequantized.images - clean).abs() <= 2.0 ** -n_bits / 2 + 1e-6).all()  # within its bin
     torch.manual_seed(1)
     by_hand = model.encode(dequantized.images, cond).log_prob - dequantized.log_q
     assert objective.estimated is (name in ESTIMATED), name
@@ -247,7 +252,8 @@ def test_training_objective_is_the_dequantized_likelihood_and_says_exact_or_boun
         return
     assert torch.allclose(objective.log_prob, by_hand, atol=1e-4, rtol=1e-5), name
     if name not in LIFTED:  # the hierarchical flow minimizes eq. 12's weighted terms (test_hierarchical.py)
-        assert torch.allclose(objective.loss, bits_per_dim(by_hand, model.dims, n_bits).mean(), atol=1e-5)
+        figure = noisy_data_bits(by_hand, model.dims) if objective.continuous else bits_per_dim(by_hand, model.dims, n_bits)
+        assert torch.allclose(objective.loss, figure.mean(), atol=1e-5)
     if not model.dequantizer.exact:
         assert (dequantized.log_q.abs() > 1e-6).any()  # perturbed: q is not uniform
 
