@@ -269,10 +269,14 @@ class FlowModel(nn.Module):
         if not self.exact:
             raise ValueError(f"{self.display_name}'s log-likelihood is a bound, whose gradient is not the score "
                              "that denoising needs")
-        with torch.enable_grad():
-            y = x.detach().requires_grad_(True)
+        # Sampling may run under inference mode (Lightning's validation and test loops):
+        # leave it, with copies of the inputs, which inference mode made unusable by autograd.
+        with torch.inference_mode(False), torch.enable_grad():
+            y = x.detach().clone().requires_grad_(True)
+            if isinstance(cond, dict):
+                cond = {k: v.clone() if isinstance(v, Tensor) else v for k, v in cond.items()}
             (score,) = torch.autograd.grad(self.log_prob(y, cond).sum(), y)
-        return (x + sigma ** 2 * score).detach()
+            return (y + sigma ** 2 * score).detach()
 
     def finish_samples(self, x: Tensor, cond: Condition = None) -> Tensor:
         """What :meth:`sample` hands out: ``x`` denoised where the dequantizer asks for it

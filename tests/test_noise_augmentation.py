@@ -53,6 +53,8 @@ def test_samples_are_denoised_unless_asked_not_to_be():
     raw = model.sample(3)
     assert torch.allclose(denoised, model.denoise(raw), atol=1e-6)
     assert not torch.allclose(denoised, raw, atol=1e-4)
+    with torch.inference_mode():  # as in Lightning's validation and test loops (grids, FID)
+        assert torch.allclose(model.denoise(raw), denoised, atol=1e-6)
 
 
 def test_the_gaussian_noise_has_its_std_and_evaluation_noise_fixes_it():
