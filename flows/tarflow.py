@@ -290,10 +290,12 @@ class TarFlow(FlowModel):
                cached: bool = True) -> Tensor:
         """Inverse of :meth:`encode`; a latent given as None is drawn at ``temperature``
         (the batch size from the labels). ``cached``: False inverts without the key/value
-        cache (the reference, for tests and benchmarks)."""
-        cond = self.guided_condition(cond)
+        cache (the reference, for tests and benchmarks). The model's own ``guidance``
+        applies only to a drawn latent (guidance changes the inverse itself: a given
+        latent decodes to what it encodes unless ``cond["guidance"]`` says otherwise)."""
         z = latents[0]
         if z is None:
+            cond = self.guided_condition(cond)
             labels = condition_value(cond, LABELS)
             if labels is None:
                 raise ValueError("pass a latent or labels to fix the batch size")
@@ -309,7 +311,7 @@ class TarFlow(FlowModel):
         if self.num_classes and condition_value(cond, LABELS) is None:
             cond = with_condition(cond, **{LABELS: torch.randint(0, self.num_classes, (n,), device=self._device())})
         z = self.prior.sample(n, None, temperature).to(self.blocks[0].proj_in.weight.dtype)
-        return self.finish_samples(self.decode([z], cond), cond)
+        return self.finish_samples(self.decode([z], self.guided_condition(cond)), cond)
 
     @property
     def display_name(self) -> str:

@@ -85,6 +85,9 @@ def test_w_zero_is_conditional_sampling_and_the_models_own_weight_applies_where_
     model.guidance = 2.0
     assert torch.equal(draw({LABELS: labels}), guided)
     assert torch.equal(draw({LABELS: labels, GUIDANCE: 0.0}), conditional)  # a call's weight wins
+    with torch.no_grad():  # the model's weight guides what is drawn, never a given latent's decoding
+        encoding = model.encode(conditional, {LABELS: labels})
+        assert (model.decode(encoding.latents, {LABELS: labels}) - conditional).abs().max() < 1e-4
 
 
 def test_every_stage_of_a_class_conditional_cascade_is_guided():
