@@ -206,16 +206,23 @@ def test_quick_cascade_as_shipped_trains_samples_and_reports_fid(tmp_path):
     assert set(table["temperature_sweep"]) == {"0.5", "0.7", "0.9", "1"}
 
 
+def fit_quick_config(tmp_path, name: str, run_name: str, metric: str):
+    """`lightning fit` of experiments/<name>.yaml as shipped in ``tmp_path``: (the config's
+    path, its run folder runs/<name>/<run_name>, the validation ``metric`` per epoch)."""
+    config = str(REPO / f"experiments/{name}.yaml")
+    fit = run_cli("fit", "--config", config, "--trainer.enable_progress_bar", "false", cwd=tmp_path, timeout=1500)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    run_dir = tmp_path / "runs" / name / run_name
+    values = read_val_bpd(run_dir / "version_0/metrics.csv", metric)
+    print(f"val/{metric} per epoch:", values)
+    return config, run_dir, values
+
+
 @pytest.mark.slow
 def test_quick_hierarchical_as_shipped_improves_its_elbo_and_writes_samples(tmp_path):
     import json
 
-    config = str(REPO / "experiments/quick_hierarchical.yaml")
-    fit = run_cli("fit", "--config", config, "--trainer.enable_progress_bar", "false", cwd=tmp_path, timeout=1500)
-    assert fit.returncode == 0, fit.stderr[-3000:]
-    run_dir = tmp_path / "runs/quick_hierarchical/hierarchical"
-    elbo = read_val_bpd(run_dir / "version_0/metrics.csv", "elbo_bpd_32")
-    print("val/elbo_bpd_32 per epoch:", elbo)
+    config, run_dir, elbo = fit_quick_config(tmp_path, "quick_hierarchical", "hierarchical", "elbo_bpd_32")
     assert elbo[-1] < elbo[0] - 1.0, elbo
     assert len(list((run_dir / "version_0/samples").glob("*_res32_t0.7.png"))) == 8
     test = run_cli("test", "--config", config, "--trainer.enable_progress_bar", "false",
@@ -292,12 +299,7 @@ def test_quick_diffusion_flow_as_shipped_improves_its_bound_and_writes_ddim_samp
     25 samples."""
     import json
 
-    config = str(REPO / "experiments/quick_diffusion_flow.yaml")
-    fit = run_cli("fit", "--config", config, "--trainer.enable_progress_bar", "false", cwd=tmp_path, timeout=1500)
-    assert fit.returncode == 0, fit.stderr[-3000:]
-    run_dir = tmp_path / "runs/quick_diffusion_flow/diffusion_flow"
-    nll = read_val_bpd(run_dir / "version_0/metrics.csv", "nll_bpd_16")
-    print("val/nll_bpd_16 per epoch:", nll)
+    config, run_dir, nll = fit_quick_config(tmp_path, "quick_diffusion_flow", "diffusion_flow", "nll_bpd_16")
     assert nll[-1] < nll[0] - 0.5, nll
     assert len(list((run_dir / "version_0/samples").glob("*_res16_t1.png"))) == 8
     test = run_cli("test", "--config", config, "--trainer.enable_progress_bar", "false",
@@ -312,14 +314,9 @@ def test_quick_diffusion_flow_as_shipped_improves_its_bound_and_writes_ddim_samp
 def test_quick_tarflow_as_shipped_improves_and_writes_samples(tmp_path):
     """TarFlow's quick config: val/bpd_32 (exact) falls by more than a bit per dim over
     its 8 epochs (3.59 -> 1.99 when measured), and a sample grid is written every epoch."""
-    config = str(REPO / "experiments/quick_tarflow.yaml")
-    fit = run_cli("fit", "--config", config, "--trainer.enable_progress_bar", "false", cwd=tmp_path, timeout=1500)
-    assert fit.returncode == 0, fit.stderr[-3000:]
-    run_dir = tmp_path / "runs/quick_tarflow/tarflow32/version_0"
-    bpd = read_val_bpd(run_dir / "metrics.csv", "bpd_32")
-    print("val/bpd_32 per epoch:", bpd)
+    _, run_dir, bpd = fit_quick_config(tmp_path, "quick_tarflow", "tarflow32", "bpd_32")
     assert bpd[-1] < bpd[0] - 1.0, bpd
-    assert len(list((run_dir / "samples").glob("*_res32_t0.7.png"))) == 8
+    assert len(list((run_dir / "version_0/samples").glob("*_res32_t0.7.png"))) == 8
 
 
 # --- run folders (issue 22: default_root_dir; issue 23 item 14) -------------------------------------
