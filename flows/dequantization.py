@@ -69,6 +69,7 @@ class Dequantizer(nn.Module):
 
     exact: bool = True
     continuous: bool = False  # see Dequantized.continuous
+    noise_std: float | None = None  # the Gaussian noise's std where continuous (denoising's sigma)
     denoise_samples: bool = False  # the model's samples are denoised (FlowModel.finish_samples)
     in_channels: int | None = None
 

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from flows.base import GUIDANCE, Condition, condition_value, drop_labels, with_condition
 from flows.dequantization import Dequantizer, DequantizerFactory, UniformDequantizer
 from flows.distributions import PriorTraining
-from flows.quantization import bits_per_dim, noisy_data_bits
+from flows.quantization import likelihood_figure
 
 
 @dataclass
@@ -239,8 +239,7 @@ class FlowModel(nn.Module):
         if prior.estimated:  # the flow's share of the estimate, the rest being the prior's
             extra["logdet_bpd"] = (-encoding.logdet / (self.dims * math.log(2.0))).mean()
         # Noisy data have no bins: their loss is the bits per dim of the density itself.
-        loss = (noisy_data_bits(minimized, self.dims) if dequantized.continuous
-                else bits_per_dim(minimized, self.dims, n_bits)).mean()
+        loss = likelihood_figure(minimized, self.dims, n_bits, dequantized.continuous).mean()
         return Objective(loss, log_prob, encoding.exact and dequantized.exact, self.dims, encoding,
                          dict(prior.terms), extra, prior.estimated, dequantized.continuous)
 
@@ -261,8 +260,8 @@ class FlowModel(nn.Module):
         ``noise_std``; one autograd pass through :meth:`log_prob`. Needs the exact density
         (a bound's gradient is not the score) and noise augmentation (else sigma is
         undefined)."""
-        sigma = getattr(self.dequantizer, "noise_std", None)
-        if not self.dequantizer.continuous or sigma is None:
+        sigma = self.dequantizer.noise_std
+        if sigma is None:
             raise ValueError(f"{self.display_name} was not trained on noisy data (its dequantizer is "
                              f"{type(self.dequantizer).__name__}): denoising needs the noise std of a "
                              "GaussianNoiseDequantizer (flows/dequantization.py)")

@@ -90,6 +90,13 @@ def noisy_data_bits(log_prob: Tensor, dims: int) -> Tensor:
     return -log_prob / (dims * math.log(2.0))
 
 
+def likelihood_figure(log_prob: Tensor, dims: int, n_bits: int, continuous: bool) -> Tensor:
+    """Per sample, what a log-likelihood is reported as: bits per dim of the discrete data
+    (:func:`bits_per_dim`), or for noisy data (``continuous``, noise augmentation) the bits
+    per dim of their density (:func:`noisy_data_bits`)."""
+    return noisy_data_bits(log_prob, dims) if continuous else bits_per_dim(log_prob, dims, n_bits)
+
+
 def per_sample_uniform(shape: tuple[int, ...], indices: Tensor, seed: int) -> Tensor:
     """Uniform [0, 1) noise of ``shape`` ([B, ...]) whose row i depends only on
     (seed, indices[i])."""

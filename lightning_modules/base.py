@@ -27,11 +27,11 @@ import torch
 from torch import Tensor
 
 from datamodules.pyramid import data_mismatch
-from flows.quantization import check_n_bits, dequantize, per_sample_uniform
+from flows.quantization import check_n_bits, dequantize, likelihood_figure, per_sample_uniform
 from lightning_modules.analyses import AnalysisHooks
 from lightning_modules.checkpointing import CheckpointIdentity, save_constructor_arguments, seeded_rng
 from lightning_modules.errors import ConfigurationError
-from lightning_modules.family import Batch, FamilyInterface, LossOutput, bpd_name, likelihood_figure
+from lightning_modules.family import Batch, FamilyInterface, LossOutput, bpd_name
 from lightning_modules.parts import RelativeGradientClipping, TrainableParts, build_optimizer, steps_per_epoch
 from lightning_modules.step_skipping import NonFiniteStepSkipping
 

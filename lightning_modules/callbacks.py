@@ -224,7 +224,8 @@ class ValidationFID(pl.Callback):
 class TestMetrics(pl.Callback):
     """At the end of ``lightning test``: ``metrics.json`` in the log folder with the
     model name, the test bits per dim per resolution (``bpd`` exact, ``bpd_bound`` where
-    the likelihood is a lower bound, ``noisy_data_nll_bits`` for a model of noisy data) and every test metric; with ``fid`` settings also
+    the likelihood is a lower bound; ``noisy_data_nll_bits`` for a model of noisy data)
+    and every test metric; with ``fid`` settings also
     FID and KID per resolution against a reference split at that resolution (seed 000
     sec. 4.2: the test split; seed 001's official code: the training images, up to 30k;
     ``fid.reference_split`` chooses, the count goes in ``fid_reference_images``; samples

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from flows.base import LABELS
 from flows.model import Objective
-from flows.quantization import bits_per_dim, noisy_data_bits
+from flows.quantization import likelihood_figure
 
 
 @dataclass
@@ -65,12 +65,6 @@ def bpd_name(resolution: int, exact: bool, bound_metric: str = "bpd_bound", cont
     if continuous:
         return f"{NOISY_DATA_METRIC}_{resolution}"
     return f"bpd_{resolution}" if exact else f"{bound_metric}_{resolution}"
-
-
-def likelihood_figure(log_prob: Tensor, dims: int, n_bits: int, continuous: bool) -> Tensor:
-    """Per sample, what a log-likelihood is logged as: bits per dim of the discrete data,
-    or for noisy data (``continuous``) the bits per dim of their density."""
-    return noisy_data_bits(log_prob, dims) if continuous else bits_per_dim(log_prob, dims, n_bits)
 
 
 class FamilyInterface:
