@@ -17,12 +17,14 @@ first) and its top latent; a cascade's stages (finest first). A prior mean is wh
 prior samples at temperature 0. Each callback writes PNGs and a JSON of its numbers to
 ``<log dir>/analyses/`` and sends the images to every logger. The PNGs are labelled
 figures (title, row and column labels, tiles upscaled by nearest neighbour to at least
-``MIN_TILE_PX``); ``analyses/raw/`` keeps the bare grids at 1:1. Switch them on under
-``trainer.callbacks`` (``experiments/analyses.yaml`` lists all of them).
+``MIN_TILE_PX``); ``analyses/raw/`` keeps the bare grids at 1:1. A failed tile (a
+non-finite decoding or sample) is red in every figure (``callbacks.mark_failed``, the
+title then says "red = non-finite sample"), and the JSONs are strict JSON (a non-finite
+number is ``null``). Switch them on under ``trainer.callbacks``
+(``experiments/analyses.yaml`` lists all of them).
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -35,7 +37,8 @@ from torch.utils.data import DataLoader, Subset
 
 from flows.model import NoisyReconstruction, batch_size_of, map_latents
 from flows.quantization import reduce_bits, to_uint8
-from lightning_modules.callbacks import log_dir, sampling_mode, save_uint8_png, send_image
+from lightning_modules.callbacks import FAILED_LEGEND, log_dir, mark_failed, sampling_mode, save_uint8_png, send_image
+from lightning_modules.metrics import finite_samples, json_text
 
 Latents = Any  # a list of tensors (one model) or {resolution: list} (a cascade); None = draw from the prior
 
@@ -293,26 +296,44 @@ class Analysis(pl.Callback):
         return path
 
     def save_grid(self, trainer, pl_module, rows: list[Tensor], tag: str, row_labels: list[str],
-                  column_labels: list[str], title: str) -> Path:
+                  column_labels: list[str], title: str, failed: list[Tensor] | None = None) -> Path:
         """``rows``: [columns, C, H, W] model-space images (or uint8), one grid row each.
         Writes the labelled figure (``<name>_<tag>.png``, also sent to the loggers), the
         bare grid at 1:1 (``raw/<name>_<tag>.png``, for composing one's own figure), and
-        records the labels for the JSON."""
+        records the labels (and the count of failed tiles) for the JSON. A tile is failed,
+        and painted red (:func:`mark_failed`), where ``failed`` (one [columns] bool per
+        row) says so or where a model-space tile has a non-finite value; the title then
+        carries the legend."""
         from torchvision.utils import make_grid
 
-        rows = [(r if r.dtype == torch.uint8 else to_uint8(r, pl_module.n_bits)).cpu() for r in rows]
+        marks = []
+        for i, row in enumerate(rows):
+            mark = torch.zeros(row.shape[0], dtype=torch.bool)
+            if failed is not None:
+                mark |= failed[i].to(torch.bool).cpu()
+            if row.dtype != torch.uint8:
+                mark |= ~finite_samples(row.cpu())
+            marks.append(mark)
+        rows = [mark_failed((r if r.dtype == torch.uint8 else to_uint8(r.cpu(), pl_module.n_bits)), m)
+                for r, m in zip(rows, marks)]
+        failed_tiles = int(sum(int(m.sum()) for m in marks))
+        if failed_tiles and FAILED_LEGEND not in title:
+            title = f"{title}; {FAILED_LEGEND}"
         figure, _ = labelled_figure(rows, row_labels, column_labels, title)
         path = self.out_dir(trainer) / f"{self.name}_{tag}.png"
         save_uint8_png(figure, path)
         (path.parent / "raw").mkdir(exist_ok=True)
         save_uint8_png(make_grid(torch.cat(rows), nrow=rows[0].shape[0], padding=1), path.parent / "raw" / path.name)
         send_image(trainer, f"analyses/{self.name}_{tag}", figure)
-        self.figures[tag] = {"title": title, "rows": row_labels, "columns": column_labels}
+        self.figures[tag] = {"title": title, "rows": row_labels, "columns": column_labels,
+                             "failed_tiles": failed_tiles}
         return path
 
     def write_json(self, trainer, numbers: dict) -> None:
+        """``<name>.json``: the analysis's numbers and its figures' labels, strict JSON
+        (a non-finite number is ``null``)."""
         path = self.out_dir(trainer) / f"{self.name}.json"
-        path.write_text(json.dumps({**numbers, "figures": self.figures}, indent=2) + "\n")
+        path.write_text(json_text({**numbers, "figures": self.figures}))
 
 
 class LatentInterpolation(Analysis):
@@ -381,7 +402,9 @@ class LatentZeroing(Analysis):
 class ResamplingMaps(Analysis):
     """For each test image: the image, then per scale the pixel-wise std of ``samples``
     decodings with that scale resampled from its prior (temperature 1) and the others
-    kept, on one brightness scale per image (white = the image's largest std)."""
+    kept, on one brightness scale per image (white = the image's largest std). A map with
+    a non-finite value (some decoding failed) is a red tile, counted in
+    ``nonfinite_maps`` and left out of ``mean_pixel_std`` (``null`` where every map is)."""
 
     name = "resampling"
 
@@ -398,20 +421,28 @@ class ResamplingMaps(Analysis):
         maps = {key: resampling_std(pl_module.model, x, cond, key, self.samples, pl_module.images_of, latents)
                 for key in keys}
         originals = pl_module.images_of(x)
-        numbers = {}
+        numbers, nonfinite = {}, {}
         for r, image in originals.items():
-            stds = torch.stack([maps[key][r] for key in keys], dim=1)  # [B, scales, H, W]
+            stds = torch.stack([maps[key][r] for key in keys], dim=1).cpu()  # [B, scales, H, W]
+            failed = ~finite_samples(stds.flatten(0, 1)).view(stds.shape[:2])  # [B, scales]
+            stds = torch.where(torch.isfinite(stds), stds, torch.zeros_like(stds))
             peak = stds.flatten(1).amax(1).clamp_min(1e-8)[:, None, None, None]
             shown = (stds / peak * 255).round().clamp(0, 255).to(torch.uint8)
             shown = shown[:, :, None].expand(-1, -1, 3 if image.shape[1] == 3 else 1, -1, -1)
-            rows = [torch.cat([to_uint8(image[i:i + 1].cpu(), pl_module.n_bits), shown[i].cpu()]) for i in range(self.images)]
+            rows = [torch.cat([to_uint8(image[i:i + 1].cpu(), pl_module.n_bits), shown[i]]) for i in range(self.images)]
+            marks = [torch.cat([torch.zeros(1, dtype=torch.bool), failed[i]]) for i in range(self.images)]
             self.save_grid(trainer, pl_module, rows, f"res{r}", [f"test {i}" for i in range(self.images)],
                            ["test image"] + [f"std, {model.latent_group_name(key)}\nresampled" for key in keys],
                            f"Pixel-wise std of {self.samples} decodings with one scale resampled from its prior "
-                           f"(T=1) and the others kept, {r}x{r}; white = the row's largest std (seed 001 Fig. 5)")
-            numbers[str(r)] = {str(key): float(maps[key][r].mean()) for key in keys}
+                           f"(T=1) and the others kept, {r}x{r}; white = the row's largest std (seed 001 Fig. 5)",
+                           failed=marks)
+            numbers[str(r)], nonfinite[str(r)] = {}, {}
+            for j, key in enumerate(keys):
+                kept = maps[key][r].cpu()[~failed[:, j]]
+                numbers[str(r)][str(key)] = float(kept.mean()) if kept.numel() else None
+                nonfinite[str(r)][str(key)] = {"count": int(failed[:, j].sum()), "of": int(failed.shape[0])}
         return {"samples": self.samples, "scales_finest_first": [str(k) for k in keys],
-                "mean_pixel_std": numbers}
+                "mean_pixel_std": numbers, "nonfinite_maps": nonfinite}
 
 
 class NearestNeighbours(Analysis):
@@ -419,7 +450,8 @@ class NearestNeighbours(Analysis):
     (the whole training split, streamed in batches on the module's device), at the top
     resolution. Also the distance of every sample and of ``test_images`` held-out test
     images to their nearest training image: samples much closer to the training set
-    than unseen real images are a sign of memorization."""
+    than unseen real images are a sign of memorization. A non-finite sample is a red
+    tile, counted (``samples.nonfinite``) and left out of the distance statistics."""
 
     name = "nearest_neighbours"
 
@@ -431,7 +463,9 @@ class NearestNeighbours(Analysis):
 
     def analyse(self, trainer, pl_module) -> dict:
         resolution = max(pl_module.resolutions)
-        samples = to_uint8(pl_module.sample_images(self.samples, self.temperature)[resolution], pl_module.n_bits)
+        drawn = pl_module.sample_images(self.samples, self.temperature)[resolution].cpu()
+        failed = ~finite_samples(drawn)
+        samples = to_uint8(drawn, pl_module.n_bits)
         datamodule = trainer.datamodule
         train, test = datamodule.datasets.get("train"), datamodule.datasets["test"]
         if train is None:
@@ -450,18 +484,26 @@ class NearestNeighbours(Analysis):
                                                                             pl_module.n_bits) for j in indices[i]])])
                 for i in range(self.samples)]
         scale = math.sqrt(samples[0].numel())  # RMS distance per dimension, in uint8 levels
-        sample_nn, test_nn = distances[:, 0].cpu() / scale, test_distances[:, 0].cpu() / scale
+        all_nn, test_nn = distances[:, 0].cpu() / scale, test_distances[:, 0].cpu() / scale
+        sample_nn = all_nn[~failed]
+        marks = [torch.cat([failed[i:i + 1], torch.zeros(self.k, dtype=torch.bool)]) for i in range(self.samples)]
         self.save_grid(trainer, pl_module, rows, f"res{resolution}",
-                       [f"sample {i}\nd={float(d):.1f}" for i, d in enumerate(sample_nn)],
+                       [f"sample {i}\n" + ("non-finite" if failed[i] else f"d={float(d):.1f}")
+                        for i, d in enumerate(all_nn)],
                        ["sample"] + [f"neighbour {j + 1}" for j in range(self.k)],
                        f"Samples (T={self.temperature:g}) and their {self.k} L2-nearest training images, "
                        f"{resolution}x{resolution} (seed 001 Fig. 9); d = RMS distance to neighbour 1 in 8-bit "
-                       f"levels (median over {len(test_nn)} test images: {float(test_nn.median()):.1f})")
+                       f"levels (median over {len(test_nn)} test images: {float(test_nn.median()):.1f})",
+                       failed=marks)
+        some = sample_nn.numel() > 0
         return {"resolution": resolution, "k": self.k, "temperature": self.temperature,
                 "unit": "root-mean-square difference per dimension, in 8-bit levels",
-                "samples": {"count": self.samples, "mean": float(sample_nn.mean()), "median": float(sample_nn.median())},
+                "samples": {"count": self.samples, "nonfinite": int(failed.sum()),
+                            "mean": float(sample_nn.mean()) if some else None,
+                            "median": float(sample_nn.median()) if some else None},
                 "test_images": {"count": len(test_nn), "mean": float(test_nn.mean()), "median": float(test_nn.median())},
-                "samples_closer_than_median_test_image": float((sample_nn < test_nn.median()).float().mean())}
+                "samples_closer_than_median_test_image":
+                    float((sample_nn < test_nn.median()).float().mean()) if some else None}
 
 
 class NoiseSweep(Analysis):
@@ -481,13 +523,12 @@ class NoiseSweep(Analysis):
         batch = collate_test_images(trainer, pl_module, list(range(self.images)))
         sigmas = self.sigmas if self.sigmas is not None else pl_module.noise_sweep_sigmas
         rows: dict[int, list[Tensor]] = {}
+        failed: dict[int, list[Tensor]] = {}
         failure: dict[str, dict[str, float]] = {}
         for sigma in sigmas:
             for r, recon in pl_module.noisy_reconstructions(batch, sigma).items():
-                shown = to_uint8(recon.images.cpu(), pl_module.n_bits).expand(-1, 3, -1, -1).clone()
-                # A failed (non-finite) reconstruction would show as a flat grey tile: paint it red.
-                shown[recon.failed.cpu()] = torch.tensor([255, 0, 0], dtype=torch.uint8)[:, None, None]
-                rows.setdefault(r, []).append(shown)
+                rows.setdefault(r, []).append(to_uint8(recon.images.cpu(), pl_module.n_bits))
+                failed.setdefault(r, []).append(recon.failed.cpu())
                 failure.setdefault(str(r), {})[f"{sigma:g}"] = float(recon.failure_rate)
         sigma_is = getattr(pl_module, "sigma_is", "std")
         symbol = "sigma^2" if sigma_is == "variance" else "sigma"  # the default font has no Greek
@@ -496,6 +537,6 @@ class NoiseSweep(Analysis):
                            [f"{symbol}={s:g}\nfailed {failure[str(r)][f'{s:g}']:.0%}" for s in sigmas],
                            [f"test {i}" for i in range(self.images)],
                            f"Reconstructions f^-1(f(x) + sigma eps), eps ~ N(0, I), sigma the noise {sigma_is}, "
-                           f"one row per sigma, {r}x{r}; red = a failed (non-finite) reconstruction "
-                           f"(seed 000 Fig. 4.1, 4.2)")
+                           f"one row per sigma, {r}x{r}; {FAILED_LEGEND} (a failed reconstruction: non-finite "
+                           f"or beyond the allowed magnitude) (seed 000 Fig. 4.1, 4.2)", failed=failed[r])
         return {"sigmas": list(sigmas), "sigma_is": sigma_is, "failure_rate": failure}

@@ -16,6 +16,12 @@
 The sampling callbacks need ``pl_module.sample_images(n, temperature)`` (a dict of
 model-space images per resolution) and ``pl_module.n_bits``; what "temperature" means
 is the module's business (one per cascade stage, for instance).
+
+Non-finite samples (a NaN or infinite value anywhere in model space) are counted per
+resolution and temperature (``nonfinite_samples`` in ``metrics.json``,
+``val/nonfinite_samples_R`` / ``test/nonfinite_samples_R`` in the loggers), left out of
+FID/KID and painted red wherever an image of them is shown (:func:`mark_failed`, the one
+marking every grid and analysis figure uses).
 """
 from __future__ import annotations
 
@@ -35,9 +41,26 @@ from flows.quantization import reduce_bits, to_uint8
 from lightning_modules.checkpointing import RNG_KEY, gather_rng_states, restore_rng_states, seeded_rng
 from lightning_modules.errors import ConfigurationError
 from lightning_modules.family import NOISY_DATA_METRIC
-from lightning_modules.metrics import (FIDSettings, ImagesAtResolution, TensorImages, as_rgb, feature_cache_tag,
-                                       fidelity, generate_uint8, in_loop_fid, plot_temperature_sweep, settings_dict,
+from lightning_modules.metrics import (MIN_FID_SAMPLES, FIDSettings, ImagesAtResolution, Samples, TensorImages, as_rgb,
+                                       feature_cache_tag, features_label, features_note, fid_log_names, fidelity,
+                                       generate_uint8, in_loop_fid, plot_temperature_sweep, settings_dict,
                                        time_sampling, write_metrics_table)
+
+# How every figure of this project shows a failed (non-finite) sample: a flat tile of this
+# colour, which to_uint8's mid-grey for NaN is not.
+FAILED_RGB = (255, 0, 0)
+FAILED_LEGEND = "red = non-finite sample"
+
+
+def mark_failed(images_uint8: Tensor, failed: Tensor | None) -> Tensor:
+    """uint8 [N, C, H, W] images (C = 1 or 3) as RGB [N, 3, H, W] on the CPU, each image
+    where ``failed`` ([N] bool) is True painted ``FAILED_RGB`` (red): the one marking of
+    a failed sample in sample grids and analysis figures (legend: ``FAILED_LEGEND``)."""
+    images = images_uint8.cpu()
+    shown = (images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images).clone()
+    if failed is not None:
+        shown[failed.to(torch.bool).cpu()] = torch.tensor(FAILED_RGB, dtype=torch.uint8)[:, None, None]
+    return shown
 
 
 def log_dir(trainer: pl.Trainer) -> Path:
@@ -107,21 +130,23 @@ def sampling_mode(pl_module: pl.LightningModule, seed: int):
 
 @torch.no_grad()
 def draw_samples(pl_module: pl.LightningModule, n: int, temperature, seed: int,
-                 batch_size: int | None = None) -> dict[int, Tensor]:
-    """n uint8 samples per resolution (CPU), in eval mode, from a forked RNG seeded with
-    ``seed`` (:func:`sampling_mode`)."""
+                 batch_size: int | None = None) -> Samples:
+    """n uint8 samples per resolution (CPU), with which of them were finite in model
+    space (:class:`~lightning_modules.metrics.Samples`), in eval mode, from a forked RNG
+    seeded with ``seed`` (:func:`sampling_mode`)."""
     sample = _sampler_of(pl_module)
     with sampling_mode(pl_module, seed):
         return generate_uint8(lambda k: sample(k, temperature), n, batch_size or n,
                               lambda x: to_uint8(x, pl_module.n_bits))
 
 
-def send_image(trainer: pl.Trainer, key: str, grid: Tensor) -> None:
+def send_image(trainer: pl.Trainer, key: str, grid: Tensor, caption: str | None = None) -> None:
     from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
-            logger.log_image(key=key, images=[grid.permute(1, 2, 0).numpy()], step=trainer.global_step)
+            extra = {"caption": [caption]} if caption else {}
+            logger.log_image(key=key, images=[grid.permute(1, 2, 0).numpy()], step=trainer.global_step, **extra)
         elif isinstance(logger, TensorBoardLogger):
             logger.experiment.add_image(key, grid, trainer.global_step)
 
@@ -136,7 +161,9 @@ def save_uint8_png(image: Tensor, path: Path) -> None:
 class SampleGrids(pl.Callback):
     """A grid per resolution and temperature every ``every_n_epochs`` validation epochs,
     saved as ``samples/stepXXXXXXXX_resR_tT.png`` in the log folder and sent to the
-    loggers. The noise comes from ``seed``, so grids of successive epochs compare."""
+    loggers. The noise comes from ``seed``, so grids of successive epochs compare.
+    Non-finite samples are red tiles (:func:`mark_failed`), counted in the loggers as
+    ``val/nonfinite_samples_R_tT`` and printed when there are any."""
 
     def __init__(self, temperatures: list[float] | None = None, num_samples: int = 64,
                  every_n_epochs: int = 1, seed: int = 1234) -> None:
@@ -159,16 +186,26 @@ class SampleGrids(pl.Callback):
         from torchvision.utils import make_grid
 
         saved = []
+        counts: dict[str, int] = {}
         out_dir = log_dir(trainer) / "samples"
         out_dir.mkdir(parents=True, exist_ok=True)
         for temperature in self.temperatures:
             samples = draw_samples(pl_module, self.num_samples, temperature, self.seed)
             for resolution, images in samples.items():
-                grid = make_grid(images, nrow=int(math.ceil(math.sqrt(images.shape[0]))), padding=1)
+                failed = samples.failed(resolution)
+                shown = mark_failed(images, failed)
+                grid = make_grid(shown, nrow=int(math.ceil(math.sqrt(images.shape[0]))), padding=1)
                 path = out_dir / f"step{trainer.global_step:08d}_res{resolution}_t{temperature:g}.png"
                 save_uint8_png(grid, path)
                 saved.append(path)
-                send_image(trainer, f"samples/res{resolution}_t{temperature:g}", grid)
+                bad = int(failed.sum())
+                counts[f"val/nonfinite_samples_{resolution}_t{temperature:g}"] = bad
+                caption = f"{bad} of {len(failed)} samples non-finite ({FAILED_LEGEND})" if bad else None
+                if bad:
+                    pl_module.print(f"sample grid {resolution}px, temperature {temperature:g}: {caption}: {path}")
+                send_image(trainer, f"samples/res{resolution}_t{temperature:g}", grid, caption)
+        for logger in trainer.loggers:
+            logger.log_metrics(counts, step=trainer.global_step)
         return saved
 
 
@@ -176,7 +213,12 @@ class ValidationFID(pl.Callback):
     """``val/fid_R`` every ``every_n_validations`` validation runs (torchmetrics, on the
     feature extractor of ``fid``). The real statistics come from the first validation
     run's images and are kept; ``num_samples`` samples (split over the processes) are
-    drawn each time at ``fid.temperature``. For curves, not for tables."""
+    drawn each time at ``fid.temperature``. For curves, not for tables.
+
+    Non-finite samples are left out of the FID and counted, ``val/nonfinite_samples_R``
+    (summed over the processes); with fewer than two finite samples the FID is not
+    computed (logged as NaN, and printed). On smoke-test features (``random-conv``) the
+    FID is also logged as ``val/fid_R_random-conv_smoke_test`` and a warning printed."""
 
     def __init__(self, fid: FIDSettings | None = None, every_n_validations: int = 1,
                  num_samples: int = 5000) -> None:
@@ -209,14 +251,31 @@ class ValidationFID(pl.Callback):
             return
         # Counted in validation runs, which also works for step-based validation.
         if self.validation_runs % self.every_n_validations == 0:
+            if self.validation_runs == 0 and self.fid.is_smoke_test:
+                pl_module.print(f"WARNING: val/fid_R is on {features_note(self.fid)} (logged also as "
+                                f"{fid_log_names(self.fid, 'val', 'R')[-1]})")
             per_process = max(1, self.num_samples // max(1, trainer.world_size))
             fakes = draw_samples(pl_module, per_process, self.fid.temperature,
                                  self.fid.seed + trainer.global_rank, self.fid.batch_size)
             for resolution, metric in self._metrics(pl_module).items():
-                images = torch.stack([as_rgb(x) for x in fakes[resolution]]).to(pl_module.device)
-                metric.update(images, real=False)
-                pl_module.log(f"val/fid_{resolution}", metric.compute().float(), sync_dist=False)
-                metric.reset()  # fake features only: reset_real_features=False
+                counted = fakes.nonfinite_count(resolution)
+                pl_module.log(f"val/nonfinite_samples_{resolution}",
+                              torch.tensor(float(counted["count"]), device=pl_module.device),
+                              sync_dist=True, reduce_fx="sum")
+                finite = fakes.finite_images(resolution)
+                if finite.shape[0] >= MIN_FID_SAMPLES:
+                    metric.update(torch.stack([as_rgb(x) for x in finite]).to(pl_module.device), real=False)
+                    fid = metric.compute().float()
+                    metric.reset()  # fake features only: reset_real_features=False
+                else:
+                    fid = torch.tensor(math.nan, device=pl_module.device)
+                    pl_module.print(f"val/fid_{resolution} not computed: {counted['count']} of {counted['of']} "
+                                    f"samples non-finite")
+                if counted["count"] and finite.shape[0] >= MIN_FID_SAMPLES:
+                    pl_module.print(f"val/fid_{resolution}: {counted['count']} of {counted['of']} samples "
+                                    f"non-finite, left out of the FID")
+                for name in fid_log_names(self.fid, "val", resolution):
+                    pl_module.log(name, fid, sync_dist=False)
         self.validation_runs += 1
         self.has_real = True  # one full validation run of real images
 
@@ -232,6 +291,13 @@ class TestMetrics(pl.Callback):
     split over the processes, scored once) and, with
     ``fid.sweep_temperatures``, the FID-vs-temperature sweep of seed 000 Fig. 4.4
     (``temperature_sweep.json`` and ``.png``).
+
+    Beside the scores: ``fid_features`` (the extractor) and ``fid_is_smoke_test`` (True
+    for ``random-conv``, whose FIDs are not comparable with published ones; every printed
+    FID says which features it is on); ``nonfinite_samples`` ({R: {"count", "of"}}: the
+    samples with a NaN/inf value, left out of FID/KID; per sweep temperature in
+    ``temperature_sweep_nonfinite_samples``); where no two samples were finite the FID
+    and KID are ``null`` and ``fid_not_computed`` says why.
 
     ``sampling_time_samples``: time one ``sample_images(n, temperature)`` call for that
     many samples after a warm-up call (seed 003 Tables 5.3/5.4: seconds for 25 samples),
@@ -251,17 +317,26 @@ class TestMetrics(pl.Callback):
         name = getattr(pl_module, "model_name", type(pl_module).__name__)
         if self.fid is not None:
             results = self.sample_quality(trainer, pl_module, self.fid.temperature)
-            sweep = {f"{t:g}": {str(r): row["fid"] for r, row in
-                                self.sample_quality(trainer, pl_module, t).items()}
-                     for t in self.fid.sweep_temperatures}
+            swept = {f"{t:g}": self.sample_quality(trainer, pl_module, t) for t in self.fid.sweep_temperatures}
             table = {"evaluation": settings_dict(self.fid),
+                     "fid_features": self.fid.feature_extractor,
+                     "fid_feature_layer": self.fid.feature_layer,
+                     "fid_is_smoke_test": self.fid.is_smoke_test,
+                     "fid_features_note": features_note(self.fid),
                      "fid_reference_split": next((row["reference_split"] for row in results.values()), None),
                      "fid_reference_images": {str(r): row["reference_images"] for r, row in results.items()},
                      "fid": {str(r): row["fid"] for r, row in results.items()},
                      "kid": {str(r): row["kid"] for r, row in results.items()},
-                     "kid_std": {str(r): row["kid_std"] for r, row in results.items()}}
-            if sweep:
-                table["temperature_sweep"] = sweep
+                     "kid_std": {str(r): row["kid_std"] for r, row in results.items()},
+                     "nonfinite_samples": {str(r): row["nonfinite_samples"] for r, row in results.items()}}
+            not_computed = {str(r): row["not_computed"] for r, row in results.items() if row.get("not_computed")}
+            if not_computed:
+                table["fid_not_computed"] = not_computed
+            if swept:
+                table["temperature_sweep"] = {t: {str(r): row["fid"] for r, row in rows.items()}
+                                              for t, rows in swept.items()}
+                table["temperature_sweep_nonfinite_samples"] = {
+                    t: {str(r): row["nonfinite_samples"] for r, row in rows.items()} for t, rows in swept.items()}
         if not trainer.is_global_zero:
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
@@ -285,10 +360,17 @@ class TestMetrics(pl.Callback):
         if "temperature_sweep" in table:
             write_metrics_table(out_dir / "temperature_sweep.json", table["temperature_sweep"])
             plot_temperature_sweep(out_dir / "temperature_sweep.png", table["temperature_sweep"],
-                                   f"{name}: FID vs temperature")
+                                   f"{name}: FID ({features_label(self.fid)}) vs temperature",
+                                   table["temperature_sweep_nonfinite_samples"])
         if "fid" in table:
-            flat = {f"test/{kind}_{r}": v for kind in ("fid", "kid", "fid_reference_images")
-                    for r, v in table[kind].items()}
+            flat = {f"test/{kind}_{r}": v for kind in ("kid", "fid_reference_images")
+                    for r, v in table[kind].items() if v is not None}
+            flat.update({key: v for r, v in table["fid"].items() if v is not None
+                         for key in fid_log_names(self.fid, "test", r)})
+            flat.update({f"test/nonfinite_samples_{r}": row["count"] for r, row in table["nonfinite_samples"].items()})
+            flat.update({f"test/nonfinite_samples_{r}_t{t}": row["count"]
+                         for t, rows in table.get("temperature_sweep_nonfinite_samples", {}).items()
+                         for r, row in rows.items()})
             for logger in trainer.loggers:
                 logger.log_metrics(flat, step=trainer.global_step)
         write_metrics_table(out_dir / "metrics.json", table)
@@ -304,16 +386,20 @@ class TestMetrics(pl.Callback):
             return time_sampling(lambda k: sample(k, temperature), n, pl_module.device)
 
     @torch.no_grad()
-    def generate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, temperature) -> dict[int, Tensor]:
-        """``fid.num_samples`` uint8 samples per resolution, split over the processes
-        (each with its own seed) and gathered: the full set on every process."""
+    def generate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, temperature) -> Samples:
+        """``fid.num_samples`` uint8 samples per resolution and which were finite, split
+        over the processes (each with its own seed) and gathered: the full set on every
+        process."""
         settings = self.fid
         world, rank = trainer.world_size, trainer.global_rank
         share = math.ceil(settings.num_samples / world)
         fakes = draw_samples(pl_module, share, temperature, settings.seed + rank, settings.batch_size)
         if world > 1:
-            fakes = {r: pl_module.all_gather(x.to(pl_module.device)).flatten(0, 1)[:settings.num_samples].cpu()
-                     for r, x in fakes.items()}
+            def gather(x: Tensor) -> Tensor:
+                return pl_module.all_gather(x.to(pl_module.device)).flatten(0, 1)[:settings.num_samples].cpu()
+
+            fakes = Samples({r: gather(x) for r, x in fakes.images.items()},
+                            {r: gather(f.to(torch.uint8)).bool() for r, f in fakes.finite.items()})
         return fakes
 
     def reference(self, datamodule, pl_module: pl.LightningModule) -> tuple[str, Dataset]:
@@ -336,11 +422,13 @@ class TestMetrics(pl.Callback):
         return split, dataset
 
     def sample_quality(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                       temperature) -> dict[int, dict[str, float]]:
+                       temperature) -> dict[int, dict]:
         """FID and KID at every resolution against the reference images
-        (:meth:`reference`) at that resolution; each row also names the reference split
-        and its image count. Collective: every process calls it; process 0 returns the
-        scores."""
+        (:meth:`reference`) at that resolution, of the finite samples only; each row also
+        names the reference split and its image count, and counts the non-finite samples
+        (``nonfinite_samples``: {"count", "of"}). With fewer than two finite samples FID
+        and KID are None and ``not_computed`` says why. Collective: every process calls
+        it; process 0 returns the scores."""
         settings = self.fid
         datamodule = trainer.datamodule
         split, real_split = self.reference(datamodule, pl_module)
@@ -350,17 +438,29 @@ class TestMetrics(pl.Callback):
         results = {}
         n_bits = pl_module.n_bits
         features = feature_cache_tag(settings)  # extractor, layer (FID-192 vs 2048), weights
-        for resolution, images in fakes.items():
+        note = features_note(settings)
+        for resolution in fakes:
             cache_name = "-".join(str(part) for part in (
                 type(datamodule).__name__, Path(str(datamodule.data_dir)).name or "data",
                 datamodule.image_size, getattr(datamodule, "seed", 0), split, len(real_split),
                 resolution, n_bits, features))
-            results[resolution] = fidelity(TensorImages(images), ImagesAtResolution(real_split, resolution, n_bits),
-                                           settings, cache_name, cuda=pl_module.device.type == "cuda")
-            results[resolution].update(reference_split=split, reference_images=len(real_split))
-            pl_module.print(f"{getattr(pl_module, 'model_name', '')} at {resolution}px, temperature {temperature}: "
-                            f"FID {results[resolution]['fid']:.2f}, KID {results[resolution]['kid']:.4f} "
-                            f"(against {len(real_split)} {split} images)")
+            counted = fakes.nonfinite_count(resolution)
+            finite = fakes.finite_images(resolution)
+            head = f"{getattr(pl_module, 'model_name', '')} at {resolution}px, temperature {temperature}: "
+            excluded = (f"; {counted['count']} of {counted['of']} samples non-finite, left out"
+                        if counted["count"] else "")
+            if finite.shape[0] >= MIN_FID_SAMPLES:
+                row = fidelity(TensorImages(finite), ImagesAtResolution(real_split, resolution, n_bits),
+                               settings, cache_name, cuda=pl_module.device.type == "cuda")
+                pl_module.print(f"{head}FID {row['fid']:.2f}, KID {row['kid']:.4f} [{note}] "
+                                f"(against {len(real_split)} {split} images{excluded})")
+            else:
+                reason = (f"{counted['count']} of {counted['of']} samples non-finite "
+                          f"(FID/KID need at least {MIN_FID_SAMPLES} finite samples)")
+                row = {"fid": None, "kid": None, "kid_std": None, "not_computed": reason}
+                pl_module.print(f"{head}FID and KID not computed: {reason} [{note}]")
+            row.update(reference_split=split, reference_images=len(real_split), nonfinite_samples=counted)
+            results[resolution] = row
         return results
 
 

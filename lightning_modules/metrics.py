@@ -11,7 +11,13 @@ that fails the error names the file and where to put its path.
 
 ``random-conv`` is a small fixed, seeded random conv net registered as a torch-fidelity
 feature extractor: for tests and offline smoke runs only. Its FIDs are not comparable
-with published ones.
+with published ones, and every FID/KID printed, plotted, logged or written says which
+features it is on (:func:`features_note`), flagging smoke-test features loudly.
+
+Non-finite samples (any value NaN or infinite in model space) are counted per
+resolution (:class:`Samples`), excluded from FID/KID and reported beside the score; a
+FID of no finite samples is not computed (``None``, JSON ``null``). Every JSON file is
+strict JSON (:func:`json_text`: non-finite floats become ``null``).
 
 Seed 003's evaluation (sec. 5.2, Tables 5.2-5.4) differs in three ways, all available here:
 
@@ -31,9 +37,10 @@ import json
 import math
 import statistics
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +51,10 @@ from flows.quantization import reduce_bits
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_FILE)
+# Feature extractors whose FIDs mean nothing beyond "the pipeline runs" (tests, offline smoke runs).
+SMOKE_TEST_EXTRACTORS = frozenset({"random-conv"})
+# FID and KID need at least this many (finite) samples: a covariance of one sample is undefined.
+MIN_FID_SAMPLES = 2
 
 
 @dataclass
@@ -103,6 +114,41 @@ class FIDSettings:
     def weights_path(self) -> str | None:
         """The extractor's weights file: ``feature_weights``, else ``inception_weights``."""
         return self.feature_weights or self.inception_weights
+
+    @property
+    def is_smoke_test(self) -> bool:
+        """Are the features a smoke-test extractor's (``random-conv``), whose FIDs are not
+        comparable with published ones?"""
+        return self.feature_extractor in SMOKE_TEST_EXTRACTORS
+
+
+def features_note(settings: FIDSettings) -> str:
+    """Which features a FID/KID is on, for every line that prints one:
+    ``random-conv features: smoke test, not comparable with published FIDs``,
+    ``inception-v3-compat features``, ``inception-v3-compat features, layer 192``."""
+    note = f"{settings.feature_extractor} features"
+    if settings.feature_layer is not None:
+        note += f", layer {settings.feature_layer}"
+    if settings.is_smoke_test:
+        note += ": smoke test, not comparable with published FIDs"
+    return note
+
+
+def features_label(settings: FIDSettings) -> str:
+    """The features in a few words, for plot titles: ``random-conv smoke-test features``."""
+    layer = f" layer-{settings.feature_layer}" if settings.feature_layer is not None else ""
+    kind = " smoke-test" if settings.is_smoke_test else ""
+    return f"{settings.feature_extractor}{layer}{kind} features"
+
+
+def fid_log_names(settings: FIDSettings, stage: str, resolution: int) -> list[str]:
+    """The names a FID at ``resolution`` is logged under: ``{stage}/fid_R`` (the name
+    dashboards and checkpoint monitors know) and, on smoke-test features, also
+    ``{stage}/fid_R_random-conv_smoke_test``, so a curve's name says what it is."""
+    names = [f"{stage}/fid_{resolution}"]
+    if settings.is_smoke_test:
+        names.append(f"{stage}/fid_{resolution}_{settings.feature_extractor}_smoke_test")
+    return names
 
 
 class RandomConvFeatures(nn.Module):
@@ -326,17 +372,58 @@ def in_loop_fid(settings: FIDSettings):
             f"inception_weights: /path/to/{INCEPTION_FILE} in ValidationFID's fid settings (trainer.callbacks)") from error
 
 
+def finite_samples(images: Tensor) -> Tensor:
+    """Per sample ([B] bool), True where every value of the model-space image is finite."""
+    return torch.isfinite(images.reshape(images.shape[0], -1)).all(dim=1)
+
+
+@dataclass(eq=False)
+class Samples(Mapping):
+    """Generated images per resolution: ``images`` uint8 [N, C, R, R] on the CPU (read it
+    as a mapping: ``samples[R]``), and ``finite`` [N] bool, False for a sample any of
+    whose values was NaN or infinite in model space (``to_uint8`` shows it grey, so it
+    must be told apart here, from the float samples)."""
+
+    images: dict[int, Tensor]
+    finite: dict[int, Tensor]
+
+    def __getitem__(self, resolution: int) -> Tensor:
+        return self.images[resolution]
+
+    def __iter__(self):
+        return iter(self.images)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def failed(self, resolution: int) -> Tensor:
+        """[N] bool: the non-finite samples at ``resolution``."""
+        return ~self.finite[resolution]
+
+    def finite_images(self, resolution: int) -> Tensor:
+        """The finite samples at ``resolution`` (what FID/KID score)."""
+        return self.images[resolution][self.finite[resolution]]
+
+    def nonfinite_count(self, resolution: int) -> dict[str, int]:
+        """``{"count": non-finite samples, "of": samples}`` at ``resolution``."""
+        return {"count": int(self.failed(resolution).sum()), "of": int(self.finite[resolution].numel())}
+
+
 def generate_uint8(sample: Callable[[int], dict[int, Tensor]], num_samples: int, batch_size: int,
-                   to_uint8: Callable[[Tensor], Tensor]) -> dict[int, Tensor]:
-    """Draw ``num_samples`` per resolution in batches, as uint8 on the CPU."""
+                   to_uint8: Callable[[Tensor], Tensor]) -> Samples:
+    """Draw ``num_samples`` per resolution in batches, as uint8 on the CPU, with which
+    samples were finite (:class:`Samples`)."""
     chunks: dict[int, list[Tensor]] = {}
+    finite: dict[int, list[Tensor]] = {}
     remaining = num_samples
     while remaining > 0:
         n = min(batch_size, remaining)
         for resolution, images in sample(n).items():
-            chunks.setdefault(resolution, []).append(to_uint8(images.cpu()))
+            images = images.cpu()
+            finite.setdefault(resolution, []).append(finite_samples(images))
+            chunks.setdefault(resolution, []).append(to_uint8(images))
         remaining -= n
-    return {r: torch.cat(c) for r, c in chunks.items()}
+    return Samples({r: torch.cat(c) for r, c in chunks.items()}, {r: torch.cat(f) for r, f in finite.items()})
 
 
 def time_sampling(sample_fn: Callable[[int], object], n: int, device: torch.device | str | None = None,
@@ -363,13 +450,38 @@ def time_sampling(sample_fn: Callable[[int], object], n: int, device: torch.devi
     return float(statistics.median(times))
 
 
+def strict_json(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, +-inf; also NumPy's and 0-dim tensors')
+    replaced by None, recursively through dicts, lists and tuples: JSON has no NaN."""
+    if isinstance(value, dict):
+        return {key: strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(item) for item in value]
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = value.item()
+    if hasattr(value, "dtype") and hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        value = value.item()  # a NumPy scalar
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def json_text(value: Any) -> str:
+    """Strict JSON text of ``value`` (non-finite floats as ``null``, :func:`strict_json`),
+    indented, with a final newline: what every JSON file the project writes holds."""
+    return json.dumps(strict_json(value), indent=2, sort_keys=False, allow_nan=False) + "\n"
+
+
 def write_metrics_table(path: Path, table: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(table, indent=2, sort_keys=False) + "\n")
+    path.write_text(json_text(table))
 
 
-def plot_temperature_sweep(path: Path, sweep: dict[str, dict[str, float]], title: str) -> None:
-    """FID against temperature, one line per resolution (Fig. 4.4)."""
+def plot_temperature_sweep(path: Path, sweep: dict[str, dict[str, float | None]], title: str,
+                           nonfinite: dict[str, dict[str, dict[str, int]]] | None = None) -> None:
+    """FID against temperature, one line per resolution (Fig. 4.4). A FID that was not
+    computed (None: no finite samples) is a gap; ``nonfinite`` ({T: {R: {"count", "of"}}})
+    labels each point where samples were non-finite (and left out of its FID)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -379,8 +491,15 @@ def plot_temperature_sweep(path: Path, sweep: dict[str, dict[str, float]], title
     resolutions = sorted({int(r) for row in sweep.values() for r in row})
     figure, axis = plt.subplots(figsize=(5, 3.5))
     for resolution in resolutions:
-        axis.plot(temperatures, [sweep[f"{t:g}"][str(resolution)] for t in temperatures],
-                  marker="o", label=f"{resolution}x{resolution}")
+        values = [sweep[f"{t:g}"].get(str(resolution)) for t in temperatures]
+        values = [math.nan if v is None else float(v) for v in values]
+        axis.plot(temperatures, values, marker="o", label=f"{resolution}x{resolution}")
+        for t, v in zip(temperatures, values):
+            count = ((nonfinite or {}).get(f"{t:g}") or {}).get(str(resolution))
+            if count and count["count"]:
+                text = f"{count['count']}/{count['of']} non-finite" + (" (no FID)" if math.isnan(v) else "")
+                axis.annotate(text, (t, 0.0 if math.isnan(v) else v), fontsize=7, textcoords="offset points",
+                              xytext=(3, 3))
     axis.set_xlabel("temperature")
     axis.set_ylabel("FID")
     axis.set_title(title)
