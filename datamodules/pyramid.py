@@ -40,9 +40,13 @@ def check_resolutions(image_size: int, resolutions: list[int]) -> list[int]:
     return resolutions
 
 
-def data_mismatch(datamodule, resolutions: list[int], channels: int, model: str) -> str | None:
-    """Why ``datamodule`` cannot feed a model of ``resolutions`` and ``channels`` (named
-    ``model`` in the message), with the setting that fixes it; None when it can."""
+def data_mismatch(datamodule, resolutions: list[int], channels: int, model: str,
+                  num_classes: int = 0) -> str | None:
+    """Why ``datamodule`` cannot feed a model of ``resolutions``, ``channels`` and
+    ``num_classes`` (named ``model`` in the message), with the setting that fixes it; None
+    when it can. A class-conditional model needs labelled data whose every label is one
+    of its classes: a label equal to ``num_classes`` would otherwise be read as another
+    class or as the null class of classifier-free guidance, silently."""
     missing = [r for r in resolutions if r not in datamodule.resolutions]
     if missing:
         fix = f"add {missing} to data.init_args.resolutions"
@@ -57,6 +61,14 @@ def data_mismatch(datamodule, resolutions: list[int], channels: int, model: str)
     if datamodule.channels != channels:
         return (f"the data have {datamodule.channels} channels but the model expects {channels}; "
                 f"set in_channels: {datamodule.channels} in the model")
+    data_classes = int(getattr(datamodule, "num_classes", 0) or 0)
+    if num_classes and not data_classes:
+        return (f"{model} is class-conditional (num_classes: {num_classes}) but {type(datamodule).__name__} "
+                "yields no class labels; use labelled data (e.g. data.init_args.labels_from_subfolders: true for a "
+                "folder of class folders) or set num_classes: 0 in the model")
+    if num_classes and data_classes > num_classes:
+        return (f"the data have {data_classes} classes (labels 0..{data_classes - 1}) but {model} models "
+                f"num_classes: {num_classes}; set num_classes: {data_classes} in the model")
     return None
 
 

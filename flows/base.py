@@ -71,6 +71,18 @@ def drop_labels(cond: Condition, probability: float) -> Condition:
     return with_condition(cond, **{LABELS: torch.where(dropped, torch.full_like(labels, NULL_LABEL), labels)})
 
 
+def check_labels(labels: Tensor, num_classes: int) -> Tensor:
+    """``labels``, after a device-side check that each is a class of ``[0, num_classes)``
+    or :data:`NULL_LABEL`: a label equal to ``num_classes`` would otherwise index the
+    null class's row of an embedding, silently. The check does not read the labels back
+    to the host (``torch._assert_async``): a compiled step keeps one graph and a GPU step
+    does not wait on it; the error still names the range."""
+    inside = ((labels >= NULL_LABEL) & (labels < num_classes)).all()
+    torch._assert_async(inside, f"class labels must lie in [0, {num_classes}) or be {NULL_LABEL} (the null class); "
+                                "check the data's class count against the model's num_classes")
+    return labels
+
+
 def guided(conditional: Tensor, null: Tensor, weight: float) -> Tensor:
     """Classifier-free guidance of a parameter (a shift, a log-scale, a prior's mean):
     ``conditional + w (conditional - null)``; w = 0 is the conditional one."""

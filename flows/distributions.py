@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flows.base import (GUIDANCE, LABELS, NULL_LABEL, Condition, at_least_float32, concat_features, condition_features,
+from flows.base import (GUIDANCE, LABELS, NULL_LABEL, Condition, check_labels, at_least_float32, concat_features, condition_features,
                         condition_value, guided, with_condition)
 from flows.nets import ZeroConv2d
 
@@ -160,9 +160,7 @@ class GaussianPrior(LatentPrior):
             y = condition_value(cond, LABELS)
             if y is None:
                 raise ValueError(f"this prior is class-conditional: pass labels as cond['{LABELS}']")
-            if y.min() < NULL_LABEL or y.max() >= self.num_classes:
-                raise ValueError(f"labels must lie in [0, {self.num_classes}) or be {NULL_LABEL} (the null "
-                                 f"class), got [{int(y.min())}, {int(y.max())}]")
+            y = check_labels(y, self.num_classes)
             # The null class is the all-zero one-hot: the embedding's bias alone.
             known = (y >= 0).unsqueeze(1)
             onehot = (F.one_hot(y.long().clamp(min=0), self.num_classes) * known).to(self.class_embedding.weight.dtype)

@@ -27,13 +27,14 @@ model). Figures computed from a bound are reported as bounds (``bpd_bound_R``).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from flows.base import GUIDANCE, Condition, condition_value, drop_labels, with_condition
+from flows.base import GUIDANCE, LABELS, NULL_LABEL, Condition, condition_value, drop_labels, with_condition
 from flows.dequantization import Dequantizer, DequantizerFactory, UniformDequantizer
 from flows.distributions import PriorTraining
 from flows.quantization import likelihood_figure
@@ -166,10 +167,23 @@ class FlowModel(nn.Module):
             raise ValueError(f"guidance (the weight w) must be >= 0, got {guidance}")
         if (label_dropout or guidance) and not self.num_classes:
             raise ValueError("classifier-free guidance (label_dropout, guidance) needs classes (num_classes > 0)")
+        if guidance and not label_dropout:
+            raise ValueError(f"guidance {guidance} extrapolates away from the null class, which a model trained with "
+                             "label_dropout: 0 never learns (its embedding stays at its initial value): train with "
+                             "label_dropout > 0 (the paper: 0.1), or set guidance: 0")
         self.label_dropout, self.guidance = float(label_dropout), float(guidance)
 
     def guided_condition(self, cond: Condition) -> Condition:
-        """``cond`` with the model's guidance weight, unless it names one (sampling)."""
+        """``cond`` with the model's guidance weight, unless it names one (sampling). Warns
+        when the samples would use an untrained null class (guidance, or labels of -1,
+        on a model with ``label_dropout: 0``)."""
+        if self.num_classes and not self.label_dropout:
+            labels = condition_value(cond, LABELS)
+            if condition_value(cond, GUIDANCE) or (labels is not None and bool((labels < 0).any())):
+                warnings.warn(f"{self.display_name} samples with classifier-free guidance or the null class (label "
+                              f"{NULL_LABEL}), but it trains with label_dropout: 0, so its null class was never "
+                              "trained and these samples follow an untrained embedding; train with label_dropout > 0",
+                              stacklevel=3)
         if not self.guidance or condition_value(cond, GUIDANCE) is not None:
             return cond
         return with_condition(cond, **{GUIDANCE: self.guidance})

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flows.base import (GUIDANCE, LABELS, NULL_LABEL, Bijection, Condition, at_least_float32, condition_value, guided,
+from flows.base import (GUIDANCE, LABELS, NULL_LABEL, Bijection, check_labels, Condition, at_least_float32, condition_value, guided,
                         with_condition)
 from flows.dequantization import DequantizerFactory
 from flows.distributions import GaussianPrior
@@ -149,7 +149,7 @@ class TarFlowBlock(Bijection):
         labels = condition_value(cond, LABELS)
         if labels is None:
             raise ValueError(f"this TarFlow is class-conditional: pass cond['{LABELS}'] (-1 for no class)")
-        labels = labels.long().to(like.device)
+        labels = check_labels(labels.long().to(like.device), self.num_classes)
         if null:
             labels = torch.full_like(labels, NULL_LABEL)
         rows = torch.where(labels < 0, torch.full_like(labels, self.num_classes), labels)
@@ -260,8 +260,18 @@ class TarFlow(FlowModel):
                  affine: bool = True, num_classes: int = 0, label_dropout: float = 0.0, guidance: float = 0.0,
                  learn_prior_scale: bool | None = None, dequantizer: DequantizerFactory | None = None) -> None:
         super().__init__(dequantizer, in_channels)
-        if blocks < 1 or layers_per_block < 1:
-            raise ValueError("TarFlow needs blocks >= 1 and layers_per_block >= 1")
+        for name, value in dict(in_channels=in_channels, image_size=image_size, patch_size=patch_size,
+                                channels=channels, blocks=blocks, layers_per_block=layers_per_block,
+                                head_channels=head_channels, expansion=expansion).items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"TarFlow's {name} must be a positive integer, got {value!r}")
+        if num_classes < 0:
+            raise ValueError(f"TarFlow's num_classes must be >= 0 (0: unconditional), got {num_classes}")
+        if image_size % patch_size:
+            raise ValueError(f"TarFlow's image_size {image_size} is not a multiple of patch_size {patch_size}; "
+                             f"choose a patch_size that divides it (e.g. {max(p for p in (1, 2, 4, 8) if image_size % p == 0)})")
+        if channels % head_channels:
+            raise ValueError(f"TarFlow's channels ({channels}) must be a multiple of head_channels ({head_channels})")
         self.in_channels, self.image_size, self.num_classes = in_channels, image_size, num_classes
         self.set_guidance(label_dropout, guidance)
         self.blocks = nn.ModuleList(

@@ -66,12 +66,19 @@ class FlowModule(FamilyInterface, NonFiniteStepSkipping, TrainableParts, Analysi
             Lightning's ``trainer.accumulate_grad_batches`` does not apply to the manual
             optimization used here. The schedules count optimizer steps; the last group
             of an epoch may be shorter; a non-finite loss drops the whole group.
+        accept_changed_settings: model settings (dotted keys, or their last part; "*" for
+            all) allowed to differ from those saved in a checkpoint this run loads (a
+            resume, ``lightning test``); any other difference is refused
+            (``checkpointing.check_settings``). Optimization and sampling settings may
+            always differ (``checkpointing.RUN_SETTINGS``).
     """
 
     def __init__(self, *, n_bits: int = 8, grad_clip_norm: float | None = None,
                  grad_clip_relative: float | None = None, evaluation_seed: int = 1234, channels_last: bool = False, compile: bool = False,
-                 max_skipped_steps: int = 100, accumulate_grad_batches: int = 1) -> None:
+                 max_skipped_steps: int = 100, accumulate_grad_batches: int = 1,
+                 accept_changed_settings: list[str] | None = None) -> None:
         super().__init__()
+        self.accept_changed_settings = tuple(accept_changed_settings or ())
         self.automatic_optimization = False
         if accumulate_grad_batches < 1:
             raise ConfigurationError(f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
@@ -100,7 +107,8 @@ class FlowModule(FamilyInterface, NonFiniteStepSkipping, TrainableParts, Analysi
     # --- data -------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
-        problem = datamodule and data_mismatch(datamodule, self.resolutions, self.in_channels, type(self).__name__)
+        problem = datamodule and data_mismatch(datamodule, self.resolutions, self.in_channels, type(self).__name__,
+                                               self.num_classes)
         if problem:
             raise ConfigurationError(problem)
 
@@ -176,6 +184,14 @@ class FlowModule(FamilyInterface, NonFiniteStepSkipping, TrainableParts, Analysi
                 name = "train/lr" if len(groups) == 1 else f"train/lr_{group['name']}"
                 self.log(name, group["lr"], on_step=True, on_epoch=False)
         return out.loss.detach()
+
+    def on_validation_model_zero_grad(self) -> None:
+        """Lightning zeroes the gradients before validation (its own accumulation is 1
+        under manual optimization). A validation inside an accumulation group must not
+        drop the micro-batches already summed: the group goes on after it, as if the
+        validation had come at the group's end."""
+        if not self._accumulated:
+            super().on_validation_model_zero_grad()
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """Gradients are unscaled here: clip them, and drop a step whose gradient norm is

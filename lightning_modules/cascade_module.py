@@ -120,7 +120,7 @@ class CascadeModule(FlowModule):
         classes = {getattr(self.model.stage(r), "num_classes", 0) for r in self.model.resolutions}
         if len(classes) > 1:
             raise ValueError(f"every stage must have the same num_classes, got {sorted(classes)}")
-        self.num_classes = classes.pop()
+        self._num_classes = classes.pop()
         self.loss_weights = {"class_bits": class_loss_weight}
         self.max_reconstruction_abs = max_reconstruction_abs
         self.failure_probe_sigmas = list(failure_probe_sigmas if failure_probe_sigmas is not None else [0.5, 1.0])
@@ -194,6 +194,11 @@ class CascadeModule(FlowModule):
     def model_name(self) -> str:
         """Tables 4.2 / 4.3 naming, e.g. Glow16-SRF32(0.02)-SRF64(0.50)."""
         return "-".join(self.stage_name(r) for r in self.model.resolutions)
+
+    @property
+    def num_classes(self) -> int:
+        """Every stage's class count (they must agree)."""
+        return self._num_classes
 
     @property
     def resolutions(self) -> list[int]:

@@ -31,6 +31,7 @@ import threading
 import time
 import types
 import warnings
+from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -447,6 +448,76 @@ def check_fits(checkpoint: dict, module_class: str, model_name: str, state_dict:
             "the run that wrote it; use its config (saved as config.yaml in its log folder).")
 
 
+# Settings that never change what the weights mean or the likelihood a checkpoint gives:
+# how it is optimized, sampled, evaluated or run. They may differ between the run that
+# wrote a checkpoint and one that resumes or tests it (a new learning rate, a guidance
+# weight, DDIM steps); any other difference is refused (:func:`check_settings`).
+RUN_SETTINGS = frozenset({
+    "optimizer", "flow_optimizer", "diffusion_optimizer", "encoder_optimizer", "decoder_optimizer",
+    "grad_clip_norm", "grad_clip_relative", "evaluation_seed", "channels_last", "compile", "max_skipped_steps",
+    "accumulate_grad_batches", "class_loss_weight", "loss_mode", "vlb_weight", "bound_estimator", "loss",
+    "label_dropout", "guidance", "sampling_steps", "eta", "clip_denoised", "denoise_samples", "memory_efficient",
+    "activation_checkpointing", "train_stages", "init_checkpoint", "freeze_encoders_at_epoch", "train_noise_std",
+    "failure_probe_sigmas", "failure_probe_every_n_steps", "max_reconstruction_abs", "accept_changed_settings",
+    "_instantiator",
+})
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) \
+            and not isinstance(b, bool):
+        return float(a) == float(b)
+    return a == b
+
+
+def setting_differences(saved, current, path: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, saved value, current value) for every setting of ``current`` that
+    ``saved`` holds with another value. A key only one side has is not a difference (an
+    argument added or removed since); :data:`RUN_SETTINGS` are skipped; a component of
+    another ``class_path`` differs as a whole."""
+    def mapping(value):
+        if isinstance(value, Mapping):
+            return value
+        if hasattr(value, "__dict__") and type(value).__name__ == "Namespace":
+            return vars(value)
+        return None
+
+    a, b = mapping(saved), mapping(current)
+    if a is None or b is None:
+        return [] if _same(saved, current) else [(path, saved, current)]
+    if "class_path" in a and "class_path" in b and a["class_path"] != b["class_path"]:
+        return [(f"{path}.class_path" if path else "class_path", a["class_path"], b["class_path"])]
+    differences = []
+    for key in a.keys() & b.keys():
+        if key in RUN_SETTINGS:
+            continue
+        differences += setting_differences(a[key], b[key], f"{path}.{key}" if path else str(key))
+    return sorted(differences, key=lambda d: d[0])
+
+
+def check_settings(saved: Mapping | None, current: Mapping | None, accepted=()) -> None:
+    """Refuse a checkpoint whose saved model settings differ from this run's config where
+    the tensors still fit (``scale_fn: glow`` tested as ``squish``: the same shapes, other
+    numbers, and a metrics.json that overwrites the run's own). ``accepted``: dotted keys
+    (or their last part) allowed to differ, ``"*"`` for all (the module's
+    ``accept_changed_settings``)."""
+    if not saved or not current or "*" in accepted:
+        return
+    differences = [d for d in setting_differences(saved, current)
+                   if d[0] not in accepted and d[0].rsplit(".", 1)[-1] not in accepted]
+    if differences:
+        listed = "; ".join(f"model.init_args.{key}: {old!r} in the checkpoint, {new!r} here"
+                           for key, old, new in differences[:6])
+        more = f" (and {len(differences) - 6} more)" if len(differences) > 6 else ""
+        leaves = sorted({key.rsplit(".", 1)[-1] for key, _, _ in differences})
+        raise CheckpointError(
+            f"this checkpoint was written with other model settings than this run's config: {listed}{more}. Its "
+            "weights would load and give other numbers. Use the config that wrote it (config.yaml in its run folder), "
+            f"or, to load it anyway, pass --model.init_args.accept_changed_settings '[{', '.join(leaves)}]'")
+
+
 class CheckpointIdentity:
     """LightningModule hooks (``FlowModule`` mixes them in): a checkpoint names the module
     class and the model that wrote it, and loads only into a module that fits it, after
@@ -470,6 +541,8 @@ class CheckpointIdentity:
         checkpoint["state_dict"] = upgrade_state_dict(checkpoint.get("state_dict", {}),
                                                       checkpoint.get("hyper_parameters") or {})
         check_fits(checkpoint, type(self).__name__, self.model_name, self.state_dict())
+        check_settings(checkpoint.get("hyper_parameters"), dict(self.hparams),
+                       getattr(self, "accept_changed_settings", ()))
 
 
 def save_constructor_arguments(module, frame) -> None:

@@ -202,6 +202,56 @@ def follow_default_root_dir(config: Namespace, argv: list[str]) -> None:
                 break
 
 
+def check_trainer_accumulation(config: Namespace) -> None:
+    """``trainer.accumulate_grad_batches`` with a module that optimizes manually (every
+    flow family) is refused by Lightning with a traceback at fit start: say where the
+    setting lives instead, before anything is built."""
+    k = config.trainer.get("accumulate_grad_batches") or 1
+    if k == 1:
+        return
+    class_path = getattr(config.get("model"), "class_path", "") or ""
+    module, _, name = class_path.rpartition(".")
+    try:
+        from lightning_modules.base import FlowModule
+
+        manual = issubclass(getattr(importlib.import_module(module), name), FlowModule)
+    except (ImportError, AttributeError, TypeError, ValueError):
+        manual = False
+    if manual:
+        raise ConfigurationError(
+            f"trainer.accumulate_grad_batches is {k}, but {name} optimizes manually, where Lightning's "
+            f"accumulation does not apply: set model.init_args.accumulate_grad_batches: {k} instead "
+            f"(--model.init_args.accumulate_grad_batches {k}) and leave the trainer's at 1")
+
+
+def check_config_files(argv: list[str]) -> None:
+    """A config file that is not valid YAML: name the file, the cause and the line, in one
+    paragraph (jsonargparse gives only "line 38, column 17")."""
+    import yaml
+
+    paths = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--config", "-c")]
+    paths += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    for path in paths:
+        if not os.path.isfile(path):
+            continue  # jsonargparse reports a missing file itself
+        try:
+            with open(path) as handle:
+                yaml.safe_load(handle)
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
+            line = ""
+            if mark:
+                lines = Path(path).read_text().splitlines()
+                line = f": `{lines[mark.line].rstrip()}`" if mark.line < len(lines) else ""
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            context = getattr(error, "context", None)
+            raise ConfigurationError(
+                f"{path} is not valid YAML: {problem}{' (' + context + ')' if context else ''} at {where}{line}. "
+                "Check the indentation and the quoting there (a value with ': ' or a leading '{', '[' or '*' "
+                "needs quotes)") from None
+
+
 class MsflowsCLI(LightningCLI):
     run_lock: RunLock | None = None
 
@@ -221,6 +271,7 @@ class MsflowsCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        check_trainer_accumulation(config)
         follow_default_root_dir(config, self.command_line)
         root = config.trainer.default_root_dir or "."
         if self.subcommand == "fit" and is_launch_process():
@@ -261,6 +312,7 @@ def main(args=None) -> None:
     """Console-script entry (returns None, so the exit status is 0 on success). Errors a
     user can fix print one paragraph and exit with 2 (MSFLOWS_TRACEBACK=1: the traceback)."""
     try:
+        check_config_files(sys.argv[1:] if args is None else [str(a) for a in args])
         build_cli(args)
     except (UsageError, DatasetNotFoundError, DataSettingsError) as error:
         if os.environ.get("MSFLOWS_TRACEBACK"):

@@ -100,6 +100,19 @@ class FamilyInterface:
     def in_channels(self) -> int:
         return self.model.in_channels
 
+    @property
+    def num_classes(self) -> int:
+        """The classes the model conditions on (0: unconditional); the data module's
+        labels must lie in ``[0, num_classes)`` (checked at setup)."""
+        return self.model.num_classes
+
+    @property
+    def noisy_data_resolutions(self) -> set[int]:
+        """The resolutions whose likelihood is the density of noisy data (noise
+        augmentation), logged as ``noisy_data_nll_bits_R``, never as ``bpd_R``; a
+        checkpoint monitor of ``bpd_R`` there is refused before the first step."""
+        return {self.resolution} if self.model.dequantizer.continuous else set()
+
     def compute_losses(self, batch: Batch) -> LossOutput:
         """Default: the model's own objective (``FlowModel.training_loss``) at its one
         resolution."""

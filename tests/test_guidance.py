@@ -64,7 +64,7 @@ def test_the_guided_gaussian_prior_extrapolates_mean_and_log_std_from_the_null_c
     eps = torch.randn(3, 2, 3, 3)
     expected = mean + w * (mean - null_mean) + torch.exp(log_std + w * (log_std - null_log_std)) * eps
     assert torch.allclose(drawn, expected, atol=1e-6)
-    with pytest.raises(ValueError, match="null"):
+    with pytest.raises(RuntimeError, match=r"\[0, 2\) or be -1"):
         prior.params(1, {LABELS: torch.tensor([-2])})
 
 
