@@ -4,7 +4,7 @@ from lightning_modules.analyses import (LatentInterpolation, LatentZeroing, Near
                                         ResamplingMaps)
 from lightning_modules.averaging import EMAWeights
 from lightning_modules.base import Batch, FlowModule, LossOutput
-from lightning_modules.callbacks import ExactResume, SampleGrids, TestMetrics, ValidationFID
+from lightning_modules.callbacks import ExactResume, RunSummary, SampleGrids, TestMetrics, ValidationFID
 from lightning_modules.cascade_module import CascadeModule, GlowStage, SRFlowStage
 from lightning_modules.diffusion_module import DiffusionFlowModule, PixelDiffusionModule
 from lightning_modules.glow_module import GlowModule
@@ -16,7 +16,7 @@ from lightning_modules.parts import Freeze, OptimizerSettings, Part
 from lightning_modules.rrdb_module import RRDBPretrainModule
 from lightning_modules.signals import RunStopped, SignalCheckpoint
 
-__all__ = ["Batch", "FlowModule", "LossOutput", "ExactResume", "SampleGrids", "TestMetrics", "ValidationFID",
+__all__ = ["Batch", "FlowModule", "LossOutput", "ExactResume", "RunSummary", "SampleGrids", "TestMetrics", "ValidationFID",
            "CascadeModule", "DiffusionFlowModule", "PixelDiffusionModule", "GlowStage", "SRFlowStage", "GlowModule",
            "HierarchicalModule", "FIDSettings", "Freeze", "OptimizerSettings", "Part", "RRDBPretrainModule",
            "LatentInterpolation", "LatentZeroing", "NearestNeighbours", "NoiseSweep", "ResamplingMaps", "LeNetFeatures",

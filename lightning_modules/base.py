@@ -223,11 +223,14 @@ class FlowModule(FamilyInterface, NonFiniteStepSkipping, TrainableParts, Analysi
         kwargs = dict(on_step=on_step, on_epoch=not on_step, batch_size=batch_size,
                       sync_dist=not on_step)
         self.log(f"{split}/loss", out.loss.detach(), prog_bar=split == "train", **kwargs)
+        # The progress bar shows the largest resolution's figure only (what the configs
+        # monitor): a cascade's every figure would push it past the terminal's width.
+        shown = max(out.log_prob, default=None)
         for resolution, log_prob in out.log_prob.items():
             continuous = resolution in out.continuous
             bpd = likelihood_figure(log_prob.detach(), out.dims[resolution], self.n_bits, continuous).mean()
             name = bpd_name(resolution, out.exact.get(resolution, True), self.bound_metric, continuous)
-            self.log(f"{split}/{name}", bpd, prog_bar=split != "train", **kwargs)
+            self.log(f"{split}/{name}", bpd, prog_bar=split != "train" and resolution == shown, **kwargs)
         for name, value in out.extra.items():
             self.log(f"{split}/{name}", value.detach(), **kwargs)
 

@@ -158,6 +158,19 @@ def save_uint8_png(image: Tensor, path: Path) -> None:
     Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).save(path)
 
 
+def grid_prefix(trainer: pl.Trainer) -> str:
+    """``stepXXXXXXXX`` in a fit; outside one (``lightning validate`` of a checkpoint) also
+    the checkpoint's name, so that validating two checkpoints of a run (both at the step
+    they were saved, or 0 for weights loaded in Python) writes two grids, not one."""
+    from pytorch_lightning.trainer.states import TrainerFn
+
+    prefix = f"step{trainer.global_step:08d}"
+    if trainer.state.fn != TrainerFn.FITTING:
+        name = Path(trainer.ckpt_path).stem if trainer.ckpt_path else "weights"
+        prefix = f"{trainer.state.fn.value}_{name}_{prefix}"
+    return prefix
+
+
 class SampleGrids(pl.Callback):
     """A grid per resolution and temperature every ``every_n_epochs`` validation epochs,
     saved as ``samples/stepXXXXXXXX_resR_tT.png`` in the log folder and sent to the
@@ -195,7 +208,7 @@ class SampleGrids(pl.Callback):
                 failed = samples.failed(resolution)
                 shown = mark_failed(images, failed)
                 grid = make_grid(shown, nrow=int(math.ceil(math.sqrt(images.shape[0]))), padding=1)
-                path = out_dir / f"step{trainer.global_step:08d}_res{resolution}_t{temperature:g}.png"
+                path = out_dir / f"{grid_prefix(trainer)}_res{resolution}_t{temperature:g}.png"
                 save_uint8_png(grid, path)
                 saved.append(path)
                 bad = int(failed.sum())
@@ -533,3 +546,50 @@ class ExactResume(pl.Callback):
         sampler = getattr(loader, "sampler", None)
         if done and isinstance(sampler, ResumableSampler):
             sampler.skip_next(done * loader.batch_size)
+
+
+class RunSummary(pl.Callback):
+    """Where a run's files are, said twice on process 0: the run folder before the first
+    progress bar, and a short summary on a line of its own when the run ends (the
+    monitored metric's best and last values and their checkpoints, the last
+    validation's figures, the sample grids; for ``lightning test`` the test figures and
+    ``metrics.json``). The ``lightning`` command adds it to every run."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        log_dir(trainer)  # announced before any progress bar draws
+
+    @staticmethod
+    def _figures(trainer: pl.Trainer, split: str) -> str:
+        figures = {k: float(v) for k, v in trainer.callback_metrics.items()
+                   if k.startswith(f"{split}/") and getattr(v, "numel", lambda: 1)() == 1}
+        return ", ".join(f"{k} = {v:.4g}" for k, v in sorted(figures.items())) or "none logged"
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        folder = log_dir(trainer)
+        lines = [f"run finished at step {trainer.global_step}: {folder}"]
+        for checkpoint in trainer.checkpoint_callbacks:
+            monitor = getattr(checkpoint, "monitor", None)
+            best, score = getattr(checkpoint, "best_model_path", ""), getattr(checkpoint, "best_model_score", None)
+            if monitor and best:
+                shown = f"{float(score):.4g}" if score is not None else "?"
+                lines.append(f"  best:  {best} ({monitor} = {shown}, measured on these weights)")
+            last = getattr(checkpoint, "last_model_path", "")
+            if last:
+                lines.append(f"  last:  {last}")
+        lines.append(f"  last validation: {self._figures(trainer, 'val')}")
+        samples = folder / "samples"
+        if samples.is_dir():
+            lines.append(f"  samples: {samples} ({len(list(samples.glob('*.png')))} grids)")
+        print("\n" + "\n".join(lines), file=sys.stderr, flush=True)
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        folder = log_dir(trainer)
+        lines = [f"test finished: {trainer.ckpt_path or 'the weights in memory'}",
+                 f"  {self._figures(trainer, 'test')}"]
+        if (folder / "metrics.json").is_file():
+            lines.append(f"  metrics table: {folder / 'metrics.json'}")
+        print("\n" + "\n".join(lines), file=sys.stderr, flush=True)

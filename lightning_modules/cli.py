@@ -46,7 +46,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from datamodules import PyramidDataModule
 from datamodules.sources import DatasetNotFoundError, DataSettingsError
-from lightning_modules.callbacks import ExactResume
+from lightning_modules.callbacks import ExactResume, RunSummary
 from lightning_modules.checkpointing import (AtomicCheckpointIO, RunLock, persistent_wandb_id,
                                              remove_stale_temporaries, resume_checkpoint, storage_error)
 from lightning_modules.errors import ConfigurationError, UsageError
@@ -123,6 +123,20 @@ def parser_cause(message: str) -> str:
                   if line.strip().startswith("Given value: ") and indent(line) <= indent(lines[cause])), None)
     if given is not None and "Got value" not in text and given not in context:
         text += f", got {given}"
+    option = re.match(r"Option '(\w+)[.\w]*' is not accepted", text)
+    owner = next((c for c in reversed(context) if "." in c), None)
+    if option and owner and not accepts(owner, option.group(1)):
+        # A setting for an argument the class does not have at all (a dequantizer for a
+        # model without one): name the argument, not the nested option jsonargparse tried.
+        module, _, name = owner.rpartition(".")
+        try:
+            arguments = [p for p in inspect.signature(getattr(importlib.import_module(module), name)).parameters
+                         if p not in ("self", "args", "kwargs")]
+        except (ImportError, AttributeError, ValueError, TypeError):
+            arguments = []
+        text = (f"{owner} has no argument {option.group(1)!r}, so this config cannot set it there"
+                + (f" (its arguments: {', '.join(arguments)})" if arguments else ""))
+        return ": ".join([*context, text])
     missing = re.match(r"module '([\w.]+)' has no attribute '(\w+)'", text)
     if missing:  # a misspelt class path: name the closest one
         try:
@@ -252,6 +266,29 @@ def check_config_files(argv: list[str]) -> None:
                 "needs quotes)") from None
 
 
+def evaluation_logs_in_run_folder(config: Namespace, subcommand: str) -> None:
+    """``lightning test`` / ``validate`` / ``predict`` of ``<run>/checkpoints/X.ckpt``: the
+    CSV / TensorBoard logger records into ``<run>/<subcommand>_X/`` instead of opening a
+    near-empty ``version_N`` beside the run (metrics.json and the analyses already go to
+    ``<run>``). Left alone: other loggers (W&B opens its own run), a checkpoint outside a
+    ``checkpoints/`` folder, a run folder that cannot be written."""
+    ckpt = config.get("ckpt_path")
+    if not ckpt or not os.path.isfile(str(ckpt)):
+        return
+    folder = Path(str(ckpt)).resolve().parent
+    if folder.name != "checkpoints" or not os.access(folder.parent, os.W_OK):
+        return
+    loggers = config.trainer.logger
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        class_path = getattr(logger, "class_path", "") or ""
+        init_args = getattr(logger, "init_args", None)
+        if init_args is None or not class_path.endswith(("CSVLogger", "TensorBoardLogger")):
+            continue
+        init_args["save_dir"] = str(folder.parent)
+        init_args["name"] = ""
+        init_args["version"] = f"{subcommand}_{Path(str(ckpt)).stem}"
+
+
 class MsflowsCLI(LightningCLI):
     run_lock: RunLock | None = None
 
@@ -278,6 +315,8 @@ class MsflowsCLI(LightningCLI):
             MsflowsCLI.run_lock = RunLock(root).acquire()
             for path in remove_stale_temporaries(root):
                 print(f"removed {path}, left by a checkpoint write that was cut short", file=sys.stderr)
+        if self.subcommand in ("test", "validate", "predict"):
+            evaluation_logs_in_run_folder(config, self.subcommand)
         loggers = config.trainer.logger
         for logger in loggers if isinstance(loggers, list) else [loggers]:
             class_path = getattr(logger, "class_path", "") or ""
@@ -301,6 +340,8 @@ class MsflowsCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         if not any(isinstance(c, ExactResume) for c in trainer.callbacks):
             trainer.callbacks.append(ExactResume())
+        if not any(isinstance(c, RunSummary) for c in trainer.callbacks):
+            trainer.callbacks.append(RunSummary())  # where the files are, at the start and the end
         if not any(isinstance(c, SignalCheckpoint) for c in trainer.callbacks):
             trainer.callbacks.append(SignalCheckpoint())  # SIGTERM / Ctrl-C / SLURM requeue: save, then stop
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:

@@ -74,6 +74,7 @@ class ModelCheckpoint(LightningModelCheckpoint):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        self._stage = stage
         match = BPD_MONITOR.fullmatch(self.monitor or "")
         noisy = getattr(pl_module, "noisy_data_resolutions", set())
         if match and int(match[2]) in noisy:
@@ -144,6 +145,13 @@ class ModelCheckpoint(LightningModelCheckpoint):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if not self._topk_at_validation:
             super().on_train_epoch_end(trainer, pl_module)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # `lightning test` / `validate` of a checkpoint writes no checkpoints: its record of
+        # the best ones is not needed (and its other dirpath made Lightning warn).
+        if getattr(self, "_stage", "fit") != "fit":
+            return
+        super().load_state_dict(state_dict)
 
     def check_monitor_top_k(self, trainer, current=None) -> bool:
         if current is not None:

@@ -31,3 +31,31 @@ def run_command(capsys, *args) -> tuple[int, str, str]:
         code = exit_.code
     captured = capsys.readouterr()
     return code, captured.err, captured.out
+
+
+# A tiny Glow, its embedded data and a quiet CPU Trainer: shared by the training tests.
+def tiny_module(resolution=8, **optimizer):
+    from flows import Glow
+    from lightning_modules import GlowModule, OptimizerSettings
+
+    settings = dict(lr=1e-3, warmup_steps=4)
+    settings.update(optimizer)
+    return GlowModule(flow=Glow(image_size=resolution, scales=2, steps_per_scale=1, hidden_channels=8),
+                      n_bits=5, optimizer=OptimizerSettings(**settings))
+
+
+def tiny_data(resolutions=(8,)):
+    from datamodules import EmbeddedDataModule
+
+    return EmbeddedDataModule(image_size=8, resolutions=list(resolutions), train_size=64,
+                              val_size=16, batch_size=8)
+
+
+def trainer(tmp_path, **kwargs):
+    import pytorch_lightning as pl
+
+    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False,
+                    default_root_dir=str(tmp_path), limit_val_batches=1, num_sanity_val_steps=0)
+    defaults.update(kwargs)
+    return pl.Trainer(**defaults)
