@@ -8,7 +8,7 @@ the diffusion-augmented flow (T steps and DDIM with S), at the quick configs' si
 Models are built from the YAMLs that ``lightning fit`` trains (untrained weights: the
 cost of sampling does not depend on them):
 
-* Glow: ``experiments/quickstart.yaml``; NSF: the same with spline couplings and the
+* Glow: ``experiments/quick_photos.yaml``; NSF: the same with spline couplings and the
   ResNet coupling net (``experiments/overrides/quick_nsf.yaml``);
 * diffusion-augmented flow: ``experiments/quick_diffusion_flow.yaml`` (T from its YAML);
 * pixel DDPM: the same DDPM (U-Net and schedule) on the images, with
@@ -41,9 +41,9 @@ def rows(args) -> tuple[list[tuple], list[torch.nn.Module]]:
     from flows.denoiser import TimeConditionedUNet
     from flows.diffusion import PixelDiffusion
 
-    quickstart = str(REPO / "experiments/quickstart.yaml")
-    glow = build_module("--config", quickstart).model
-    nsf = build_module("--config", quickstart, "--config", str(REPO / "experiments/overrides/quick_nsf.yaml")).model
+    photos = str(REPO / "experiments/quick_photos.yaml")
+    glow = build_module("--config", photos).model
+    nsf = build_module("--config", photos, "--config", str(REPO / "experiments/overrides/quick_nsf.yaml")).model
     config = REPO / "experiments/quick_diffusion_flow.yaml"
     flow = build_module("--config", str(config)).model
     prior = flow.joint_prior

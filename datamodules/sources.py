@@ -380,3 +380,66 @@ class EmbeddedImages(Dataset):
 
     def __getitem__(self, index: int):
         return self.images[index], 0
+
+
+# --- scikit-learn's 8x8 handwritten digits (embedded, labelled) ----------------------
+
+DIGITS_LEVELS = 16  # the source's pixels are counts 0..16 (of a 4x4 block of a 32x32 bitmap)
+
+
+def load_digit_images() -> tuple[Tensor, Tensor]:
+    """All 1,797 images of ``sklearn.datasets.load_digits`` as uint8 ``[N, 1, 8, 8]`` on
+    0..255 (the source's 0..16 scaled by 255/16 and rounded: 0 stays black, 16 becomes
+    255) and their int64 labels 0..9. Ships with scikit-learn; nothing is downloaded."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    values = torch.from_numpy(digits.images.astype(np.float64))
+    images = (values * (255 / DIGITS_LEVELS)).round().clamp(0, 255).to(torch.uint8).unsqueeze(1)
+    return images, torch.from_numpy(digits.target.astype(np.int64))
+
+
+def digits_split_indices(labels: Tensor, val_per_class: int, test_per_class: int,
+                         seed: int) -> dict[str, list[int]]:
+    """Stratified, disjoint ``train`` / ``val`` / ``test`` indices: each class's indices in
+    an order drawn from ``seed`` alone (its own generator, not the global RNG), the first
+    ``val_per_class`` to validation, the next ``test_per_class`` to test, the rest to
+    training. (The 1,797 digits hold no two equal images, so disjoint indices are
+    disjoint images.)"""
+    generator = torch.Generator().manual_seed(seed)
+    splits: dict[str, list[int]] = {"train": [], "val": [], "test": []}
+    for label in labels.unique(sorted=True).tolist():
+        indices = torch.nonzero(labels == label).flatten()
+        if len(indices) <= val_per_class + test_per_class:
+            raise DataSettingsError(f"digit {label} has {len(indices)} images; holding out {val_per_class} "
+                                    f"for validation and {test_per_class} for test leaves none to train on")
+        order = indices[torch.randperm(len(indices), generator=generator)].tolist()
+        splits["val"] += order[:val_per_class]
+        splits["test"] += order[val_per_class:val_per_class + test_per_class]
+        splits["train"] += order[val_per_class + test_per_class:]
+    return {name: sorted(split) for name, split in splits.items()}
+
+
+class DigitImages(Dataset):
+    """One split of scikit-learn's 8x8 digits, brought to ``image_size`` (bicubic, as every
+    other source here, so an upsampled digit has smooth strokes rather than 2x2 blocks),
+    1 channel, with its label. ``index_in_source`` maps each item to its row of
+    ``load_digits()``."""
+
+    def __init__(self, split: Literal["train", "val", "test"] = "train", image_size: int = 16,
+                 val_per_class: int = 18, test_per_class: int = 18, seed: int = 0) -> None:
+        images, labels = load_digit_images()
+        indices = digits_split_indices(labels, val_per_class, test_per_class, seed)[split]
+        self.index_in_source = torch.tensor(indices, dtype=torch.int64)
+        self.images = resize_uint8(images[self.index_in_source], image_size)
+        self.labels = labels[self.index_in_source]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        return self.images[index], int(self.labels[index])
+
+    @property
+    def targets(self) -> list[int]:
+        return self.labels.tolist()

@@ -1,3 +1,4 @@
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,16 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _argv_is_the_program_alone(monkeypatch):
+    """The tests run the `lightning` command in this process with its arguments given
+    (``run_command``, ``build_cli(args)``), while ``sys.argv`` holds pytest's own. LightningCLI
+    warns when it gets both ("not recommended to provide both args and command line
+    arguments"); a user's process has only the program name beside the args, so the
+    tests' does too."""
+    monkeypatch.setattr(sys, "argv", [sys.argv[0]])
 
 
 def perturb_parameters(module: torch.nn.Module, scale: float = 0.1) -> None:

@@ -386,7 +386,7 @@ def test_an_integer_limit_batches_is_a_number_of_batches_on_the_command_line_and
 
     monkeypatch.chdir(tmp_path)  # the YAML's logger and callbacks write under ./runs
     (tmp_path / "limits.yaml").write_text("trainer:\n  limit_val_batches: 1\n")
-    common = ["--config", str(REPO / "experiments" / "quickstart.yaml"), *TINY_QUICKSTART,
+    common = ["--config", str(REPO / "experiments" / "quick_photos.yaml"), *TINY_QUICKSTART,
               "--data.init_args.eval_batch_size", "8", "--trainer.logger", "false",
               "--trainer.default_root_dir", str(tmp_path)]  # 32 validation images: 4 batches
     cli = build_cli([*common, "--trainer.limit_val_batches", "1"], run=False)

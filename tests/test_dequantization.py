@@ -111,7 +111,7 @@ def test_glow_takes_a_dequantizer_from_its_arguments():
 
 
 @pytest.mark.parametrize("config, overlay", [
-    ("quickstart.yaml", True),   # Glow
+    ("quick_photos.yaml", True),  # Glow
     ("nsf_mnist.yaml", True),    # NSF (one channel)
     ("quick_cascade.yaml", False),  # a cascade's base stage, from the command line
 ])
@@ -142,7 +142,7 @@ def test_shipped_models_take_variational_dequantization_from_yaml(config, overla
 
 
 def test_a_config_monitoring_bpd_keeps_its_best_checkpoint_when_the_likelihood_becomes_a_bound(tmp_path, capsys):
-    """The quickstart monitors val/bpd_32; with the overlay the module logs
+    """The photo quickstart monitors val/bpd_32 (here val/bpd_16); with the overlay the module logs
     val/bpd_bound_32 instead (never val/bpd_32), and ModelCheckpoint ranks by it."""
     import csv
 

@@ -19,7 +19,7 @@ from lightning_modules.cli import main
 from tests.conftest import REPO, run_command
 from tests.test_cli import TINY_QUICKSTART
 
-QUICKSTART = ["--config", str(REPO / "experiments/quickstart.yaml"), *TINY_QUICKSTART,
+QUICKSTART = ["--config", str(REPO / "experiments/quick_photos.yaml"), *TINY_QUICKSTART,
               "--data.init_args.train_size", "32", "--data.init_args.val_size", "16", "--data.init_args.batch_size", "8",
               "--trainer.max_epochs", "1", "--trainer.logger", "false"]
 TINY_CASCADE = ["--config", str(REPO / "experiments/quick_cascade.yaml"),

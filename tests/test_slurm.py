@@ -75,7 +75,7 @@ def test_slurm_sigusr1_from_outside_saves_requeues_stops_and_the_relaunch_resume
     """The signal sent from outside, at whatever the run is doing, to every process of
     the job (as SLURM signals a job step), its DataLoader workers included."""
     env = {**os.environ, **fake_scontrol(tmp_path)}
-    args = ["fit", "--config", str(REPO / "experiments/quickstart.yaml"), "--trainer.default_root_dir", "run",
+    args = ["fit", "--config", str(REPO / "experiments/quick_photos.yaml"), "--trainer.default_root_dir", "run",
             "--trainer.logger.init_args.save_dir", "run", "--ckpt_path", "auto", *TINY_QUICKSTART,
             "--data.init_args.train_size", "2048", "--data.init_args.num_workers", "2"]
     job = subprocess.Popen([*CLI, *args, "--trainer.max_epochs", "50"], cwd=tmp_path, env=env,

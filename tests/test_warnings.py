@@ -10,7 +10,7 @@ from tests.test_cli import run_cli
 
 NOISE = ("LeafSpec", "litlogger", "litmodels", "Tip:", "callbacks used to create the checkpoint need to be provided",
          "exists and is not empty")
-TINY = ["--config", str(REPO / "experiments/quickstart.yaml"), "--trainer.enable_progress_bar", "false",
+TINY = ["--config", str(REPO / "experiments/quick_photos.yaml"), "--trainer.enable_progress_bar", "false",
         "--model.init_args.flow.init_args.image_size", "16", "--model.init_args.flow.init_args.scales", "2",
         "--model.init_args.flow.init_args.steps_per_scale", "1",
         "--model.init_args.flow.init_args.hidden_channels", "8",
