@@ -83,6 +83,8 @@ class Cascade(FlowModel):
         # Keyed by resolution, so a stage's weights carry over between cascades that
         # share it (e.g. SRF32 of Glow16-SRF32 and of Glow8-SRF16-SRF32).
         self.stages = nn.ModuleDict({str(m.image_size): m for m in [base, *sr_stages]})
+        # The same stages by int resolution (a traced step looks them up without str()).
+        self._stage_at = {m.image_size: m for m in [base, *sr_stages]}
 
     @property
     def exact(self) -> bool:
@@ -97,9 +99,9 @@ class Cascade(FlowModel):
         return self.stages[str(self.base_resolution)]
 
     def stage(self, resolution: int) -> FlowModel:
-        if str(resolution) not in self.stages:
+        if resolution not in self._stage_at:
             raise KeyError(f"the cascade has no stage at {resolution}px (stages: {self.resolutions})")
-        return self.stages[str(resolution)]
+        return self._stage_at[resolution]
 
     def stage_exact(self, resolution: int) -> bool:
         """Whether log P(x_R) of the cascade up to ``resolution`` is exact."""

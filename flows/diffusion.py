@@ -179,18 +179,19 @@ class TimestepSampler(nn.Module):
         return 0 if self.kind == "uniform" else 1
 
     def probabilities(self) -> Tensor:
-        """p(t) over 0..T-1 (zero below :attr:`first`), float64."""
-        p = torch.zeros(self.timesteps, dtype=torch.float64, device=self.history.device)
+        """p(t) over 0..T-1 (zero below :attr:`first`), float64. Chosen on the device (no
+        host read): uniform until every step's history is full (or all zero)."""
         steps = slice(self.first, self.timesteps)
-        p[steps] = 1.0
-        if self.kind == "importance" and bool((self.counts[steps] >= self.history.shape[1]).all()):
+        p = torch.zeros(self.timesteps, dtype=torch.float64, device=self.history.device)
+        p[steps] = 1.0 / (self.timesteps - self.first)
+        if self.kind == "importance":
             weights = self.history[steps].pow(2).mean(dim=1).sqrt()
-            if not bool(weights.sum() > 0):
-                return p / p.sum()
-            weights = weights / weights.sum()
-            p[steps] = (1.0 - self.uniform_mix) * weights + self.uniform_mix / (self.timesteps - self.first)
-            return p
-        return p / p.sum()
+            total = weights.sum()
+            importance = ((1.0 - self.uniform_mix) * weights / torch.where(total > 0, total, torch.ones_like(total))
+                          + self.uniform_mix / (self.timesteps - self.first))
+            ready = (self.counts[steps] >= self.history.shape[1]).all() & (total > 0)
+            p[steps] = torch.where(ready, importance, p[steps])
+        return p
 
     def sample(self, n: int, device) -> tuple[Tensor, Tensor]:
         """n steps t ~ p and their weights 1 / p(t) (float64)."""
@@ -200,27 +201,48 @@ class TimestepSampler(nn.Module):
 
     @torch.no_grad()
     def update(self, t: Tensor, terms: Tensor) -> None:
-        """Adds the drawn L_t (nats, one per image) to the history (importance only)."""
+        """Adds the drawn L_t (nats, one per image) to the history (importance only): each
+        step's row is a ring of its last ``history`` values, the next written at
+        ``counts % history``. Vectorized on the device, so a training step reads nothing
+        back to the host; images that drew the same t enter in batch order, and only the
+        last ``history`` of them are kept."""
         if self.kind != "importance":
             return
         width = self.history.shape[1]
-        for step, value in zip(t.tolist(), terms.detach().double().tolist()):
-            if self.counts[step] >= width:
-                self.history[step] = torch.roll(self.history[step], -1)
-                self.history[step, -1] = value
-            else:
-                self.history[step, self.counts[step]] = value
-            self.counts[step] += 1
+        t = t.to(self.counts.device).long()
+        values = terms.detach().to(self.history)
+        t_sorted, order = torch.sort(t, stable=True)
+        values = values[order]
+        position = torch.arange(t.numel(), device=t.device)
+        starts = torch.ones_like(t_sorted, dtype=torch.bool)
+        starts[1:] = t_sorted[1:] != t_sorted[:-1]
+        rank = position - torch.cummax(torch.where(starts, position, torch.zeros_like(position)), dim=0).values
+        added = torch.zeros_like(self.counts).scatter_add_(0, t_sorted, torch.ones_like(t_sorted))
+        kept = rank >= added[t_sorted] - width  # earlier ones would be overwritten in this same call
+        slot = (self.counts[t_sorted] + rank) % width
+        # A value not kept goes to a scratch row, so no two writes share a slot.
+        rows = torch.cat([self.history, self.history.new_zeros(1, width)])
+        rows.index_put_((torch.where(kept, t_sorted, torch.full_like(t_sorted, self.timesteps)), slot), values)
+        self.history.copy_(rows[:-1])
+        self.counts.add_(added)
+
+    def _chronological_index(self, inverse: bool = False) -> Tensor:
+        """For each step, the ring's slots oldest first (``inverse``: the way back)."""
+        width = self.history.shape[1]
+        shift = torch.where(self.counts > width, self.counts % width, torch.zeros_like(self.counts))
+        slots = torch.arange(width, device=self.counts.device)
+        return (slots + (-shift if inverse else shift).unsqueeze(1)) % width
 
     def state(self) -> dict:
-        return {"history": self.history.cpu(), "counts": self.counts.cpu()}
+        """The history oldest value first per step (the layout of earlier checkpoints)."""
+        return {"history": self.history.gather(1, self._chronological_index()).cpu(), "counts": self.counts.cpu()}
 
     def load_state(self, state: dict) -> None:
         if state["history"].shape != self.history.shape:
             raise ValueError(f"the saved time-step history has shape {tuple(state['history'].shape)}, this "
                              f"sampler's is {tuple(self.history.shape)} (another T or history length)")
-        self.history.copy_(state["history"])
         self.counts.copy_(state["counts"])
+        self.history.copy_(state["history"].to(self.history).gather(1, self._chronological_index(inverse=True)))
 
 
 # --- the diffusion prior -------------------------------------------------------------------
@@ -332,6 +354,9 @@ class DiffusionPrior(LatentPrior):
         for name, value in schedule_buffers.items():
             # float64, not saved: a function of the settings, and immune to .half().
             self.register_buffer(name, value, persistent=False)
+        # The same abar as Python floats: DDIM's per-step constants without reading the
+        # (possibly GPU) buffer back at every step.
+        self.abar_values: list[float] = abar.tolist()
         self.configure_training(loss_mode, vlb_weight, bound_estimator)
 
     def configure_training(self, loss_mode: LossMode, vlb_weight: float, bound_estimator: BoundEstimator) -> None:
@@ -550,8 +575,8 @@ class DiffusionPrior(LatentPrior):
         n = z.shape[0]
         t_tensor = self._timesteps(t, n, z.device)
         eps, _ = self.denoise(z, t_tensor)
-        abar = float(self.abar[t])
-        abar_next = float(self.abar[t_next]) if t_next >= 0 else 1.0
+        abar = self.abar_values[t]
+        abar_next = self.abar_values[t_next] if t_next >= 0 else 1.0
         z0 = (z - math.sqrt(1.0 - abar) * eps) / math.sqrt(abar)
         if self.clip_denoised:  # and the eps that the clipped z_0 implies (improved-diffusion)
             z0 = z0.clamp(-1.0, 1.0)
@@ -585,8 +610,8 @@ class DiffusionPrior(LatentPrior):
         for t in sequence:
             t_tensor = self._timesteps(t, z.shape[0], z.device)
             eps, _ = self.denoise(z, t_tensor)
-            abar_prev = float(self.abar[previous]) if previous >= 0 else 1.0
-            abar = float(self.abar[t])
+            abar_prev = self.abar_values[previous] if previous >= 0 else 1.0
+            abar = self.abar_values[t]
             z0_pred = (z - math.sqrt(1.0 - abar_prev) * eps) / math.sqrt(abar_prev)
             z = math.sqrt(abar) * z0_pred + math.sqrt(1.0 - abar) * eps
             previous = t

@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flows.base import (GUIDANCE, LABELS, NULL_LABEL, Condition, check_labels, at_least_float32, concat_features, condition_features,
@@ -162,8 +161,9 @@ class GaussianPrior(LatentPrior):
                 raise ValueError(f"this prior is class-conditional: pass labels as cond['{LABELS}']")
             y = check_labels(y, self.num_classes)
             # The null class is the all-zero one-hot: the embedding's bias alone.
-            known = (y >= 0).unsqueeze(1)
-            onehot = (F.one_hot(y.long().clamp(min=0), self.num_classes) * known).to(self.class_embedding.weight.dtype)
+            # (A comparison, not F.one_hot, which reads the labels back to check their range.)
+            classes = torch.arange(self.num_classes, device=y.device)
+            onehot = (y.long().unsqueeze(1) == classes).to(self.class_embedding.weight.dtype)
             class_mean, class_log_std = self.class_embedding(onehot).chunk(2, dim=1)
             mean = mean + class_mean[:, :, None, None]
             log_std = log_std + class_log_std[:, :, None, None]

@@ -459,11 +459,11 @@ class HierarchicalFlow(FlowModel):
         sigmas = [minibatch_sigma(mu, self.var_batch_size) for mu in mus]
         with torch.no_grad():
             batch_means = torch.stack([s.detach().mean() for s in sigmas]).to(self.running_sigma)
-            if bool(self.sigma_initialized):
-                self.running_sigma.lerp_(batch_means, self.sigma_momentum)
-            else:
-                self.running_sigma.copy_(batch_means)
-                self.sigma_initialized.fill_(True)
+            # The first batch sets the average, later ones move it; chosen on the device,
+            # so that no training step reads the flag back to the host.
+            moved = torch.lerp(self.running_sigma, batch_means, self.sigma_momentum)
+            self.running_sigma.copy_(torch.where(self.sigma_initialized, moved, batch_means))
+            self.sigma_initialized.fill_(True)
         return sigmas
 
     def encode_means(self, x: Tensor) -> list[Tensor]:

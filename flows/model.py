@@ -152,6 +152,7 @@ class FlowModel(nn.Module):
     # sampling uses where a call's cond names none (``set_guidance``).
     label_dropout: float = 0.0
     guidance: float = 0.0
+    _null_class_checked = False  # guided_condition's one look at the labels
 
     def __init__(self, dequantizer: DequantizerFactory | None = None, in_channels: int | None = None) -> None:
         """``dequantizer``: a factory called with ``in_channels`` (None: uniform)."""
@@ -177,8 +178,11 @@ class FlowModel(nn.Module):
         """``cond`` with the model's guidance weight, unless it names one (sampling). Warns
         when the samples would use an untrained null class (guidance, or labels of -1,
         on a model with ``label_dropout: 0``)."""
-        if self.num_classes and not self.label_dropout:
+        if self.num_classes and not self.label_dropout and not self._null_class_checked:
             labels = condition_value(cond, LABELS)
+            # Checked at a model's first sampling call only, so that later calls read
+            # nothing back to the host (tests/test_host_syncs.py).
+            self._null_class_checked = True
             if condition_value(cond, GUIDANCE) or (labels is not None and bool((labels < 0).any())):
                 warnings.warn(f"{self.display_name} samples with classifier-free guidance or the null class (label "
                               f"{NULL_LABEL}), but it trains with label_dropout: 0, so its null class was never "

@@ -137,11 +137,13 @@ def test_guidance_without_label_dropout_is_refused_and_warned():
     with pytest.raises(ValueError, match="label_dropout: 0 never learns"):
         Glow(image_size=4, in_channels=1, scales=1, steps_per_scale=1, hidden_channels=4, num_classes=2,
              guidance=2.0)
-    model = Glow(image_size=4, in_channels=1, scales=1, steps_per_scale=1, hidden_channels=4, num_classes=2)
+    def untrained_null():
+        return Glow(image_size=4, in_channels=1, scales=1, steps_per_scale=1, hidden_channels=4, num_classes=2)
+
     with pytest.warns(UserWarning, match="null class was never trained"):
-        model.sample(2, {"labels": torch.tensor([0, 1]), "guidance": 1.0})
+        untrained_null().sample(2, {"labels": torch.tensor([0, 1]), "guidance": 1.0})
     with pytest.warns(UserWarning, match="null class was never trained"):
-        model.sample(2, {"labels": torch.tensor([-1, 1])})
+        untrained_null().sample(2, {"labels": torch.tensor([-1, 1])})
     trained = Glow(image_size=4, in_channels=1, scales=1, steps_per_scale=1, hidden_channels=4, num_classes=2,
                    label_dropout=0.1, guidance=2.0)
     with warnings.catch_warnings():

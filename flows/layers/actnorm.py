@@ -16,6 +16,13 @@ class ActNorm(Bijection):
     checkpoint never re-initializes; an explicit :meth:`initialize_from` lets callers
     (e.g. a DDP set-up that all-reduces statistics) run the initialization themselves.
 
+    The flag is mirrored by a plain Python attribute, so that after the first training
+    forward no step reads the buffer back to the host (a GPU step would wait on it at
+    every ActNorm, and ``torch.compile`` would break its graph there). The mirror is read
+    from the buffer once (the first training forward) and again whenever a state dict is
+    loaded; every DDP rank initializes at the same first step (the statistics are
+    all-reduced), so the ranks agree.
+
     ``data_init=False`` starts as the identity and never initializes from data (seed
     001's official code at resolution 1, ``Actnorm.initialize``): on 1x1 maps the
     statistics of a small first batch are those of a handful of numbers per channel, and
@@ -31,6 +38,7 @@ class ActNorm(Bijection):
         # same for both kinds and a loaded model never re-initializes.
         self.register_buffer("initialized", torch.tensor(not data_init))
         self.eps = eps
+        self._known_initialized = not data_init  # the host-side mirror of ``initialized``
 
     @torch.no_grad()
     def initialize_from(self, x: Tensor) -> None:
@@ -46,6 +54,11 @@ class ActNorm(Bijection):
         self.bias.copy_(-mean)
         self.log_scale.copy_(-torch.log(std + self.eps))
         self.initialized.fill_(True)
+        self._known_initialized = True
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._known_initialized = None  # read from the loaded buffer at the next training forward
 
     def _logdet(self, x: Tensor) -> Tensor:
         height, width = x.shape[2], x.shape[3]
@@ -53,8 +66,11 @@ class ActNorm(Bijection):
         return per_sample.expand(x.shape[0])
 
     def forward(self, x: Tensor, cond: Condition = None) -> tuple[Tensor, Tensor]:
-        if self.training and not bool(self.initialized):
-            self.initialize_from(x)
+        if self.training and not self._known_initialized:
+            # Once per module (and per state-dict load): the only host read of the flag.
+            self._known_initialized = bool(self.initialized)
+            if not self._known_initialized:
+                self.initialize_from(x)
         y = (x + self.bias) * torch.exp(self.log_scale)
         return y, self._logdet(x)
 

@@ -52,6 +52,11 @@ class _InvertibleConv1x1Base(Bijection):
 
     def _weights(self, inverse: bool) -> tuple[Tensor, Tensor]:
         """(W or W^-1, log|det W|); from the cache when nothing can change them."""
+        if torch.compiler.is_compiling():
+            # Inside a compiled graph: computed in the graph (the cache's key, a data
+            # pointer, is not traceable; the compiled graph is the cache).
+            matrix, logabsdet = self.weight_and_logabsdet()
+            return (self.inverse_weight(matrix) if inverse else matrix), logabsdet
         if not (CACHE_FROZEN_WEIGHTS and self._frozen()):
             self._cache.clear()
             matrix, logabsdet = self.weight_and_logabsdet()
