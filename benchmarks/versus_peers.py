@@ -42,6 +42,9 @@ Method:
   the rows, and reports the median and the range: on a small shared VM two identical
   fresh processes differ by up to ~20 % in step time, more than the differences
   measured, so one run per row proves nothing.
+* ``--peer-variant NAME='{"torch_compile": true}'`` adds normflows compiled the same way
+  (``torch.compile`` of its negative log-likelihood). The "first step s" column is the
+  first training step alone: ActNorm's initialization and, compiled, the compilation.
 * ``--image-size`` changes the resolution (the memory-mode comparison runs 64x64x3);
   ``--no-peer`` leaves normflows out (ratios are then against the first row).
 * ``--precision bf16`` runs the loss and sampling under ``torch.autocast(bfloat16)`` for
@@ -141,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="JSON of extra flows.Glow keyword arguments for the 'ours' row")
     parser.add_argument("--variant", type=parse_variant, action="append", default=[], metavar="NAME=JSON",
                         help="an extra row 'ours[NAME]' built as flows.Glow(**base, **JSON); repeatable")
+    parser.add_argument("--peer-variant", type=parse_variant, action="append", default=[], metavar="NAME=JSON",
+                        help="an extra row 'normflows[NAME]'; JSON takes {\"torch_compile\": true}")
     parser.add_argument("--out", type=Path, default=None, help="write the markdown here and the raw numbers "
                                                                "to the same name with .json")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one measurement
@@ -204,6 +209,8 @@ def measure(spec: dict) -> dict:
         peer = build_peer_glow(**base)
         module = peer.model.to(device)
         nll, sample = peer.nll, peer.sample
+        if spec["glow_kwargs"].get("torch_compile"):  # --peer-variant NAME='{"torch_compile": true}'
+            nll = torch.compile(peer.nll)
     else:
         from benchmarks.peers import count_parameters
         from flows import Glow
@@ -242,7 +249,9 @@ def measure(spec: dict) -> dict:
 
     module.train()
     _reset_peak_rss()
-    step_seconds = _timed(train_step, spec["warmup"], spec["iterations"], device)
+    # The first step on its own: ActNorm's initialization and, compiled, the compilation.
+    first_step_s = _timed(train_step, 0, 1, device)[0]
+    step_seconds = _timed(train_step, max(0, spec["warmup"] - 1), spec["iterations"], device)
     memory = {}
     if device.type == "cuda":
         memory["peak_train_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -271,6 +280,7 @@ def measure(spec: dict) -> dict:
         **spec,
         "parameters": count_parameters(module),
         "step_s": statistics.median(step_seconds) if step_seconds else math.nan,
+        "first_step_s": first_step_s,
         "sample_s": statistics.median(sample_seconds) if sample_seconds else math.nan,
         "step_s_all": step_seconds,
         "sample_s_all": sample_seconds,
@@ -320,6 +330,7 @@ def _rows(args) -> list[dict]:
         measurements += [(f"ours[{name}]", "ours", kwargs) for name, kwargs in args.variant]
         if args.peer:
             measurements += [(NORMFLOWS, NORMFLOWS, {})]
+            measurements += [(f"{NORMFLOWS}[{name}]", NORMFLOWS, kwargs) for name, kwargs in args.peer_variant]
         runs: dict[str, list[dict]] = {label: [] for label, _, _ in measurements}
         # Round-robin over the implementations, so a change in the machine's load during
         # the benchmark touches every row alike.
@@ -342,7 +353,7 @@ def _combine(runs: list[dict]) -> dict:
     if failed:
         return failed[0]
     combined = dict(runs[0])
-    for key in ("step_s", "sample_s", "peak_mib", "train_mib"):
+    for key in ("step_s", "sample_s", "peak_mib", "train_mib", "first_step_s"):
         combined[key] = statistics.median(r[key] for r in runs)
     combined["step_s_range"] = (min(r["step_s"] for r in runs), max(r["step_s"] for r in runs))
     combined["runs"] = runs
@@ -358,9 +369,13 @@ def _ratio(row: dict, reference: dict | None, key: str) -> str:
 
 
 def _reference(rows: list[dict], row: dict) -> dict | None:
-    """normflows' row of the same configuration, or (``--no-peer``) its first row."""
+    """normflows' row of the same configuration and variant (``ours[compiled]`` against
+    ``normflows[compiled]``), else normflows' plain row, or (``--no-peer``) its first row."""
     same = [r for r in rows if r["steps"] == row["steps"] and r["hidden"] == row["hidden"]]
-    return next((r for r in same if r["implementation"] == NORMFLOWS), same[0] if same else None)
+    variant = row["label"][row["label"].find("["):] if row["label"].startswith("ours[") else None
+    matching = next((r for r in same if variant and r["label"] == f"{NORMFLOWS}{variant}"), None)
+    plain = next((r for r in same if r["label"] == NORMFLOWS), None)
+    return matching or plain or (same[0] if same else None)
 
 
 def markdown(rows: list[dict], header: dict) -> str:
@@ -374,20 +389,21 @@ def markdown(rows: list[dict], header: dict) -> str:
          f"median over {header['repeats']} fresh-process run(s) per row."),
         f"Command: `{header['command']}`",
         "",
-        (f"| config (K, hidden) | implementation | parameters | step s (median) | step s range | sampling s "
-         f"| peak MiB | train MiB | step ours/{against} | sampling ours/{against} | train MiB ours/{against} |"),
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        (f"| config (K, hidden) | implementation | parameters | step s (median) | step s range | first step s "
+         f"| sampling s | peak MiB | train MiB | step ours/{against} | sampling ours/{against} "
+         f"| train MiB ours/{against} |"),
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         config = f"({row['steps']}, {row['hidden']})"
         if "error" in row:
             first_line = row["error"].splitlines()[-1][:80].replace("|", "/")
-            lines.append(f"| {config} | {row['label']} | failed: {first_line} | | | | | | | | |")
+            lines.append(f"| {config} | {row['label']} | failed: {first_line} | | | | | | | | | |")
             continue
         reference = _reference(rows, row)
         low, high = row.get("step_s_range", (row["step_s"], row["step_s"]))
         lines.append(f"| {config} | {row['label']} | {row['parameters']:,} | {row['step_s']:.4g} "
-                     f"| {low:.3g}–{high:.3g} | {row['sample_s']:.4g} | {row['peak_mib']:,.0f} | {row['train_mib']:,.0f} "
+                     f"| {low:.3g}–{high:.3g} | {row.get('first_step_s', math.nan):.3g} | {row['sample_s']:.4g} | {row['peak_mib']:,.0f} | {row['train_mib']:,.0f} "
                      f"| {_ratio(row, reference, 'step_s')} | {_ratio(row, reference, 'sample_s')} "
                      f"| {_ratio(row, reference, 'train_mib')} |")
     return "\n".join(lines) + "\n"

@@ -245,3 +245,26 @@ def test_validating_two_checkpoints_writes_two_grids(tmp_path, capsys):
     new = sorted(p.name for p in set((run / "samples").glob("*.png")) - grids_after_fit)
     assert len(new) == 2 * 2, new  # two checkpoints x two temperatures
     assert all(name.startswith("validate_epoch") for name in new)
+
+
+EQUAL_INTERVALS = ["glow_celeba64.yaml", "glow_lsun128.yaml", "celeba_cascade.yaml", "cifar10_cascade.yaml",
+                   "tarflow_imagenet64.yaml", "hierarchical_celebahq256.yaml", "hierarchical_lsun128.yaml"]
+
+
+@pytest.mark.parametrize("config", EQUAL_INTERVALS)
+def test_the_shipped_configs_that_validate_on_their_checkpoint_schedule_keep_measured_weights(config):
+    """The configs whose top-k file held the next interval's weights (validation every
+    N steps and the step schedule every N): their ModelCheckpoint now chooses the top-k
+    at validation ends (the property test above), and names files from its monitor."""
+    import yaml
+
+    settings = yaml.safe_load((REPO / "experiments" / config).read_text())
+    trainer_settings = settings["trainer"]
+    (callback,) = [c for c in trainer_settings["callbacks"] if isinstance(c, dict)
+                   and c["class_path"] == "lightning_modules.ModelCheckpoint"]
+    assert callback["init_args"]["every_n_train_steps"] == trainer_settings["val_check_interval"]
+    checkpoint = ModelCheckpoint(**callback["init_args"])
+    assert checkpoint._topk_at_validation
+    monitor = callback["init_args"]["monitor"]
+    name = Path(checkpoint.format_checkpoint_name({"epoch": 1, "step": 5000, monitor: torch.tensor(3.25)})).name
+    assert name == f"epoch1-step5000-{monitor.split('/')[-1]}=3.25.ckpt"
