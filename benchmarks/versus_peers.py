@@ -33,9 +33,10 @@ Method:
   (``max_memory_allocated`` after the training steps), on CPU the training steps' peak
   resident set (``VmHWM``, reset through ``/proc/self/clear_refs`` once the model is
   built) minus the resident set before the model was built.
-* Variants (``--variant NAME=JSON``) take Glow keyword arguments plus four switches
-  of the measurement itself: ``"torch_compile": true`` (``torch.compile`` of the
-  training loss), ``"channels_last": true`` (model and input in channels-last memory
+* Variants (``--variant NAME=JSON``) take Glow keyword arguments plus switches of the
+  measurement itself: ``"torch_compile": true`` (``torch.compile`` of the training
+  loss; ``"compile_mode": "reduce-overhead"`` for CUDA graphs, ``"compile_backend"``,
+  ``"compile_sampling": true`` to compile the sampling call too), ``"channels_last": true`` (model and input in channels-last memory
   format), ``"fold": true`` (sampling from :func:`flows.folding.fold_for_inference`'s
   copy) and ``"invconv_cache": false`` (sampling without the 1x1 conv weight cache).
 * ``--repeats N`` runs every row N times, each in a fresh process, round-robin over
@@ -194,6 +195,13 @@ def _timed(call: Callable[[], object], warmup: int, iterations: int, device: tor
     return seconds
 
 
+def compiled(function, options: dict):
+    """``torch.compile(function)`` with the variant's ``compile_mode`` (None: default;
+    "reduce-overhead": CUDA graphs) and ``compile_backend`` ("inductor"; "eager": dynamo's
+    capture alone, which the GPU suite's dry run uses to check the path in seconds)."""
+    return torch.compile(function, mode=options.get("compile_mode"), backend=options.get("compile_backend", "inductor"))
+
+
 def measure(spec: dict) -> dict:
     """Train-step and sampling times and peak memory of one implementation (``spec`` as
     built by :func:`_worker_spec`)."""
@@ -210,7 +218,7 @@ def measure(spec: dict) -> dict:
         module = peer.model.to(device)
         nll, sample = peer.nll, peer.sample
         if spec["glow_kwargs"].get("torch_compile"):  # --peer-variant NAME='{"torch_compile": true}'
-            nll = torch.compile(peer.nll)
+            nll = compiled(peer.nll, spec["glow_kwargs"])
     else:
         from benchmarks.peers import count_parameters
         from flows import Glow
@@ -218,11 +226,14 @@ def measure(spec: dict) -> dict:
 
         options = dict(spec["glow_kwargs"])
         compile_loss, channels_last = options.pop("torch_compile", False), options.pop("channels_last", False)
+        compile_options = {key: options.pop(key) for key in ("compile_mode", "compile_backend", "compile_sampling")
+                           if key in options}
         fold, invconv.CACHE_FROZEN_WEIGHTS = options.pop("fold", False), options.pop("invconv_cache", True)
         module = Glow(**base, **options).to(device)
         if channels_last:
             module = module.to(memory_format=torch.channels_last)
-        log_prob = torch.compile(module.log_prob) if compile_loss else module.log_prob
+        log_prob = compiled(module.log_prob, compile_options) if compile_loss else module.log_prob
+        draw = compiled(module.sample, compile_options) if compile_options.get("compile_sampling") else module.sample
         nll = lambda x: -log_prob(x.contiguous(memory_format=torch.channels_last) if channels_last else x)  # noqa: E731
 
         folded: list = []  # folded once, when sampling starts (after the training steps)
@@ -231,7 +242,7 @@ def measure(spec: dict) -> dict:
             if fold and not folded:
                 from flows.folding import fold_for_inference
                 folded.append(fold_for_inference(module))
-            return (folded[0] if fold else module).sample(n)
+            return folded[0].sample(n) if fold else draw(n)
 
     optimizer = torch.optim.Adam(module.parameters(), lr=LEARNING_RATE)
     x = torch.rand(spec["batch"], *image_shape, device=device) - 0.5
