@@ -59,6 +59,7 @@ TRACED = ["glow_class_conditional", "glow_variational_dequantization", "realnvp"
           "srflow", "hierarchical", "diffusion_flow", "pixel_diffusion"]
 
 
+@pytest.mark.slow  # dynamo's tracing: ~40 s for the list on 2 cores; CI runs the slow tests
 @pytest.mark.parametrize("name", TRACED)
 def test_the_training_loss_traces_as_one_graph(name):
     import torch._dynamo
@@ -71,6 +72,7 @@ def test_the_training_loss_traces_as_one_graph(name):
     assert explained.graph_count == 1
 
 
+@pytest.mark.slow
 def test_the_variational_cascade_step_reads_nothing_and_traces_as_one_graph(tmp_path):
     """The cascade at the module level, where its variational training (noise on the
     previous stage's latent, failed reconstructions replaced) runs."""
