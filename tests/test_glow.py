@@ -121,7 +121,7 @@ def test_class_conditional_sampling_uses_the_requested_class_prior():
         top = model.encode(x, {LABELS: y}).latents[-1]
     per_sample_mean = top.mean(dim=(1, 2, 3))
     assert torch.allclose(per_sample_mean, 5.0 * y.float(), atol=0.6)
-    with pytest.raises(ValueError, match="labels"):
+    with pytest.raises(RuntimeError, match=r"labels must lie in \[0, 3\)"):
         model.top_prior.params(2, {LABELS: torch.tensor([0, 3])})
 
 
