@@ -70,3 +70,28 @@ def trainer(tmp_path, **kwargs):
                     default_root_dir=str(tmp_path), limit_val_batches=1, num_sanity_val_steps=0)
     defaults.update(kwargs)
     return pl.Trainer(**defaults)
+
+
+def recording_logger(save_dir):
+    """A Lightning logger that keeps every logged metric in ``.logged`` and writes its
+    run folder under ``save_dir/recorder/version_0``."""
+    from pytorch_lightning.loggers import Logger
+
+    class Recorder(Logger):
+        name, version = "recorder", 0
+
+        def __init__(self):
+            super().__init__()
+            self.logged = {}
+
+        def log_hyperparams(self, params, *args, **kwargs):
+            pass
+
+        def log_metrics(self, metrics, step=None):
+            self.logged.update(metrics)
+
+        @property
+        def save_dir(self):
+            return str(save_dir)
+
+    return Recorder()

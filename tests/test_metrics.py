@@ -9,7 +9,7 @@ from flows import Glow
 from flows.quantization import dequantize, reduce_bits, to_uint8
 from lightning_modules import FIDSettings, GlowModule, TestMetrics, ValidationFID
 from lightning_modules.metrics import INCEPTION_FILE, TensorImages, fidelity
-from tests.conftest import perturb_parameters
+from tests.conftest import perturb_parameters, recording_logger
 from tests.test_cascade import sr_stage, tiny_data, tiny_module, trainer
 
 SMOKE = dict(feature_extractor="random-conv", batch_size=32, kid_subset_size=16)
@@ -266,27 +266,11 @@ def test_time_sampling_times_the_calls_after_one_warm_up():
 
 
 def test_lightning_test_writes_the_sampling_time(tmp_path):
-    from pytorch_lightning.loggers import Logger
-
-    class Recorder(Logger):
-        name, version = "recorder", 0
-        logged: dict = {}
-
-        def log_hyperparams(self, params, *args, **kwargs):
-            pass
-
-        def log_metrics(self, metrics, step=None):
-            self.logged.update(metrics)
-
-        @property
-        def save_dir(self):
-            return str(tmp_path)
-
     module = GlowModule(flow=Glow(image_size=8, scales=2, steps_per_scale=1, hidden_channels=8), n_bits=5)
     sample = module.sample_images
     calls = []
     module.sample_images = lambda n, temperature: calls.append((n, temperature)) or sample(n, temperature)
-    recorder = Recorder()
+    recorder = recording_logger(tmp_path)
     run = trainer(tmp_path, limit_test_batches=1, logger=recorder, callbacks=[TestMetrics(sampling_time_samples=5)])
     run.test(module, tiny_data(top=8))
     # The run folder of a logger: <save_dir>/<name>/<version> (callbacks.log_dir).

@@ -12,6 +12,7 @@ from lightning_modules import (FIDSettings, GlowModule, LatentInterpolation, Noi
 from lightning_modules.callbacks import FAILED_LEGEND, draw_samples, mark_failed
 from lightning_modules.metrics import TensorImages, as_rgb, fidelity, json_text
 from tests.test_analyses import split_grid, tiny_glow
+from tests.conftest import recording_logger
 from tests.test_cascade import tiny_data, trainer
 from tests.test_metrics import SMOKE
 
@@ -128,29 +129,10 @@ def test_a_fid_of_no_finite_samples_is_null_and_said_so(tmp_path, capsys):
 
 
 def test_validation_fid_and_sample_grids_count_exclude_and_mark_nonfinite_samples(tmp_path):
-    from pytorch_lightning.loggers import Logger
-
-    class Recorder(Logger):
-        name, version = "recorder", 0
-
-        def __init__(self):
-            super().__init__()
-            self.logged = {}
-
-        def log_hyperparams(self, params, *args, **kwargs):
-            pass
-
-        def log_metrics(self, metrics, step=None):
-            self.logged.update(metrics)
-
-        @property
-        def save_dir(self):
-            return str(tmp_path)
-
     module = glow_with_failures()
     fid = ValidationFID(FIDSettings(**SMOKE, temperature=1.0), num_samples=16)
     grids = SampleGrids(temperatures=[0.5, 1.0], num_samples=16)
-    recorder = Recorder()
+    recorder = recording_logger(tmp_path)
     run = trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=1, logger=recorder,
                   callbacks=[fid, grids])
     run.fit(module, tiny_data(top=8))
