@@ -548,6 +548,12 @@ class DiffusionPrior(LatentPrior):
             return self.sample_ddim(n, self.sampling_steps, self.eta, temperature)
         return self.sample_ancestral(n, temperature)
 
+    def compile_sampler(self, **options) -> bool:
+        """Compile the denoiser step that ancestral and DDIM sampling repeat (same shapes
+        at every step, the timestep a tensor: one graph)."""
+        self.denoise = torch.compile(self.denoise, **options)
+        return True
+
     def _check_shape(self, z: Tensor) -> None:
         if tuple(z.shape[1:]) != self.shape:
             raise ValueError(f"this diffusion prior models tensors of shape [B, {', '.join(map(str, self.shape))}], "

@@ -119,6 +119,13 @@ class LatentPrior(nn.Module):
     def sample(self, n: int, cond: Condition = None, temperature: float = 1.0) -> Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement sample")
 
+    def compile_sampler(self, **options) -> bool:
+        """Compile the step of a prior that samples by a loop of network calls, and say
+        so (True); the model then leaves its own sampling eager
+        (:meth:`flows.model.FlowModel.compile_sampler`). Default: False, a draw is a few
+        ops that compile with the flow that uses them."""
+        return False
+
     def _device(self) -> torch.device:
         return next(self.parameters(), torch.empty(0)).device
 

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from flows.base import GUIDANCE, LABELS, NULL_LABEL, Condition, condition_value, drop_labels, with_condition
 from flows.dequantization import Dequantizer, DequantizerFactory, UniformDequantizer
-from flows.distributions import PriorTraining
+from flows.distributions import LatentPrior, PriorTraining
 from flows.quantization import likelihood_figure
 
 
@@ -294,6 +294,19 @@ class FlowModel(nn.Module):
                 cond = {k: v.clone() if isinstance(v, Tensor) else v for k, v in cond.items()}
             (score,) = torch.autograd.grad(self.log_prob(y, cond).sum(), y)
             return (y + sigma ** 2 * score).detach()
+
+    def compile_sampler(self, **options) -> None:
+        """Compile what a sampling call runs (``options``: torch.compile's, e.g. ``mode``).
+        Default: :meth:`sample` as a whole, one graph for the single pass of a Glow,
+        RealNVP, NSF, SRFlow, cascade or hierarchical flow; where a prior samples by a loop
+        of network calls (a diffusion prior) the prior compiles its step instead and the
+        flow's one pass stays eager (beside T denoiser calls it is negligible). TarFlow
+        compiles its patch step. Parameters and checkpoints keep their names: the compiled
+        functions are instance attributes, not wrapper modules."""
+        priors_with_loops = [module.compile_sampler(**options) for module in self.modules()
+                             if isinstance(module, LatentPrior)]
+        if not any(priors_with_loops):
+            self.sample = torch.compile(self.sample, **options)
 
     def finish_samples(self, x: Tensor, cond: Condition = None) -> Tensor:
         """What :meth:`sample` hands out: ``x`` denoised where the dequantizer asks for it

@@ -45,6 +45,8 @@ Read from apple/ml-tarflow where the paper is open (its ``MetaBlock``; nothing c
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -67,30 +69,53 @@ def unpatchify(patches: Tensor, patch_size: int, image_size: int) -> Tensor:
     return F.fold(patches.transpose(1, 2), (image_size, image_size), patch_size, stride=patch_size)
 
 
+class KeyValueCache:
+    """The keys and values of one attention layer while sampling: [B, heads, T, d]
+    buffers of a fixed shape, written at a position given as a tensor. Every step of the
+    sampler therefore has the same shapes and reads nothing back to the host, so
+    ``torch.compile`` compiles the step once (a cache grown by concatenation would change
+    shape at every step). The newest position attends to the written positions through a
+    mask: a step costs attention over all T positions instead of the i written ones, small
+    beside the MLPs for one query."""
+
+    def __init__(self, batch: int, heads: int, length: int, head_channels: int, like: Tensor) -> None:
+        self.keys = like.new_zeros(batch, heads, length, head_channels)
+        self.values = like.new_zeros(batch, heads, length, head_channels)
+        self.index = torch.arange(length, device=like.device)
+
+    def write(self, position: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+        """Store one position's keys and values; the mask [1, 1, 1, T] of positions <= it."""
+        self.keys.index_copy_(2, position, keys)
+        self.values.index_copy_(2, position, values)
+        return (self.index <= position).view(1, 1, 1, -1)
+
+
 class CausalSelfAttention(nn.Module):
     """Pre-LayerNorm multi-head self-attention in which position i sees positions <= i.
-    With a ``cache`` (a dict, empty at the first step) the input is the newest position
-    only: its keys and values are appended and it attends to all cached ones."""
+    With a :class:`KeyValueCache` the input is one position (at ``position``, a [1]
+    tensor): its keys and values are written to the cache and it attends to every
+    position written so far."""
 
     def __init__(self, channels: int, head_channels: int) -> None:
         super().__init__()
         if channels % head_channels:
             raise ValueError(f"channels ({channels}) must be a multiple of head_channels ({head_channels})")
-        self.heads = channels // head_channels
+        self.heads, self.head_channels = channels // head_channels, head_channels
         self.norm = nn.LayerNorm(channels)
         self.qkv = nn.Linear(channels, 3 * channels)
         self.proj = nn.Linear(channels, channels)
 
-    def forward(self, x: Tensor, cache: dict | None = None) -> Tensor:
+    def new_cache(self, batch: int, length: int, like: Tensor) -> KeyValueCache:
+        return KeyValueCache(batch, self.heads, length, self.head_channels, like)
+
+    def forward(self, x: Tensor, cache: KeyValueCache | None = None, position: Tensor | None = None) -> Tensor:
         batch, length, channels = x.shape
         q, k, v = self.qkv(self.norm(x)).view(batch, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
         if cache is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            if cache:
-                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
-            cache["k"], cache["v"] = k, v
-            out = F.scaled_dot_product_attention(q, k, v)  # the newest position sees all
+            visible = cache.write(position, k, v)
+            out = F.scaled_dot_product_attention(q, cache.keys, cache.values, attn_mask=visible)
         return self.proj(out.transpose(1, 2).reshape(batch, length, channels))
 
 
@@ -103,8 +128,8 @@ class TransformerLayer(nn.Module):
         self.mlp = nn.Sequential(nn.LayerNorm(channels), nn.Linear(channels, expansion * channels), nn.GELU(),
                                  nn.Linear(expansion * channels, channels))
 
-    def forward(self, x: Tensor, cache: dict | None = None) -> Tensor:
-        x = x + self.attention(x, cache)
+    def forward(self, x: Tensor, cache: KeyValueCache | None = None, position: Tensor | None = None) -> Tensor:
+        x = x + self.attention(x, cache, position)
         return x + self.mlp(x)
 
 
@@ -186,33 +211,46 @@ class TarFlowBlock(Bijection):
         """Patch by patch with a key/value cache: step i runs the transformer on patch i
         alone (attending to the cached earlier ones) and inverts patch i + 1. With
         labels and ``cond["guidance"] = w > 0``, a second, null-class pass guides each
-        step's log-scale and shift: (1 + w) conditional - w unconditional."""
+        step's log-scale and shift: (1 + w) conditional - w unconditional. Every step has
+        the same shapes (:class:`KeyValueCache`), so a compiled step
+        (:meth:`TarFlow.compile_sampler`) compiles once."""
         guidance = float(condition_value(cond, GUIDANCE) or 0.0)
         is_guided = guidance > 0 and self.class_embed is not None
         sequence = self._sequence(z)
-        patches = [sequence[:, 0]]
-        caches = [{} for _ in self.layers]
-        null_caches = [{} for _ in self.layers]
+        patches = [sequence[:, 0].contiguous()]  # the strides of every later patch: one compiled step
+        caches = self._new_caches(z)
+        null_caches = self._new_caches(z) if is_guided else None
         embedding = self._embedding(cond, z.shape[0], z)
         null_embedding = self._embedding(cond, z.shape[0], z, null=True) if is_guided else None
+        positions = torch.arange(self.num_patches, device=z.device)
         log_scales = []
         for i in range(self.num_patches - 1):
-            log_scale, shift = self._step(patches[-1], i, embedding, caches)
+            position = positions[i:i + 1]
+            log_scale, shift = self.step(patches[-1], position, embedding, caches)
             if is_guided:
-                null_log_scale, null_shift = self._step(patches[-1], i, null_embedding, null_caches)
+                null_log_scale, null_shift = self.step(patches[-1], position, null_embedding, null_caches)
                 log_scale, shift = guided(log_scale, null_log_scale, guidance), guided(shift, null_shift, guidance)
             patches.append((sequence[:, i + 1] * torch.exp(log_scale) + shift).to(z.dtype))
             log_scales.append(log_scale)
         logdet = torch.stack(log_scales, 1).sum(dim=(1, 2)) if log_scales else z.new_zeros(z.shape[0])
         return self._image(torch.stack(patches, dim=1)), at_least_float32(logdet)
 
-    def _step(self, patch: Tensor, i: int, embedding: Tensor | None, caches: list[dict]) -> tuple[Tensor, Tensor]:
-        """Patch i + 1's (log-scale, shift) from patch i and the caches of patches < i."""
-        h = self.proj_in(patch.unsqueeze(1)) + self.pos_embed[i:i + 1].to(patch.dtype)
+    def _new_caches(self, like: Tensor) -> list[KeyValueCache]:
+        """One empty cache per layer for the T - 1 positions a sampling pass writes."""
+        length = max(self.num_patches - 1, 1)
+        dtype_like = like.new_empty(0, dtype=self.proj_in.weight.dtype)
+        return [layer.attention.new_cache(like.shape[0], length, dtype_like) for layer in self.layers]
+
+    def step(self, patch: Tensor, position: Tensor, embedding: Tensor | None,
+             caches: list[KeyValueCache]) -> tuple[Tensor, Tensor]:
+        """Patch i + 1's (log-scale, shift) from patch i (``position`` = [i]) and the
+        caches of patches < i. :meth:`TarFlow.compile_sampler` replaces it on the
+        instance by its compiled form."""
+        h = self.proj_in(patch.unsqueeze(1)) + self.pos_embed.index_select(0, position).to(patch.dtype)
         if embedding is not None:
             h = h + embedding
         for layer, cache in zip(self.layers, caches):
-            h = layer(h, cache)
+            h = layer(h, cache, position)
         log_scale, shift = self._transform(self.proj_out(h))
         return log_scale[:, 0], shift[:, 0]
 
@@ -322,6 +360,16 @@ class TarFlow(FlowModel):
             cond = with_condition(cond, **{LABELS: torch.randint(0, self.num_classes, (n,), device=self._device())})
         z = self.prior.sample(n, None, temperature).to(self.blocks[0].proj_in.weight.dtype)
         return self.finish_samples(self.decode([z], self.guided_condition(cond)), cond)
+
+    def compile_sampler(self, **options) -> None:
+        """Compile the sampler's step (one transformer pass over one patch), shared by every
+        block: with the static-shape cache it compiles once per direction of the patch
+        order and guidance on or off, whatever the patch. ``options``: torch.compile's
+        (``mode``, ``backend``). The parameters keep their names: the compiled function is
+        an attribute of each block, not a wrapper module."""
+        compiled = torch.compile(TarFlowBlock.step, **options)
+        for block in self.blocks:
+            block.step = functools.partial(compiled, block)
 
     @property
     def display_name(self) -> str:

@@ -55,8 +55,13 @@ class FlowModule(FamilyInterface, NonFiniteStepSkipping, TrainableParts, Analysi
             per dim of different epochs and runs compare.
         channels_last: keep parameters and inputs in channels-last memory format
             (faster convolutions on recent GPUs, same numbers).
-        compile: wrap the loss computation in torch.compile (experimental; the first
-            steps pay the compilation time).
+        compile: wrap the loss computation (forward and backward) in torch.compile: one
+            graph per family (tests/test_host_syncs.py); the first step pays the
+            compilation (README, Performance: when it pays back).
+        compile_sampling: compile what sampling runs
+            (:meth:`flows.model.FlowModel.compile_sampler`: a Glow's whole sampling
+            pass, TarFlow's patch step over a static key/value cache, a diffusion
+            prior's denoiser step); the first sampling call pays the compilation.
         max_skipped_steps: stop with an error after this many consecutive optimizer
             steps skipped for a non-finite loss or gradient (a diverged run never
             advances global_step, so max_steps alone would never end it).
@@ -75,6 +80,7 @@ class FlowModule(FamilyInterface, NonFiniteStepSkipping, TrainableParts, Analysi
 
     def __init__(self, *, n_bits: int = 8, grad_clip_norm: float | None = None,
                  grad_clip_relative: float | None = None, evaluation_seed: int = 1234, channels_last: bool = False, compile: bool = False,
+                 compile_sampling: bool = False,
                  max_skipped_steps: int = 100, accumulate_grad_batches: int = 1,
                  accept_changed_settings: list[str] | None = None) -> None:
         super().__init__()
@@ -92,6 +98,7 @@ class FlowModule(FamilyInterface, NonFiniteStepSkipping, TrainableParts, Analysi
         self.evaluation_seed = evaluation_seed
         self.channels_last = channels_last
         self.compile_losses = compile
+        self.compile_sampling = compile_sampling
         self._compiled = False
         self.init_step_skipping(max_skipped_steps)
 
@@ -119,7 +126,9 @@ class FlowModule(FamilyInterface, NonFiniteStepSkipping, TrainableParts, Analysi
             # The compiled function is an attribute of this instance: the state_dict and
             # checkpoints keep their plain keys.
             self.compute_losses = torch.compile(self.compute_losses)
-            self._compiled = True
+        if self.compile_sampling and not self._compiled:
+            self.model.compile_sampler()
+        self._compiled = self._compiled or self.compile_losses or self.compile_sampling
 
     def prepare_batch(self, batch: dict, noise: bool = True) -> Batch:
         """Dequantize every resolution. Training noise comes from the RNG stream; in

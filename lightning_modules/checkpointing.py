@@ -454,7 +454,8 @@ def check_fits(checkpoint: dict, module_class: str, model_name: str, state_dict:
 # weight, DDIM steps); any other difference is refused (:func:`check_settings`).
 RUN_SETTINGS = frozenset({
     "optimizer", "flow_optimizer", "diffusion_optimizer", "encoder_optimizer", "decoder_optimizer",
-    "grad_clip_norm", "grad_clip_relative", "evaluation_seed", "channels_last", "compile", "max_skipped_steps",
+    "grad_clip_norm", "grad_clip_relative", "evaluation_seed", "channels_last", "compile", "compile_sampling",
+    "max_skipped_steps",
     "accumulate_grad_batches", "class_loss_weight", "loss_mode", "vlb_weight", "bound_estimator", "loss",
     "label_dropout", "guidance", "sampling_steps", "eta", "clip_denoised", "denoise_samples", "memory_efficient",
     "activation_checkpointing", "train_stages", "init_checkpoint", "freeze_encoders_at_epoch", "train_noise_std",

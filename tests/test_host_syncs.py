@@ -72,6 +72,38 @@ def test_the_training_loss_traces_as_one_graph(name):
     assert explained.graph_count == 1
 
 
+# TarFlow's (a sequential loop of patch steps, the case the static-shape cache exists for)
+# run in the fast suite; dynamo's tracing of the others is slow-marked.
+COMPILED_SAMPLERS = [name if name.startswith("tarflow") else pytest.param(name, marks=pytest.mark.slow)
+                     for name in SINGLE]
+
+
+@pytest.mark.parametrize("name", COMPILED_SAMPLERS)
+def test_a_compiled_sampler_draws_the_eager_samples_from_one_graph(name):
+    """``compile_sampler`` (FlowModel; TarFlow's patch step, a diffusion prior's denoiser
+    step) gives the eager sampler's samples from the same seed, traced as one graph that
+    two calls reuse: a recompilation per patch, per block or per call would show as more
+    graphs (dynamo's eager backend: the tracing, not inductor's code generation)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    model, clean, cond = built(name)
+    loss_and_backward(model, clean, cond)
+    model.eval()
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        torch.manual_seed(1)
+        eager = model.sample(3, cond, temperature=0.8)
+        model.compile_sampler(backend="eager")
+        compiled = []
+        for _ in range(2):
+            torch.manual_seed(1)
+            compiled.append(model.sample(3, cond, temperature=0.8))
+    assert all(torch.allclose(sample, eager, atol=1e-5) for sample in compiled)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+
+
 @pytest.mark.slow
 def test_the_variational_cascade_step_reads_nothing_and_traces_as_one_graph(tmp_path):
     """The cascade at the module level, where its variational training (noise on the
