@@ -43,31 +43,6 @@ from lightning_modules.metrics import finite_samples, json_text
 Latents = Any  # a list of tensors (one model) or {resolution: list} (a cascade); None = draw from the prior
 
 
-class AnalysisHooks:
-    """What the callbacks below ask of a LightningModule (``FlowModule`` mixes this in),
-    with the defaults for a model of one image size; the cascade overrides them."""
-
-    noise_sweep_sigmas: list[float] = [0.0, 0.05, 0.1, 0.15, 0.2, 0.25]  # seed 000 Fig. 4.1 (Glow)
-
-    def model_input(self, batch) -> tuple[Any, dict | None]:
-        """(x, cond) as ``self.model.encode`` takes them for a ``Batch``."""
-        return batch.images[self.resolution], self.condition(batch.labels)
-
-    def images_of(self, decoded: Any) -> dict[int, Tensor]:
-        """The model's data (an input or a decoding) as {resolution: images}."""
-        return {self.resolution: decoded}
-
-    def noise_std(self, sigma: float) -> float:
-        """The standard deviation of the latent noise a ``sigma`` setting means (std)."""
-        return sigma
-
-    def noisy_reconstructions(self, batch, sigma: float) -> dict[int, NoisyReconstruction]:
-        """f^-1(f(x) + sigma eps) through the whole model, the same sigma on every latent
-        (``FlowModel.reconstruct_with_latent_noise``; failed where non-finite)."""
-        x, cond = self.model_input(batch)
-        return {self.resolution: self.model.reconstruct_with_latent_noise(x, cond, self.noise_std(sigma))}
-
-
 # --- latent groups (the model's: FlowModel.latent_groups) ----------------------------------
 def group_shapes(model, latents: Latents) -> str:
     """``z0 6x16x16, z1 ...``: channels x height x width of each group that is one tensor
@@ -530,7 +505,7 @@ class NoiseSweep(Analysis):
                 rows.setdefault(r, []).append(to_uint8(recon.images.cpu(), pl_module.n_bits))
                 failed.setdefault(r, []).append(recon.failed.cpu())
                 failure.setdefault(str(r), {})[f"{sigma:g}"] = float(recon.failure_rate)
-        sigma_is = getattr(pl_module, "sigma_is", "std")
+        sigma_is = pl_module.sigma_is
         symbol = "sigma^2" if sigma_is == "variance" else "sigma"  # the default font has no Greek
         for r, grid_rows in rows.items():
             self.save_grid(trainer, pl_module, grid_rows, f"res{r}",

@@ -4,12 +4,12 @@ A family implements what ``family.FamilyInterface`` lists (its model, resolution
 ``compute_losses``, samples; see ``GlowModule`` for the shortest one, which only builds
 its model). Around it the base mixes in, one concern per module:
 
-* ``family.py``: the family contract and its one-image-size defaults (the model's own
-  ``training_loss`` as the loss, bits per dim at one resolution);
+* ``family.py``: the family contract, every hook a callback reads, with its one-image-size
+  defaults (the model's own ``training_loss`` as the loss, bits per dim at one
+  resolution, the analysis hooks);
 * ``step_skipping.py``: steps with a non-finite loss or gradient are skipped and counted,
   a diverged run ends with advice;
 * ``parts.py``: parts with their own optimizer settings, checkpoints and freezing;
-* ``analyses.py`` (``AnalysisHooks``): what the analysis callbacks ask of a module;
 * ``checkpointing.py`` (``CheckpointIdentity``): checkpoints name their model, refuse others.
 
 The base itself: the uint8 batch to a :class:`Batch` (the dequantization noise, fixed
@@ -28,17 +28,17 @@ from torch import Tensor
 
 from datamodules.pyramid import data_mismatch
 from flows.quantization import check_n_bits, dequantize, likelihood_figure, per_sample_uniform
-from lightning_modules.analyses import AnalysisHooks
 from lightning_modules.checkpointing import CheckpointIdentity, save_constructor_arguments, seeded_rng
 from lightning_modules.errors import ConfigurationError
 from lightning_modules.family import Batch, FamilyInterface, LossOutput, bpd_name
+from lightning_modules.lightning_internals import attached_trainer
 from lightning_modules.parts import RelativeGradientClipping, TrainableParts, build_optimizer, steps_per_epoch
 from lightning_modules.step_skipping import NonFiniteStepSkipping
 
 RELATIVE_CLIPPING_KEY = "msflows_relative_gradient_clipping"
 
 
-class FlowModule(FamilyInterface, NonFiniteStepSkipping, TrainableParts, AnalysisHooks, CheckpointIdentity,
+class FlowModule(FamilyInterface, NonFiniteStepSkipping, TrainableParts, CheckpointIdentity,
                  pl.LightningModule):
     """Shared training logic. A family module takes its own arguments and passes the rest,
     ``**training``, to this constructor, so every family accepts every argument below
@@ -102,6 +102,12 @@ class FlowModule(FamilyInterface, NonFiniteStepSkipping, TrainableParts, Analysi
         self._compiled = False
         self.init_step_skipping(max_skipped_steps)
 
+    @property
+    def micro_batches_pending(self) -> int:
+        """Micro-batches whose summed gradients wait for the optimizer step (0 at a step
+        boundary, where a checkpoint holds everything; signals.py saves only there)."""
+        return self._accumulated
+
     def save_config(self) -> None:
         """Record the family constructor's arguments as hyper-parameters
         (:func:`~lightning_modules.checkpointing.save_constructor_arguments`)."""
@@ -113,7 +119,8 @@ class FlowModule(FamilyInterface, NonFiniteStepSkipping, TrainableParts, Analysi
 
     # --- data -------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        trainer = attached_trainer(self)
+        datamodule = getattr(trainer, "datamodule", None) if trainer else None
         problem = datamodule and data_mismatch(datamodule, self.resolutions, self.in_channels, type(self).__name__,
                                                self.num_classes)
         if problem:

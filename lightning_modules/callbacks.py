@@ -40,7 +40,8 @@ from datamodules.datamodules import PyramidDataset, ResumableSampler
 from flows.quantization import reduce_bits, to_uint8
 from lightning_modules.checkpointing import RNG_KEY, gather_rng_states, restore_rng_states, seeded_rng
 from lightning_modules.errors import ConfigurationError
-from lightning_modules.family import NOISY_DATA_METRIC
+from lightning_modules.family import NOISY_DATA_METRIC, FamilyInterface, family_of
+from lightning_modules.lightning_internals import rewind_epoch_end_checkpoint
 from lightning_modules.metrics import (MIN_FID_SAMPLES, FIDSettings, ImagesAtResolution, Samples, TensorImages, as_rgb,
                                        feature_cache_tag, features_label, features_note, fid_log_names, fidelity,
                                        generate_uint8, in_loop_fid, plot_temperature_sweep, settings_dict,
@@ -97,22 +98,13 @@ def log_dir(trainer: pl.Trainer) -> Path:
 def check_temperatures(callback: pl.Callback, pl_module: pl.LightningModule, temperatures) -> None:
     """Fail before the first step, not at the first validation end, on a temperature the
     module cannot sample at (e.g. a per-stage list of the wrong length)."""
-    _sampler_of(pl_module)
-    check = getattr(pl_module, "check_temperature", None)
-    for temperature in temperatures if check else []:
+    family = family_of(pl_module, type(callback).__name__)
+    for temperature in temperatures:
         try:
-            check(temperature)
+            family.check_temperature(temperature)
         except ValueError as error:
             raise ConfigurationError(f"{type(callback).__name__}: temperature {temperature!r} does not fit "
-                                     f"{getattr(pl_module, 'model_name', type(pl_module).__name__)}: {error}") from error
-
-
-def _sampler_of(pl_module: pl.LightningModule):
-    sample = getattr(pl_module, "sample_images", None)
-    if sample is None:
-        raise TypeError(f"{type(pl_module).__name__} has no sample_images(n, temperature); "
-                        "the sampling callbacks need one")
-    return sample
+                                     f"{family.model_name}: {error}") from error
 
 
 @contextmanager
@@ -134,7 +126,7 @@ def draw_samples(pl_module: pl.LightningModule, n: int, temperature, seed: int,
     """n uint8 samples per resolution (CPU), with which of them were finite in model
     space (:class:`~lightning_modules.metrics.Samples`), in eval mode, from a forked RNG
     seeded with ``seed`` (:func:`sampling_mode`)."""
-    sample = _sampler_of(pl_module)
+    sample = family_of(pl_module, "drawing samples").sample_images
     with sampling_mode(pl_module, seed):
         return generate_uint8(lambda k: sample(k, temperature), n, batch_size or n,
                               lambda x: to_uint8(x, pl_module.n_bits))
@@ -327,7 +319,8 @@ class TestMetrics(pl.Callback):
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         table: dict = {}
-        name = getattr(pl_module, "model_name", type(pl_module).__name__)
+        family = family_of(pl_module, type(self).__name__)
+        name = family.model_name
         if self.fid is not None:
             results = self.sample_quality(trainer, pl_module, self.fid.temperature)
             swept = {f"{t:g}": self.sample_quality(trainer, pl_module, t) for t in self.fid.sweep_temperatures}
@@ -353,15 +346,15 @@ class TestMetrics(pl.Callback):
         if not trainer.is_global_zero:
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
-        bound = f"test/{getattr(pl_module, 'bound_metric', 'bpd_bound')}_"
+        bound = f"test/{family.bound_metric}_"
         noisy = f"test/{NOISY_DATA_METRIC}_"
-        table = {"model": name, "n_bits": getattr(pl_module, "n_bits", None),
+        table = {"model": name, "n_bits": family.n_bits,
                  "bpd": {k[len("test/bpd_"):]: v for k, v in metrics.items()
                          if k.startswith("test/bpd_") and not k.startswith("test/bpd_bound_")},
                  "bpd_bound": {k[len(bound):]: v for k, v in metrics.items() if k.startswith(bound)},
                  NOISY_DATA_METRIC: {k[len(noisy):]: v for k, v in metrics.items() if k.startswith(noisy)},
                  "test_metrics": metrics, **table}
-        if self.sampling_time_samples and getattr(pl_module, "sample_images", None) is not None:
+        if self.sampling_time_samples:
             n = self.sampling_time_samples
             seconds = self.sampling_time(pl_module, n)
             table["sampling_time_s"] = seconds
@@ -394,7 +387,7 @@ class TestMetrics(pl.Callback):
         """Seconds for one ``sample_images(n, temperature)`` call (after a warm-up call), in
         eval mode and on a forked RNG (the test's random stream is left as it was)."""
         temperature = self.fid.temperature if self.fid is not None else 1.0
-        sample = _sampler_of(pl_module)
+        sample = family_of(pl_module, type(self).__name__).sample_images
         with sampling_mode(pl_module, self.fid.seed if self.fid is not None else 0):
             return time_sampling(lambda k: sample(k, temperature), n, pl_module.device)
 
@@ -420,7 +413,7 @@ class TestMetrics(pl.Callback):
         ``fid_reference_split``, else ``test``), built from the data module when the
         running stage did not set it up (the training images at ``lightning test``),
         capped at ``fid.reference_max_images`` (the first images, in the split's order)."""
-        split = self.fid.reference_split or getattr(pl_module, "fid_reference_split", "test")
+        split = self.fid.reference_split or family_of(pl_module, type(self).__name__).fid_reference_split
         dataset = datamodule.datasets.get(split)
         if dataset is None and hasattr(datamodule, "build_sources"):
             source = datamodule.build_sources("test" if split == "test" else "fit").get(split)
@@ -459,7 +452,7 @@ class TestMetrics(pl.Callback):
                 resolution, n_bits, features))
             counted = fakes.nonfinite_count(resolution)
             finite = fakes.finite_images(resolution)
-            head = f"{getattr(pl_module, 'model_name', '')} at {resolution}px, temperature {temperature}: "
+            head = f"{family_of(pl_module, type(self).__name__).model_name} at {resolution}px, temperature {temperature}: "
             excluded = (f"; {counted['count']} of {counted['of']} samples non-finite, left out"
                         if counted["count"] else "")
             if finite.shape[0] >= MIN_FID_SAMPLES:
@@ -494,11 +487,7 @@ def _as_saved_at_the_last_batch(fit_loop_state: dict, max_epochs: int | None) ->
     if e["ready"] == e["started"] == e["processed"] == e["completed"] + 1 and batches_done and not finished:
         # The epoch is already counted as processed, and the logging step has already
         # advanced past its last batch (Lightning adds that step back on this resume).
-        for kind in ("current", "total"):
-            epochs[kind]["processed"] -= 1
-            batches[kind]["completed"] -= 1
-        fit_loop_state["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1
-        batches["is_last_batch"] = True
+        rewind_epoch_end_checkpoint(fit_loop_state)
 
 
 class ExactResume(pl.Callback):

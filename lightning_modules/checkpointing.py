@@ -41,6 +41,7 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from lightning_modules.errors import CheckpointError, RunLockedError, StorageError
+from lightning_modules.lightning_internals import hyperparameters_from_cli
 
 RNG_KEY = "rng_states"
 WANDB_ID_FILE = "wandb_run_id.txt"
@@ -551,8 +552,7 @@ def save_constructor_arguments(module, frame) -> None:
     hyper-parameters. Under the CLI they are the parsed config (models given by
     class_path stay dicts); built in Python, the arguments that are modules (or hold
     them) are left out, since the checkpoint's state dict already has their weights."""
-    from pytorch_lightning.core.mixins.hparams_mixin import _given_hyperparameters  # what the CLI parsed
-    if _given_hyperparameters.get() is not None:
+    if hyperparameters_from_cli():
         module.save_hyperparameters(frame=frame)
         return
     arguments = inspect.getargvalues(frame).locals

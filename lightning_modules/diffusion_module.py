@@ -98,8 +98,12 @@ class DiffusionFlowModule(FlowModule):
         return f"DiffusionFlow{self.resolution}"
 
     def parts(self) -> list[Part]:
-        return [Part("flow", self.model.scales, self.settings["flow"], ["model.scales."]),
-                Part("diffusion", self.model.joint_prior, self.settings["diffusion"], ["model.joint_prior."])]
+        """The DDPM, and the flow: the Glow's scales and every other sub-module of the
+        Glow with parameters (a learned dequantizer), each under the flow's optimizer."""
+        flow = [Part("flow" if name == "scales" else f"flow.{name}", child, self.settings["flow"], [f"model.{name}."])
+                for name, child in self.model.named_children()
+                if name != "joint_prior" and (name == "scales" or any(True for _ in child.parameters()))]
+        return flow + [Part("diffusion", self.model.joint_prior, self.settings["diffusion"], ["model.joint_prior."])]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)

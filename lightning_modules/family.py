@@ -1,17 +1,19 @@
-"""The family contract of the LightningModules: what a family implements
-(:class:`FamilyInterface`, with the defaults for a model of one image size), what its
+"""The family contract of the LightningModules: what a family implements and every hook
+a callback reads (:class:`FamilyInterface`, with the defaults for a model of one image
+size; callbacks reach a module through :func:`family_of`, never ``getattr``), what its
 ``compute_losses`` takes (:class:`Batch`) and returns (:class:`LossOutput`), and the name
 a logged bits-per-dim figure gets. ``base.FlowModule`` does the optimization and the
 logging around it."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from flows.base import LABELS
-from flows.model import Objective
+from flows.model import NoisyReconstruction, Objective
 from flows.quantization import likelihood_figure
 
 
@@ -61,6 +63,20 @@ class LossOutput:
 NOISY_DATA_METRIC = "noisy_data_nll_bits"
 
 
+def family_of(pl_module, user: str) -> "FamilyInterface":
+    """``pl_module`` as the family contract that ``user`` (a callback) relies on; a clear
+    error for a LightningModule that does not implement it. Callbacks read a module
+    through this contract only (no probing with getattr), so every hook they use has
+    one definition and one default, here."""
+    if isinstance(pl_module, FamilyInterface):
+        return pl_module
+    from lightning_modules.errors import ConfigurationError
+
+    raise ConfigurationError(f"{user} needs one of this project's LightningModules (a FlowModule family, which "
+                             f"implements lightning_modules.family.FamilyInterface); {type(pl_module).__name__} is not "
+                             f"one: remove {user} from trainer.callbacks, or build the module on FlowModule")
+
+
 def bpd_name(resolution: int, exact: bool, bound_metric: str = "bpd_bound", continuous: bool = False) -> str:
     if continuous:
         return f"{NOISY_DATA_METRIC}_{resolution}"
@@ -80,6 +96,19 @@ class FamilyInterface:
     # The name of a bits-per-dim bound in the logs (``<bound_metric>_R``): the cascade's
     # sum of stage likelihoods is ``bpd_bound``, a variational model's ELBO ``elbo_bpd``.
     bound_metric: str = "bpd_bound"
+    # The real images FID/KID compare with, unless the callback's settings name a split
+    # (seed 001 evaluates against the training set).
+    fid_reference_split: str = "test"
+    # What a latent-noise ``sigma`` setting is (the noise sweep's legend): a standard
+    # deviation, or (the cascade's ``sigma_is: variance``) a variance.
+    sigma_is: str = "std"
+    n_bits: int = 8  # the data's bits per channel (FlowModule sets it from its argument)
+
+    @property
+    def micro_batches_pending(self) -> int:
+        """Micro-batches whose summed gradients wait for an optimizer step (FlowModule
+        counts them; a checkpoint is written only where this is 0)."""
+        return 0
 
     # Defaults for a model of one image size (every family but the cascade, which
     # overrides them): its resolution, its condition, its samples and its data.
@@ -175,3 +204,25 @@ class FamilyInterface:
         check theirs before the first step). Default: one number."""
         if not isinstance(temperature, (int, float)):
             raise ValueError(f"{type(self).__name__} samples at one temperature, got {temperature!r}")
+
+    # --- what the analysis callbacks (analyses.py) ask of a module -----------------------
+
+    noise_sweep_sigmas: list[float] = [0.0, 0.05, 0.1, 0.15, 0.2, 0.25]  # seed 000 Fig. 4.1 (Glow)
+
+    def model_input(self, batch) -> tuple[Any, dict | None]:
+        """(x, cond) as ``self.model.encode`` takes them for a ``Batch``."""
+        return batch.images[self.resolution], self.condition(batch.labels)
+
+    def images_of(self, decoded: Any) -> dict[int, Tensor]:
+        """The model's data (an input or a decoding) as {resolution: images}."""
+        return {self.resolution: decoded}
+
+    def noise_std(self, sigma: float) -> float:
+        """The standard deviation of the latent noise a ``sigma`` setting means (std)."""
+        return sigma
+
+    def noisy_reconstructions(self, batch, sigma: float) -> dict[int, NoisyReconstruction]:
+        """f^-1(f(x) + sigma eps) through the whole model, the same sigma on every latent
+        (``FlowModel.reconstruct_with_latent_noise``; failed where non-finite)."""
+        x, cond = self.model_input(batch)
+        return {self.resolution: self.model.reconstruct_with_latent_noise(x, cond, self.noise_std(sigma))}

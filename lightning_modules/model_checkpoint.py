@@ -42,7 +42,8 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint as LightningModelCheckpoint
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from lightning_modules.errors import ConfigurationError
-from lightning_modules.family import NOISY_DATA_METRIC
+from lightning_modules.family import NOISY_DATA_METRIC, FamilyInterface
+from lightning_modules.lightning_internals import CheckpointNaming
 
 BPD_MONITOR = re.compile(r"(\w+)/bpd_(\d+)")
 
@@ -55,10 +56,11 @@ def filename_for(monitor: str | None) -> str | None:
     return "epoch{epoch}-step{step}-" + short + "={" + monitor + ":.4g}"
 
 
-class ModelCheckpoint(LightningModelCheckpoint):
+class ModelCheckpoint(CheckpointNaming):
     # The changes above, then Lightning's argument documentation (for `lightning fit --help`).
     __doc__ = f"{__doc__}\n{LightningModelCheckpoint.__doc__}"
     _last_only_step: int | None = None
+    _stage = "fit"  # the running stage, from setup
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -76,7 +78,9 @@ class ModelCheckpoint(LightningModelCheckpoint):
         super().setup(trainer, pl_module, stage)
         self._stage = stage
         match = BPD_MONITOR.fullmatch(self.monitor or "")
-        noisy = getattr(pl_module, "noisy_data_resolutions", set())
+        # Any LightningModule may be checkpointed (the RRDB pre-training too); a family's
+        # noisy-data resolutions are refused as bits-per-dim monitors.
+        noisy = pl_module.noisy_data_resolutions if isinstance(pl_module, FamilyInterface) else set()
         if match and int(match[2]) in noisy:
             raise ConfigurationError(
                 f"ModelCheckpoint monitors {self.monitor}, but the model trains on noisy data (noise augmentation: "
@@ -149,7 +153,7 @@ class ModelCheckpoint(LightningModelCheckpoint):
     def load_state_dict(self, state_dict: dict) -> None:
         # `lightning test` / `validate` of a checkpoint writes no checkpoints: its record of
         # the best ones is not needed (and its other dirpath made Lightning warn).
-        if getattr(self, "_stage", "fit") != "fit":
+        if self._stage != "fit":
             return
         super().load_state_dict(state_dict)
 
@@ -164,7 +168,7 @@ class ModelCheckpoint(LightningModelCheckpoint):
                 return False
         return super().check_monitor_top_k(trainer, current)
 
-    def _format_checkpoint_name(self, filename, metrics, prefix=None, auto_insert_metric_name=True) -> str:
+    def format_name(self, filename, metrics, prefix=None, auto_insert_metric_name=True) -> str:
         if filename and filename != self.CHECKPOINT_NAME_LAST:
             named = {group[1:] for group in re.findall(r"(\{.*?)[:\}]", filename)}
             missing = sorted(named - set(metrics) - {"epoch", "step"})
@@ -174,12 +178,13 @@ class ModelCheckpoint(LightningModelCheckpoint):
                                    f"log; the files are named from the monitored {self.monitor} instead")
                     self._fallback_warned = True
                 filename, auto_insert_metric_name = filename_for(self.monitor), False
-        return super()._format_checkpoint_name(filename, metrics, prefix, auto_insert_metric_name)
+        return super().format_name(filename, metrics, prefix, auto_insert_metric_name)
 
-    def _monitor_candidates(self, trainer) -> dict:
-        candidates = super()._monitor_candidates(trainer)
+    def monitor_candidates(self, trainer) -> dict:
+        candidates = super().monitor_candidates(trainer)
         match = BPD_MONITOR.fullmatch(self.monitor or "")
-        bound = getattr(trainer.lightning_module, "bound_metric", None)
+        module = trainer.lightning_module
+        bound = module.bound_metric if isinstance(module, FamilyInterface) else None
         noisy = match and f"{match[1]}/{NOISY_DATA_METRIC}_{match[2]}"
         if match and self.monitor not in candidates and noisy in candidates:
             raise ConfigurationError(f"ModelCheckpoint monitors {self.monitor}, but the model trains on noisy data "

@@ -15,6 +15,7 @@ from torch import Tensor
 from flows.nets import RRDBEncoder
 from flows.quantization import dequantize
 from lightning_modules.errors import ConfigurationError
+from lightning_modules.lightning_internals import attached_trainer
 from lightning_modules.parts import OptimizerGroup, OptimizerSettings, build_optimizer, steps_per_epoch
 
 
@@ -36,7 +37,8 @@ class RRDBPretrainModule(pl.LightningModule):
         self.encoder = RRDBEncoder(in_channels, rrdb_features, rrdb_blocks, rrdb_growth, rrdb_feature_blocks)
 
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        trainer = attached_trainer(self)
+        datamodule = getattr(trainer, "datamodule", None) if trainer else None
         if datamodule is None:
             return
         needed = [self.resolution, self.resolution // 2]

@@ -36,6 +36,9 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.environments import SLURMEnvironment
 
+from lightning_modules.family import FamilyInterface
+from lightning_modules.lightning_internals import cluster_environment, hpc_checkpoint_path, lightning_accumulates
+
 INTERRUPTED_CHECKPOINT = "last-interrupted.ckpt"  # a "last*.ckpt": ckpt_path auto (and Lightning's "last") find it
 
 
@@ -114,7 +117,7 @@ class SignalCheckpoint(pl.Callback):
     def _install(self, trainer: pl.Trainer, capture: bool) -> None:
         if threading.current_thread() is not threading.main_thread():
             return  # Python takes signals in the main thread only
-        environment = getattr(trainer._accelerator_connector, "cluster_environment", None)
+        environment = cluster_environment(trainer)
         if isinstance(environment, SLURMEnvironment) and environment.auto_requeue and environment.requeue_signal:
             self.requeue_signal = int(environment.requeue_signal)
         wanted = {int(s) for s in self.signals} | ({self.requeue_signal} if self.requeue_signal else set())
@@ -154,7 +157,7 @@ class SignalCheckpoint(pl.Callback):
         # The handler stays: a second SIGTERM during the save is ignored (a second Ctrl-C
         # still stops at once; the atomic write keeps the previous file whole).
         if received == self.requeue_signal:
-            path = trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
+            path = hpc_checkpoint_path(trainer)
         else:
             callback = trainer.checkpoint_callback
             folder = getattr(callback, "dirpath", None) or trainer.default_root_dir
@@ -199,9 +202,9 @@ class SignalCheckpoint(pl.Callback):
         """Not between the micro-batches of an accumulated step, whose summed gradients
         a checkpoint does not hold (FlowModule counts its own; Lightning's for
         automatic optimization)."""
-        if getattr(pl_module, "_accumulated", 0):
+        if isinstance(pl_module, FamilyInterface) and pl_module.micro_batches_pending:
             return False
-        if pl_module.automatic_optimization and trainer.fit_loop.epoch_loop._should_accumulate():
+        if pl_module.automatic_optimization and lightning_accumulates(trainer):
             return False
         return True
 
