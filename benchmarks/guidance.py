@@ -11,6 +11,9 @@ images per w and the Bayes rule classifies them.
 
     python -m benchmarks.guidance               # CPU, about a minute for both models
 
+Every guidance rule (``RULES``) samples the same trained model: the table has one row
+per model and rule.
+
 Prints a markdown table and one JSON line. ``tests/test_guidance.py`` runs a shorter
 version and asserts the rise.
 """
@@ -22,6 +25,7 @@ import json
 import torch
 
 from flows import GUIDANCE, LABELS, Glow
+from flows.base import Guidance
 from flows.tarflow import TarFlow
 
 MEAN, STD = 0.03, 0.2
@@ -46,10 +50,19 @@ MODELS = {
 }
 
 
+# The guidance rules (flows.base.Guidance) compared on the same trained model: name ->
+# (rule, schedule, attention temperature of the unconditional pass). The schedule and
+# the attention temperature act along TarFlow's patch sequence only.
+RULES = {"cfg": ("cfg", "constant", 1.0), "cfg annealed": ("cfg", "annealed", 1.0),
+         "starflow": ("starflow", "constant", 1.0), "starflow annealed": ("starflow", "annealed", 1.0),
+         "cfg, attention 0.5": ("cfg", "constant", 0.5)}
+
+
 def train_and_measure(steps: int = 600, samples: int = 2000, weights=(0.0, 0.5, 1.0, 2.0, 4.0),
-                      seed: int = 0, model_name: str = "tarflow") -> dict:
+                      seed: int = 0, model_name: str = "tarflow", rules: tuple[str, ...] = ("cfg",)) -> dict:
     """Train ``MODELS[model_name]`` through its own ``training_loss`` (which drops the
-    labels) and measure the Bayes rule's accuracy on samples at each guidance weight."""
+    labels) and measure the Bayes rule's accuracy on samples at each guidance weight,
+    under each of ``rules`` (names of :data:`RULES`; ``accuracy`` is the first's)."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = MODELS[model_name]().train()
@@ -64,12 +77,15 @@ def train_and_measure(steps: int = 600, samples: int = 2000, weights=(0.0, 0.5, 
     model.eval()
     data, data_labels = toy_batch(samples, generator)
     result = {"model": model_name, "steps": steps, "samples": samples, "final_loss_nats_per_dim": float(loss.detach()),
-              "data_accuracy": float((classify(data) == data_labels).float().mean()), "accuracy": {}}
+              "data_accuracy": float((classify(data) == data_labels).float().mean()), "by_rule": {}}
     labels = torch.arange(samples) % 2
-    for w in weights:
-        torch.manual_seed(seed + 1)
-        drawn = model.sample(samples, {LABELS: labels, GUIDANCE: w})
-        result["accuracy"][w] = float((classify(drawn) == labels).float().mean())
+    for rule in rules:
+        accuracy = result["by_rule"][rule] = {}
+        for w in weights:
+            torch.manual_seed(seed + 1)
+            drawn = model.sample(samples, {LABELS: labels, GUIDANCE: Guidance(w, *RULES[rule])})
+            accuracy[w] = float((classify(drawn) == labels).float().mean())
+    result["accuracy"] = result["by_rule"][rules[0]]
     return result
 
 
@@ -78,13 +94,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--samples", type=int, default=2000)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--rules", nargs="+", default=list(RULES), choices=list(RULES))
     args = parser.parse_args(argv)
-    results = [train_and_measure(args.steps, args.samples, model_name=name) for name in args.models]
+    results = []
+    for name in args.models:
+        # the schedule and the attention temperature act along TarFlow's patches only
+        rules = tuple(args.rules) if name == "tarflow" else tuple(r for r in args.rules if RULES[r][1:] == ("constant", 1.0))
+        results.append(train_and_measure(args.steps, args.samples, model_name=name, rules=rules))
     print(f"data (Bayes rule on real samples): {results[0]['data_accuracy']:.3f}")
-    print("| model, w | " + " | ".join(str(w) for w in results[0]["accuracy"]) + " |")
-    print("|---|" + "---|" * len(results[0]["accuracy"]))
+    print("| model | rule | " + " | ".join(f"w = {w}" for w in results[0]["accuracy"]) + " |")
+    print("|---|---|" + "---:|" * len(results[0]["accuracy"]))
     for result in results:
-        print(f"| {result['model']} | " + " | ".join(f"{a:.3f}" for a in result["accuracy"].values()) + " |")
+        for rule, accuracy in result["by_rule"].items():
+            print(f"| {result['model']} | {rule} | " + " | ".join(f"{a:.3f}" for a in accuracy.values()) + " |")
     print(json.dumps(results))
     return results
 

@@ -17,7 +17,8 @@ A layer that needs features also accepts the feature map itself as ``cond``.
 """
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -87,6 +88,75 @@ def guided(conditional: Tensor, null: Tensor, weight: float) -> Tensor:
     """Classifier-free guidance of a parameter (a shift, a log-scale, a prior's mean):
     ``conditional + w (conditional - null)``; w = 0 is the conditional one."""
     return conditional + weight * (conditional - null) if weight else conditional
+
+
+GuidanceRule = Literal["cfg", "starflow"]
+GuidanceSchedule = Literal["constant", "annealed"]
+GUIDANCE_RULES, GUIDANCE_SCHEDULES = get_args(GuidanceRule), get_args(GuidanceSchedule)
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """How a sampling call guides a class-conditional model (``cond["guidance"]``: this,
+    or a bare weight, which takes the model's other settings).
+
+    * ``weight`` w >= 0; 0 is the unguided sampler, exactly.
+    * ``rule``: how the conditional Gaussian (mean mu_c, scale sigma_c) of each step and
+      the unconditional one (mu_u, sigma_u) combine. ``cfg``: mean and log-scale each
+      ``c + w (c - u)`` (Ho & Salimans 2022; TarFlow sec. 2.4, ml-tarflow's
+      ``reverse``). ``starflow``: the Gaussian of (1 + w) log p_c - w log p_u (STARFlow,
+      Gu et al. 2025; ml-starflow's ``guidance``): sigma = sigma_c / sqrt(1 + w - w s),
+      mu = ((1 + w) mu_c - w s mu_u) / (1 + w - w s), s = min(sigma_c / sigma_u, 1)^2
+      (the clip keeps the precision positive).
+    * ``schedule``: ``constant``, or ``annealed`` along an autoregressive sequence: step i
+      of T - 1 guided with (i + 1) / (T - 1) w (ml-tarflow's FID script). A model drawn
+      in one Gaussian step (a Glow's class-conditional prior) has no sequence: it is at
+      the ramp's end, w.
+    * ``attention_temperature``: TarFlow's guidance of a model by itself (ml-tarflow's
+      ``attn_temp``): the unconditional pass divides its attention logits by this (< 1
+      sharpens). An unconditional TarFlow is guided this way only; 1 leaves the null
+      pass as it is.
+    """
+
+    weight: float = 0.0
+    rule: str = "cfg"
+    schedule: str = "constant"
+    attention_temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.weight >= 0.0:
+            raise ValueError(f"guidance (the weight w) must be >= 0, got {self.weight}")
+        if self.rule not in GUIDANCE_RULES:
+            raise ValueError(f"guidance rule must be one of {GUIDANCE_RULES}, got {self.rule!r}")
+        if self.schedule not in GUIDANCE_SCHEDULES:
+            raise ValueError(f"guidance schedule must be one of {GUIDANCE_SCHEDULES}, got {self.schedule!r}")
+        if not self.attention_temperature > 0.0:
+            raise ValueError(f"attention_temperature must be > 0, got {self.attention_temperature}")
+
+    def weight_at(self, step: int, steps: int) -> float:
+        """w at step ``step`` (0-based) of an autoregressive sequence of ``steps`` guided steps."""
+        return self.weight * (step + 1) / steps if self.schedule == "annealed" else self.weight
+
+    def combine(self, mean: Tensor, log_std: Tensor, null_mean: Tensor, null_log_std: Tensor,
+                weight: float | None = None) -> tuple[Tensor, Tensor]:
+        """The guided (mean, log-scale) of one Gaussian step, by :attr:`rule`, at ``weight``
+        (default: :attr:`weight`)."""
+        w = self.weight if weight is None else weight
+        if not w:
+            return mean, log_std
+        if self.rule == "cfg":
+            return guided(mean, null_mean, w), guided(log_std, null_log_std, w)
+        s = torch.exp(2.0 * torch.clamp(log_std - null_log_std, max=0.0))
+        precision = 1.0 + w - w * s
+        return ((1.0 + w) * mean - w * s * null_mean) / precision, log_std - 0.5 * torch.log(precision)
+
+
+def guidance_of(cond: Condition) -> Guidance:
+    """The :class:`Guidance` a condition names (a bare weight: the cfg rule, constant)."""
+    value = condition_value(cond, GUIDANCE)
+    if value is None:
+        return Guidance()
+    return value if isinstance(value, Guidance) else Guidance(weight=float(value))
 
 
 def with_condition(cond: Condition, **named: Any) -> dict[str, Any]:

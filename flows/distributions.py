@@ -34,8 +34,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from flows.base import (GUIDANCE, LABELS, NULL_LABEL, Condition, check_labels, at_least_float32, concat_features, condition_features,
-                        condition_value, guided, with_condition)
+from flows.base import (LABELS, NULL_LABEL, Condition, check_labels, at_least_float32, concat_features, condition_features,
+                        condition_value, guidance_of, with_condition)
 from flows.nets import ZeroConv2d
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -187,14 +187,16 @@ class GaussianPrior(LatentPrior):
 
     def sample(self, n: int, cond: Condition = None, temperature: float = 1.0) -> Tensor:
         """Draws at ``temperature``; with classes and ``cond["guidance"] = w``, from the
-        classifier-free guided Gaussian: mean and log-std each ``c + w (c - null)``, c the
-        class's and null the null class's (flows/base.py ``guided``)."""
+        classifier-free guided Gaussian of the class's and the null class's, by the call's
+        rule (:class:`flows.base.Guidance`: cfg, each of mean and log-std ``c + w (c - null)``;
+        or STARFlow's)."""
         mean, log_std = self.params(n, cond)
-        weight = float(condition_value(cond, GUIDANCE) or 0.0)
-        if weight and self.num_classes:
+        guidance = guidance_of(cond)
+        if guidance.weight and self.num_classes:
             labels = condition_value(cond, LABELS)
             null_mean, null_log_std = self.params(n, with_condition(cond, **{LABELS: torch.full_like(labels, NULL_LABEL)}))
-            mean, log_std = guided(mean, null_mean, weight), guided(log_std, null_log_std, weight)
+            # One Gaussian, no sequence: an annealed schedule is at its end, w itself.
+            mean, log_std = guidance.combine(mean, log_std, null_mean, null_log_std)
         return gaussian_sample(mean, log_std, temperature)
 
 

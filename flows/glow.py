@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flows.base import LABELS, NULL_LABEL, Condition, condition_value, with_condition, zero_logdet
+from flows.base import LABELS, NULL_LABEL, Condition, GuidanceRule, condition_value, with_condition, zero_logdet
 from flows.distributions import (KEPT, GaussianPrior, GaussianSplitPrior, LatentPrior, PriorTraining,
                                  SplitPriorFactory, TopPriorFactory)
 from flows.layers import Squeeze, flow_step
@@ -97,6 +97,8 @@ class Glow(FlowModel):
             extrapolates the class's top-prior mean and log-std from the null class's
             (:meth:`~flows.distributions.GaussianPrior.sample`; a call's
             ``cond["guidance"]`` overrides it). The class head trains on the true labels.
+        guidance_rule: ``cfg`` (the above) or ``starflow``: the top prior's Gaussian of
+            (1 + w) log p_c - w log p_u (:class:`~flows.base.Guidance`).
     """
 
     def __init__(self, *, in_channels: int = 3, image_size: int = 32, scales: int = 3,
@@ -112,7 +114,7 @@ class Glow(FlowModel):
                  tail_bound: float = 3.0, memory_efficient: bool = False,
                  activation_checkpointing: bool = False, block: BlockFactory | None = None,
                  dequantizer: DequantizerFactory | None = None, label_dropout: float = 0.0,
-                 guidance: float = 0.0) -> None:
+                 guidance: float = 0.0, guidance_rule: GuidanceRule = "cfg") -> None:
         super().__init__(dequantizer, in_channels)
         if scales < 1 or steps_per_scale < 1:
             raise ValueError("Glow needs scales >= 1 and steps_per_scale >= 1")
@@ -123,7 +125,7 @@ class Glow(FlowModel):
         self.in_channels = in_channels
         self.image_size = image_size
         self.num_classes = num_classes
-        self.set_guidance(label_dropout, guidance)
+        self.set_guidance(label_dropout, guidance, guidance_rule)
         self.coupling = coupling
         if joint_prior is not None and (top_prior is not None or split_prior is not None or num_classes
                                         or cond_channels):

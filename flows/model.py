@@ -34,7 +34,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from flows.base import GUIDANCE, LABELS, NULL_LABEL, Condition, condition_value, drop_labels, with_condition
+from flows.base import (GUIDANCE, LABELS, NULL_LABEL, Condition, Guidance, condition_value, drop_labels,
+                        with_condition)
 from flows.dequantization import Dequantizer, DequantizerFactory, UniformDequantizer
 from flows.distributions import LatentPrior, PriorTraining
 from flows.quantization import likelihood_figure
@@ -152,6 +153,10 @@ class FlowModel(nn.Module):
     # sampling uses where a call's cond names none (``set_guidance``).
     label_dropout: float = 0.0
     guidance: float = 0.0
+    guidance_rule: str = "cfg"  # flows.base.Guidance: the rule, schedule and attention temperature
+    guidance_schedule: str = "constant"
+    guidance_attention_temperature: float = 1.0
+    guides_by_attention = False  # True: guidance by the model's own sharpened attention (TarFlow)
     _null_class_checked = False  # guided_condition's one look at the labels
 
     def __init__(self, dequantizer: DequantizerFactory | None = None, in_channels: int | None = None) -> None:
@@ -159,38 +164,57 @@ class FlowModel(nn.Module):
         super().__init__()
         self.dequantizer: Dequantizer = UniformDequantizer() if dequantizer is None else dequantizer(in_channels)
 
-    def set_guidance(self, label_dropout: float = 0.0, guidance: float = 0.0) -> None:
-        """Check and set :attr:`label_dropout` (in [0, 1)) and :attr:`guidance` (w >= 0);
-        both need classes. A model calls it once ``num_classes`` is set."""
+    def set_guidance(self, label_dropout: float = 0.0, guidance: float = 0.0, rule: str = "cfg",
+                     schedule: str = "constant", attention_temperature: float = 1.0) -> None:
+        """Check and set :attr:`label_dropout` (in [0, 1)) and the guidance a sampling call
+        uses where its cond names none: the weight :attr:`guidance` (w >= 0), its rule,
+        schedule and attention temperature (:class:`~flows.base.Guidance`). Guidance
+        needs classes, except a model's guidance by its own sharpened attention
+        (``guides_by_attention``: TarFlow). A model calls it once ``num_classes`` is set."""
         if not 0.0 <= label_dropout < 1.0:
             raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout}")
-        if not guidance >= 0.0:
-            raise ValueError(f"guidance (the weight w) must be >= 0, got {guidance}")
-        if (label_dropout or guidance) and not self.num_classes:
-            raise ValueError("classifier-free guidance (label_dropout, guidance) needs classes (num_classes > 0)")
-        if guidance and not label_dropout:
+        settings = Guidance(float(guidance), rule, schedule, float(attention_temperature))  # checks each
+        by_attention = self.guides_by_attention and attention_temperature != 1.0
+        if label_dropout and not self.num_classes:
+            raise ValueError("label_dropout trains the null class of classifier-free guidance, which needs classes "
+                             "(num_classes > 0)")
+        if guidance and not self.num_classes and not by_attention:
+            raise ValueError("classifier-free guidance needs classes (num_classes > 0)"
+                             + ("; an unconditional TarFlow is guided by its own attention: set "
+                                "guidance_attention_temperature != 1 (ml-tarflow: 0.5 to 1.5)"
+                                if self.guides_by_attention else ""))
+        if guidance and self.num_classes and not label_dropout:
             raise ValueError(f"guidance {guidance} extrapolates away from the null class, which a model trained with "
                              "label_dropout: 0 never learns (its embedding stays at its initial value): train with "
                              "label_dropout > 0 (the paper: 0.1), or set guidance: 0")
-        self.label_dropout, self.guidance = float(label_dropout), float(guidance)
+        self.label_dropout, self.guidance = float(label_dropout), settings.weight
+        self.guidance_rule, self.guidance_schedule = settings.rule, settings.schedule
+        self.guidance_attention_temperature = settings.attention_temperature
 
     def guided_condition(self, cond: Condition) -> Condition:
-        """``cond`` with the model's guidance weight, unless it names one (sampling). Warns
-        when the samples would use an untrained null class (guidance, or labels of -1,
-        on a model with ``label_dropout: 0``)."""
+        """``cond`` with the :class:`~flows.base.Guidance` of this sampling call: the one
+        it names, a weight it names with the model's rule, schedule and attention
+        temperature, or the model's own. Warns when the samples would use an untrained
+        null class (guidance, or labels of -1, on a model with ``label_dropout: 0``)."""
+        named = condition_value(cond, GUIDANCE)
+        if isinstance(named, Guidance):
+            settings = named
+        else:
+            settings = Guidance(self.guidance if named is None else float(named), self.guidance_rule,
+                                self.guidance_schedule, self.guidance_attention_temperature)
         if self.num_classes and not self.label_dropout and not self._null_class_checked:
             labels = condition_value(cond, LABELS)
             # Checked at a model's first sampling call only, so that later calls read
             # nothing back to the host (tests/test_host_syncs.py).
             self._null_class_checked = True
-            if condition_value(cond, GUIDANCE) or (labels is not None and bool((labels < 0).any())):
+            if settings.weight or (labels is not None and bool((labels < 0).any())):
                 warnings.warn(f"{self.display_name} samples with classifier-free guidance or the null class (label "
                               f"{NULL_LABEL}), but it trains with label_dropout: 0, so its null class was never "
                               "trained and these samples follow an untrained embedding; train with label_dropout > 0",
                               stacklevel=3)
-        if not self.guidance or condition_value(cond, GUIDANCE) is not None:
+        if named is None and not settings.weight:
             return cond
-        return with_condition(cond, **{GUIDANCE: self.guidance})
+        return with_condition(cond, **{GUIDANCE: settings})
 
     @property
     def exact(self) -> bool:

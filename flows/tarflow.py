@@ -51,7 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flows.base import (GUIDANCE, LABELS, NULL_LABEL, Bijection, check_labels, Condition, at_least_float32, condition_value, guided,
+from flows.base import (LABELS, NULL_LABEL, Bijection, check_labels, Condition, GuidanceRule, GuidanceSchedule,
+                        at_least_float32, condition_value, guidance_of,
                         with_condition)
 from flows.dequantization import DequantizerFactory
 from flows.distributions import GaussianPrior
@@ -108,14 +109,18 @@ class CausalSelfAttention(nn.Module):
     def new_cache(self, batch: int, length: int, like: Tensor) -> KeyValueCache:
         return KeyValueCache(batch, self.heads, length, self.head_channels, like)
 
-    def forward(self, x: Tensor, cache: KeyValueCache | None = None, position: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, cache: KeyValueCache | None = None, position: Tensor | None = None,
+                temperature: float = 1.0) -> Tensor:
+        """``temperature``: the attention logits divided by it (ml-tarflow's ``attn_temp``,
+        the self-guidance of :class:`~flows.base.Guidance`); 1 is plain attention."""
         batch, length, channels = x.shape
         q, k, v = self.qkv(self.norm(x)).view(batch, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        scale = None if temperature == 1.0 else self.head_channels ** -0.5 / temperature
         if cache is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
         else:
             visible = cache.write(position, k, v)
-            out = F.scaled_dot_product_attention(q, cache.keys, cache.values, attn_mask=visible)
+            out = F.scaled_dot_product_attention(q, cache.keys, cache.values, attn_mask=visible, scale=scale)
         return self.proj(out.transpose(1, 2).reshape(batch, length, channels))
 
 
@@ -128,8 +133,9 @@ class TransformerLayer(nn.Module):
         self.mlp = nn.Sequential(nn.LayerNorm(channels), nn.Linear(channels, expansion * channels), nn.GELU(),
                                  nn.Linear(expansion * channels, channels))
 
-    def forward(self, x: Tensor, cache: KeyValueCache | None = None, position: Tensor | None = None) -> Tensor:
-        x = x + self.attention(x, cache, position)
+    def forward(self, x: Tensor, cache: KeyValueCache | None = None, position: Tensor | None = None,
+                temperature: float = 1.0) -> Tensor:
+        x = x + self.attention(x, cache, position, temperature)
         return x + self.mlp(x)
 
 
@@ -187,15 +193,17 @@ class TarFlowBlock(Bijection):
             return at_least_float32(log_scale), shift
         return at_least_float32(torch.zeros_like(out)), out
 
-    def _patch_transforms(self, sequence: Tensor, cond: Condition) -> tuple[Tensor, Tensor]:
+    def _patch_transforms(self, sequence: Tensor, cond: Condition, null: bool = False,
+                          attention_temperature: float = 1.0) -> tuple[Tensor, Tensor]:
         """Every patch's (log-scale, shift) from the patches before it: one causal pass,
-        the outputs shifted one position on (the first patch gets the identity)."""
+        the outputs shifted one position on (the first patch gets the identity).
+        ``null``, ``attention_temperature``: the unconditional pass of guidance."""
         h = self.proj_in(sequence) + self.pos_embed.to(sequence.dtype)
-        embedding = self._embedding(cond, sequence.shape[0], sequence)
+        embedding = self._embedding(cond, sequence.shape[0], sequence, null=null)
         if embedding is not None:
             h = h + embedding
         for layer in self.layers:
-            h = layer(h)
+            h = layer(h, temperature=attention_temperature)
         out = self.proj_out(h)
         out = torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], dim=1)
         return self._transform(out)
@@ -210,12 +218,15 @@ class TarFlowBlock(Bijection):
     def inverse(self, z: Tensor, cond: Condition = None) -> tuple[Tensor, Tensor]:
         """Patch by patch with a key/value cache: step i runs the transformer on patch i
         alone (attending to the cached earlier ones) and inverts patch i + 1. With
-        labels and ``cond["guidance"] = w > 0``, a second, null-class pass guides each
-        step's log-scale and shift: (1 + w) conditional - w unconditional. Every step has
-        the same shapes (:class:`KeyValueCache`), so a compiled step
-        (:meth:`TarFlow.compile_sampler`) compiles once."""
-        guidance = float(condition_value(cond, GUIDANCE) or 0.0)
-        is_guided = guidance > 0 and self.class_embed is not None
+        ``cond["guidance"]`` (:class:`~flows.base.Guidance`, weight w > 0) a second,
+        unconditional pass (the null class, and/or attention at the guidance's
+        temperature) guides each step's Gaussian by the guidance's rule, at the weight
+        its schedule gives step i of T - 1. Every step has the same shapes
+        (:class:`KeyValueCache`), so a compiled step (:meth:`TarFlow.compile_sampler`)
+        compiles once."""
+        guidance = guidance_of(cond)
+        temperature = guidance.attention_temperature
+        is_guided = guidance.weight > 0 and (self.class_embed is not None or temperature != 1.0)
         sequence = self._sequence(z)
         patches = [sequence[:, 0].contiguous()]  # the strides of every later patch: one compiled step
         caches = self._new_caches(z)
@@ -223,13 +234,15 @@ class TarFlowBlock(Bijection):
         embedding = self._embedding(cond, z.shape[0], z)
         null_embedding = self._embedding(cond, z.shape[0], z, null=True) if is_guided else None
         positions = torch.arange(self.num_patches, device=z.device)
+        steps = self.num_patches - 1
         log_scales = []
-        for i in range(self.num_patches - 1):
+        for i in range(steps):
             position = positions[i:i + 1]
             log_scale, shift = self.step(patches[-1], position, embedding, caches)
             if is_guided:
-                null_log_scale, null_shift = self.step(patches[-1], position, null_embedding, null_caches)
-                log_scale, shift = guided(log_scale, null_log_scale, guidance), guided(shift, null_shift, guidance)
+                null_log_scale, null_shift = self.step(patches[-1], position, null_embedding, null_caches, temperature)
+                shift, log_scale = guidance.combine(shift, log_scale, null_shift, null_log_scale,
+                                                    guidance.weight_at(i, steps))
             patches.append((sequence[:, i + 1] * torch.exp(log_scale) + shift).to(z.dtype))
             log_scales.append(log_scale)
         logdet = torch.stack(log_scales, 1).sum(dim=(1, 2)) if log_scales else z.new_zeros(z.shape[0])
@@ -242,7 +255,7 @@ class TarFlowBlock(Bijection):
         return [layer.attention.new_cache(like.shape[0], length, dtype_like) for layer in self.layers]
 
     def step(self, patch: Tensor, position: Tensor, embedding: Tensor | None,
-             caches: list[KeyValueCache]) -> tuple[Tensor, Tensor]:
+             caches: list[KeyValueCache], attention_temperature: float = 1.0) -> tuple[Tensor, Tensor]:
         """Patch i + 1's (log-scale, shift) from patch i (``position`` = [i]) and the
         caches of patches < i. :meth:`TarFlow.compile_sampler` replaces it on the
         instance by its compiled form."""
@@ -250,7 +263,7 @@ class TarFlowBlock(Bijection):
         if embedding is not None:
             h = h + embedding
         for layer, cache in zip(self.layers, caches):
-            h = layer(h, cache, position)
+            h = layer(h, cache, position, attention_temperature)
         log_scale, shift = self._transform(self.proj_out(h))
         return log_scale[:, 0], shift[:, 0]
 
@@ -288,15 +301,24 @@ class TarFlow(FlowModel):
             (classifier-free guidance; the paper trains with 0.1).
         guidance: the guidance weight w of samples whose cond names none (0: conditional
             sampling).
+        guidance_rule, guidance_schedule, guidance_attention_temperature: how guidance
+            combines the two passes (:class:`~flows.base.Guidance`): ``cfg`` (TarFlow sec.
+            2.4) or ``starflow`` (Gu et al. 2025); ``constant`` or ``annealed`` along the
+            patches ((i + 1) / (T - 1) w at step i: ml-tarflow's FID script samples so);
+            the unconditional pass's attention temperature (ml-tarflow's ``attn_temp``:
+            an unconditional TarFlow is guided by its own sharpened attention, < 1).
         learn_prior_scale: learn the Gaussian prior's per-channel mean and scale (None:
             exactly when ``affine`` is off).
         dequantizer: as Glow's (``flows/dequantization.py``).
     """
 
+    guides_by_attention = True  # guidance_attention_temperature != 1 guides without classes
+
     def __init__(self, *, in_channels: int = 3, image_size: int = 32, patch_size: int = 2, channels: int = 256,
                  blocks: int = 4, layers_per_block: int = 4, head_channels: int = 64, expansion: int = 4,
                  affine: bool = True, num_classes: int = 0, label_dropout: float = 0.0, guidance: float = 0.0,
-                 learn_prior_scale: bool | None = None, dequantizer: DequantizerFactory | None = None) -> None:
+                 guidance_rule: GuidanceRule = "cfg", guidance_schedule: GuidanceSchedule = "constant",
+                 guidance_attention_temperature: float = 1.0, learn_prior_scale: bool | None = None, dequantizer: DequantizerFactory | None = None) -> None:
         super().__init__(dequantizer, in_channels)
         for name, value in dict(in_channels=in_channels, image_size=image_size, patch_size=patch_size,
                                 channels=channels, blocks=blocks, layers_per_block=layers_per_block,
@@ -311,7 +333,7 @@ class TarFlow(FlowModel):
         if channels % head_channels:
             raise ValueError(f"TarFlow's channels ({channels}) must be a multiple of head_channels ({head_channels})")
         self.in_channels, self.image_size, self.num_classes = in_channels, image_size, num_classes
-        self.set_guidance(label_dropout, guidance)
+        self.set_guidance(label_dropout, guidance, guidance_rule, guidance_schedule, guidance_attention_temperature)
         self.blocks = nn.ModuleList(
             TarFlowBlock(in_channels, image_size, patch_size, channels, layers_per_block, head_channels, expansion,
                          reverse=index % 2 == 1, affine=affine, num_classes=num_classes)
@@ -376,4 +398,7 @@ class TarFlow(FlowModel):
         return f"TarFlow{'CC' if self.num_classes else ''}{self.image_size}"
 
     def extra_repr(self) -> str:
-        return f"label_dropout={self.label_dropout}, guidance={self.guidance}" if self.num_classes else ""
+        if not (self.num_classes or self.guidance):
+            return ""
+        return (f"label_dropout={self.label_dropout}, guidance={self.guidance}, rule={self.guidance_rule}, "
+                f"schedule={self.guidance_schedule}, attention_temperature={self.guidance_attention_temperature}")
