@@ -21,9 +21,8 @@ from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
-
-from flows.nets import resize_features
 
 Condition = Any  # Mapping[str, Any] | Tensor (the feature map) | None
 
@@ -170,6 +169,18 @@ def with_condition(cond: Condition, **named: Any) -> dict[str, Any]:
         merged = dict(cond)
     merged.update({k: v for k, v in named.items() if v is not None})
     return merged
+
+
+def resize_features(features: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bring conditioning features to a layer's spatial size (no-op when equal).
+    Shrinking averages over each block (``area``), so no feature is skipped the way
+    bilinear sampling at a factor >= 2 would skip them; growing is bilinear."""
+    size = tuple(int(s) for s in size)
+    if tuple(features.shape[-2:]) == size:
+        return features
+    if size[0] <= features.shape[-2] and size[1] <= features.shape[-1]:
+        return F.interpolate(features, size=size, mode="area")
+    return F.interpolate(features, size=size, mode="bilinear", align_corners=False)
 
 
 def condition_features(cond: Condition, size: tuple[int, int], who: str) -> Tensor:

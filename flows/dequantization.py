@@ -23,7 +23,7 @@ on ``log p(y) - log q(u | x)`` as its log-likelihood:
   data, a continuous density that bounds nothing discrete. It is logged under its own
   name (``noisy_data_nll_bits_R``, ``Dequantized.continuous``), never as bits per dim.
 
-Both take the uniform noise ``noise`` from the caller: in evaluation it is the per-image
+Each takes the uniform noise ``noise`` from the caller: in evaluation it is the per-image
 noise of ``per_sample_uniform``, so a variational q's evaluation draws repeat too.
 """
 from __future__ import annotations

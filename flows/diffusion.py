@@ -402,7 +402,7 @@ class DiffusionPrior(LatentPrior):
         z0 = (zt - self._at("sqrt_one_minus_abar", t) * eps) / self._at("sqrt_abar", t)
         return z0.clamp(-1.0, 1.0) if clip else z0
 
-    def denoise(self, zt: Tensor, t: Tensor) -> tuple[Tensor, Tensor | None]:
+    def predict_noise(self, zt: Tensor, t: Tensor) -> tuple[Tensor, Tensor | None]:
         """(eps, v): the denoiser's outputs in float32 (v None without a learned variance)."""
         out = self.denoiser(zt, t).to(self.compute_dtype())
         eps, v = out.chunk(2, dim=1) if self.variance == "learned" else (out, None)
@@ -463,7 +463,7 @@ class DiffusionPrior(LatentPrior):
             t = torch.randint(0, self.timesteps, (n,), device=z0.device)
         noise = torch.randn_like(z0) if noise is None else noise
         zt = self.q_sample(z0, t, noise)
-        eps, v = self.denoise(zt, t)
+        eps, v = self.predict_noise(zt, t)
         mean, log_var = self.p_mean_variance(zt, t, eps, v)
         frozen_mean, _ = self.p_mean_variance(zt, t, eps.detach(), v)
         return {"mse": (noise - eps).pow(2).flatten(1).mean(dim=1),
@@ -501,7 +501,7 @@ class DiffusionPrior(LatentPrior):
         for index in reversed(range(self.timesteps)):
             t = self._timesteps(index, z0.shape[0], z0.device)
             zt = self.q_sample(z0, t, torch.randn_like(z0))
-            eps, v = self.denoise(zt, t)
+            eps, v = self.predict_noise(zt, t)
             mean, log_var = self.p_mean_variance(zt, t, eps, v, self.clip_denoised)
             terms.append(self._term(z0, zt, t, mean, log_var))
         terms = torch.stack(terms[::-1], dim=1)
@@ -551,7 +551,7 @@ class DiffusionPrior(LatentPrior):
     def compile_sampler(self, **options) -> bool:
         """Compile the denoiser step that ancestral and DDIM sampling repeat (same shapes
         at every step, the timestep a tensor: one graph)."""
-        self.denoise = torch.compile(self.denoise, **options)
+        self.predict_noise = torch.compile(self.predict_noise, **options)
         return True
 
     def _check_shape(self, z: Tensor) -> None:
@@ -569,7 +569,7 @@ class DiffusionPrior(LatentPrior):
         z = temperature * self._noise(n) if z_T is None else z_T.to(self.compute_dtype())
         for index in reversed(range(self.timesteps)):
             t = self._timesteps(index, n, z.device)
-            eps, v = self.denoise(z, t)
+            eps, v = self.predict_noise(z, t)
             mean, log_var = self.p_mean_variance(z, t, eps, v, self.clip_denoised)
             if index > 0:
                 z = mean + temperature * torch.exp(0.5 * log_var) * torch.randn_like(z)
@@ -580,7 +580,7 @@ class DiffusionPrior(LatentPrior):
     def _ddim_step(self, z: Tensor, t: int, t_next: int, eta: float, temperature: float) -> Tensor:
         n = z.shape[0]
         t_tensor = self._timesteps(t, n, z.device)
-        eps, _ = self.denoise(z, t_tensor)
+        eps, _ = self.predict_noise(z, t_tensor)
         abar = self.abar_values[t]
         abar_next = self.abar_values[t_next] if t_next >= 0 else 1.0
         z0 = (z - math.sqrt(1.0 - abar) * eps) / math.sqrt(abar)
@@ -615,7 +615,7 @@ class DiffusionPrior(LatentPrior):
         previous = -1
         for t in sequence:
             t_tensor = self._timesteps(t, z.shape[0], z.device)
-            eps, _ = self.denoise(z, t_tensor)
+            eps, _ = self.predict_noise(z, t_tensor)
             abar_prev = self.abar_values[previous] if previous >= 0 else 1.0
             abar = self.abar_values[t]
             z0_pred = (z - math.sqrt(1.0 - abar_prev) * eps) / math.sqrt(abar_prev)

@@ -1,5 +1,5 @@
-"""The contract every whole model follows (Glow and NSF, SRFlow, the cascade, the
-hierarchical flow, the diffusion-augmented flow and the pixel DDPM).
+"""The contract every whole model follows (Glow, RealNVP and NSF, SRFlow, the cascade,
+the hierarchical flow, the diffusion-augmented flow, the pixel DDPM and TarFlow).
 
     encode(x, cond) -> Encoding          data -> latents, log-det and prior term apart
     decode(latents, cond, temperature)   latents -> data; a latent given as None is drawn

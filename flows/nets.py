@@ -75,7 +75,7 @@ class ActNormLayer(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        from flows.layers.actnorm import ActNorm  # flows.layers imports this module
+        from flows.layers.actnorm import ActNorm  # flows.layers (the steps) imports this module
         self.actnorm = ActNorm(channels)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -168,18 +168,6 @@ class ResNetCouplingNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.out(F.relu(self.blocks(self.first(x))))
-
-
-def resize_features(features: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bring conditioning features to a layer's spatial size (no-op when equal).
-    Shrinking averages over each block (``area``), so no feature is skipped the way
-    bilinear sampling at a factor >= 2 would skip them; growing is bilinear."""
-    size = tuple(int(s) for s in size)
-    if tuple(features.shape[-2:]) == size:
-        return features
-    if size[0] <= features.shape[-2] and size[1] <= features.shape[-1]:
-        return F.interpolate(features, size=size, mode="area")
-    return F.interpolate(features, size=size, mode="bilinear", align_corners=False)
 
 
 class ResidualDenseBlock(nn.Module):

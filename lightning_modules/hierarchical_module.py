@@ -16,7 +16,6 @@ Logged (``train/``, ``val/``, ``test/``):
 """
 from __future__ import annotations
 
-import math
 
 
 from flows.dequantization import UniformDequantizer
@@ -25,7 +24,6 @@ from lightning_modules.base import FlowModule
 from lightning_modules.errors import ConfigurationError
 from lightning_modules.parts import Freeze, OptimizerSettings, Part
 
-LN2 = math.log(2.0)
 
 
 class HierarchicalModule(FlowModule):

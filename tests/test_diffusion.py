@@ -146,7 +146,7 @@ def test_the_continuous_t1_term_is_a_density():
     grid = torch.linspace(-3, 3, 20001, dtype=torch.float64).view(-1, 1, 1, 1)
     t = torch.zeros(len(grid), dtype=torch.long)
     zt = torch.full_like(grid, 0.2)
-    eps, v = prior.denoise(zt, t)
+    eps, v = prior.predict_noise(zt, t)
     mean, log_var = prior.p_mean_variance(zt, t, eps, v)
     density = torch.exp(-prior._term(grid, zt, t, mean, log_var))
     assert torch.trapezoid(density.flatten(), grid.flatten()).item() == pytest.approx(1.0, abs=1e-6)
