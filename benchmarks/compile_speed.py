@@ -167,7 +167,7 @@ def combine(runs: list[dict]) -> dict:
 def markdown(rows: list[tuple[dict, dict]], header: str) -> str:
     lines = [header, "",
              "| model | parameters | mode | first step s | step s (range) | step compiled / eager | pays back after "
-             "| first sampling call s | images/s | sampling compiled / eager |",
+             "| first sampling call s | images/s | sampling time compiled / eager |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for eager, compiled in rows:
         for row in (eager, compiled):

@@ -34,6 +34,10 @@ Sections (each row one measurement, "piece"):
    dynamo's ``eager`` backend: the capture is checked, not the generated code.
 6. **Host reads** per training step and sampling call of each family's seed-size model,
    and the graphs of its loss (``benchmarks/host_syncs.py``).
+7. **TarFlow's cached sampler, eager and compiled** (``benchmarks/tarflow_sampling.py``):
+   its patch step over the static-shape key/value cache compiled once (default mode and
+   ``reduce-overhead``), images per second and the first call (the compilation) apart,
+   on ``experiments/tarflow_imagenet64.yaml``'s model (the dry run: the quick config's).
 
 Running pieces: every piece runs in a worker subprocess with its own time limit; on a
 GPU run each piece gets a **fresh process** (no allocator caches, compiled kernels or
@@ -131,6 +135,10 @@ class Sizes:
     # capture alone, in seconds) and the configs whose host reads section 6 counts.
     compile_backend: str
     host_read_configs: tuple[str, ...]
+    # Section 7: TarFlow's sampler (config, samples per call, timed calls).
+    tarflow_config: str
+    tarflow_samples: int
+    tarflow_repeats: int
     # Per-piece limits (seconds), each including the piece's process start on a GPU run.
     peer_limit_s: float
     memory_limit_s: float
@@ -145,12 +153,14 @@ GPU_SIZES = Sizes(peer_steps=32, peer_hidden=512, peer_image=32, peer_batch=64, 
                   host_read_configs=("glow_cifar10.yaml", "celeba_cascade.yaml", "hierarchical_celebahq256.yaml",
                                      "diffusion_flow_mnist.yaml", "pixel_ddpm_mnist.yaml", "nsf_mnist.yaml",
                                      "tarflow_imagenet64.yaml"),
+                  tarflow_config="experiments/tarflow_imagenet64.yaml", tarflow_samples=16, tarflow_repeats=1,
                   peer_limit_s=90, memory_limit_s=90, family_limit_s=120, hierarchical_limit_s=150)
 DRY_SIZES = Sizes(peer_steps=2, peer_hidden=16, peer_image=16, peer_batch=2, peer_iterations=1, peer_warmup=0,
                   memory_steps=(1, 2, 4), memory_hidden=16, memory_image=16, memory_batch=2,
                   family_batch_cap=2, shrink_families=True, hierarchical_config=DRY_HIERARCHICAL_CONFIG,
                   hierarchical_batch=2, iterations=1, warmup=0, compile_backend="eager",
                   host_read_configs=("quick_photos.yaml", "quick_tarflow.yaml"),
+                  tarflow_config="experiments/quick_tarflow.yaml", tarflow_samples=2, tarflow_repeats=1,
                   # The first piece of the shared worker pays for importing torch and Lightning.
                   peer_limit_s=90, memory_limit_s=60, family_limit_s=90, hierarchical_limit_s=60)
 
@@ -319,8 +329,18 @@ def run_host_reads(spec: dict) -> dict:
             "graphs": graphs, "breaks": breaks}
 
 
+def run_tarflow_sampling(spec: dict) -> dict:
+    """Section 7: TarFlow's cached sampler, eager or compiled (``benchmarks/tarflow_sampling.py``)."""
+    from benchmarks.tarflow_sampling import measure
+
+    _cuda_fresh_start()
+    return measure(spec["config"], spec["n"], spec["repeats"], spec["device"], compile=spec["mode"] != "eager",
+                   compile_mode=None if spec["mode"] in ("eager", "default") else spec["mode"],
+                   compile_backend=spec["backend"], uncached=False)
+
+
 WORKERS = {"glow": run_glow, "family": run_family, "hierarchical_step": run_hierarchical_step,
-           "host_reads": run_host_reads, "_sleep": run_sleep}
+           "host_reads": run_host_reads, "tarflow_sampling": run_tarflow_sampling, "_sleep": run_sleep}
 
 
 def _environment() -> dict:
@@ -503,6 +523,10 @@ def build_tasks(sizes: Sizes, device: str, dry_run: bool) -> list[Task]:
     for config in sizes.host_read_configs:
         tasks.append(Task(f"host_reads/{config}", "host_reads", dict(config=config, device=device),
                           sizes.family_limit_s))
+    for mode in COMPILE_MODES:
+        spec = dict(config=sizes.tarflow_config, n=sizes.tarflow_samples, repeats=sizes.tarflow_repeats,
+                    device=device, mode=mode, backend=sizes.compile_backend)
+        tasks.append(Task(f"tarflow_sampling/{mode}", "tarflow_sampling", spec, 2 * sizes.peer_limit_s))
     return tasks
 
 
@@ -662,6 +686,28 @@ def markdown(tasks: list[Task], outcome: Outcome, header: dict, sizes: Sizes) ->
     for config in sizes.host_read_configs:
         lines.append(_row(results[f"host_reads/{config}"], f"`{config}`", 5, lambda r: (
             f"{r['model_name']} | {r['training_reads']} | {r['sampling_reads']} | {r['graphs']} | {r['breaks']}")))
+    lines += [
+        "",
+        f"## 7. TarFlow's cached sampler, eager and compiled: `{sizes.tarflow_config}`",
+        "",
+        f"`benchmarks/tarflow_sampling.py`: {sizes.tarflow_samples} samples per call, the model untrained and "
+        f"perturbed; compiled: the patch step over the static-shape key/value cache (backend "
+        f"{sizes.compile_backend}; reduce-overhead: CUDA graphs); first call: the compilation.",
+        "",
+        "| mode | patches x blocks | seconds per call | images/s | first call s | images/s / eager |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    eager = results.get("tarflow_sampling/eager", {}).get("result")
+    for mode in COMPILE_MODES:
+        reply = results[f"tarflow_sampling/{mode}"]
+
+        def tarflow_row(r, mode=mode):
+            rate = r.get("compiled_images_per_s", r["cached_images_per_s"])
+            ratio = f"{rate / eager['cached_images_per_s']:.2f}" if eager and mode != "eager" else "–"
+            first = f"{r['compiled_first_call_s']:.3g}" if mode != "eager" else "–"
+            return (f"{r['patches']} x {r['blocks']} | {r.get('compiled_s', r['cached_s']):.4g} | {rate:.4g} | "
+                    f"{first} | {ratio}")
+        lines.append(_row(reply, mode, 5, tarflow_row))
     return "\n".join(lines) + "\n"
 
 
