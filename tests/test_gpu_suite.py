@@ -28,6 +28,7 @@ SECTIONS = {
     "## 4. One Config A step of the hierarchical flow": (2, "step s"),
     "## 5. Compiled vs eager": (6, "train step ms"),
     "## 6. Host reads per training step and sampling call": (2, "graphs"),
+    "## 7. TarFlow's cached sampler, eager and compiled": (3, "images/s"),
 }
 
 
