@@ -40,7 +40,7 @@ from datamodules.datamodules import PyramidDataset, ResumableSampler
 from flows.quantization import reduce_bits, to_uint8
 from lightning_modules.checkpointing import RNG_KEY, gather_rng_states, restore_rng_states, seeded_rng
 from lightning_modules.errors import ConfigurationError
-from lightning_modules.family import NOISY_DATA_METRIC, FamilyInterface, family_of
+from lightning_modules.family import NOISY_DATA_METRIC, family_of
 from lightning_modules.lightning_internals import rewind_epoch_end_checkpoint
 from lightning_modules.metrics import (MIN_FID_SAMPLES, FIDSettings, ImagesAtResolution, Samples, TensorImages, as_rgb,
                                        feature_cache_tag, features_label, features_note, fid_log_names, fidelity,

@@ -50,6 +50,7 @@ from lightning_modules.callbacks import ExactResume, RunSummary
 from lightning_modules.checkpointing import (AtomicCheckpointIO, RunLock, persistent_wandb_id,
                                              remove_stale_temporaries, resume_checkpoint, storage_error)
 from lightning_modules.errors import ConfigurationError, UsageError
+from lightning_modules.lightning_internals import ConfigOverCheckpointCLI
 from lightning_modules.signals import SignalCheckpoint
 
 
@@ -289,14 +290,8 @@ def evaluation_logs_in_run_folder(config: Namespace, subcommand: str) -> None:
         init_args["version"] = f"{subcommand}_{Path(str(ckpt)).stem}"
 
 
-class MsflowsCLI(LightningCLI):
+class MsflowsCLI(ConfigOverCheckpointCLI):
     run_lock: RunLock | None = None
-
-    def _parse_ckpt_path(self) -> None:
-        """LightningCLI would merge the checkpoint's saved hyper-parameters over the parsed
-        config, silently building the checkpoint's model (another family, another width)
-        and dropping test-time settings. The config wins here; ``on_load_checkpoint``
-        refuses a checkpoint that does not fit it, before the first step."""
 
     command_line: list[str] = []
 

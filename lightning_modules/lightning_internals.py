@@ -21,12 +21,15 @@ What each piece is for:
   exact resume (callbacks.ExactResume).
 * :class:`CheckpointNaming`: Lightning's ModelCheckpoint with its two private hooks
   (file names, monitor candidates) under public names (model_checkpoint.py).
+* :class:`ConfigOverCheckpointCLI`: LightningCLI without its merge of a checkpoint's
+  hyper-parameters over the parsed config (cli.py).
 """
 from __future__ import annotations
 
 import warnings
 
 import pytorch_lightning as pl
+from pytorch_lightning.cli import LightningCLI
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
@@ -111,3 +114,14 @@ class CheckpointNaming(pl.callbacks.ModelCheckpoint):
 
     def _monitor_candidates(self, trainer) -> dict:
         return self.monitor_candidates(trainer)
+
+
+class ConfigOverCheckpointCLI(LightningCLI):
+    """LightningCLI whose parsed config is what runs. Lightning's would merge the
+    checkpoint's saved hyper-parameters over the config (its ``_parse_ckpt_path``),
+    silently building the checkpoint's model (another family, another width) and dropping
+    test-time settings; here the config wins, and ``on_load_checkpoint`` refuses a
+    checkpoint that does not fit it, before the first step."""
+
+    def _parse_ckpt_path(self) -> None:
+        pass

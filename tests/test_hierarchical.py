@@ -469,22 +469,24 @@ def test_config_b_checkpoint_follows_val_loss_with_config_a_callbacks(capsys):
 
 
 def test_fid_reference_defaults_to_the_training_images_with_a_cap():
-    from types import SimpleNamespace
-
     from datamodules import EmbeddedDataModule
     from lightning_modules import FIDSettings, TestMetrics
     from lightning_modules.errors import ConfigurationError
     data = EmbeddedDataModule(image_size=8, train_size=40, val_size=6)
     data.setup("test")  # `lightning test` sets up the test split only
     assert set(data.datasets) == {"test"}
-    hierarchical = SimpleNamespace(fid_reference_split=HierarchicalModule.fid_reference_split)
+    from lightning_modules.family import FamilyInterface
+
+    # Stand-ins that implement the callbacks' contract with its defaults, the split apart.
+    hierarchical = type("Hierarchical", (FamilyInterface,),
+                        {"fid_reference_split": HierarchicalModule.fid_reference_split})()
     split, reference = TestMetrics(FIDSettings(reference_max_images=30)).reference(data, hierarchical)
     assert (split, len(reference)) == ("train", 30)  # the training images, capped
     split, reference = TestMetrics(FIDSettings()).reference(data, hierarchical)
     assert (split, len(reference)) == ("train", 40)
     assert reference[0]["images"][8].dtype == torch.uint8
     # other families keep the test split (seed 000 sec. 4.2); a named split wins
-    assert TestMetrics(FIDSettings()).reference(data, SimpleNamespace())[0] == "test"
+    assert TestMetrics(FIDSettings()).reference(data, FamilyInterface())[0] == "test"
     split, reference = TestMetrics(FIDSettings(reference_split="test")).reference(data, hierarchical)
     assert (split, len(reference)) == ("test", 6)
     with pytest.raises(ConfigurationError, match="reference_max_images"):
