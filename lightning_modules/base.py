@@ -32,7 +32,8 @@ from lightning_modules.checkpointing import CheckpointIdentity, save_constructor
 from lightning_modules.errors import ConfigurationError
 from lightning_modules.family import Batch, FamilyInterface, LossOutput, bpd_name
 from lightning_modules.lightning_internals import attached_trainer
-from lightning_modules.parts import RelativeGradientClipping, TrainableParts, build_optimizer, steps_per_epoch
+from lightning_modules.parts import (RelativeGradientClipping, TrainableParts, build_optimizer, steps_per_epoch,
+                                    total_steps)
 from lightning_modules.step_skipping import NonFiniteStepSkipping
 
 RELATIVE_CLIPPING_KEY = "msflows_relative_gradient_clipping"
@@ -115,7 +116,8 @@ class FlowModule(FamilyInterface, NonFiniteStepSkipping, TrainableParts, Checkpo
 
     def configure_optimizers(self):
         """One Adamax/Adam group per trainable part (``parts.py``)."""
-        return build_optimizer(self.optimizer_groups(), lambda: steps_per_epoch(self.trainer))
+        return build_optimizer(self.optimizer_groups(), lambda: steps_per_epoch(self.trainer),
+                               lambda: total_steps(self.trainer))
 
     # --- data -------------------------------------------------------------------------
     def setup(self, stage: str) -> None:

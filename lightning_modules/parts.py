@@ -40,9 +40,17 @@ class OptimizerSettings:
     ``epoch_decay_every`` and later than ``epoch_decay_after``. The defaults (1, 0) decay
     after every epoch; seed 001's official code on one GPU (``hflow/utils.py``) decays
     every second epoch after epoch 10 (2, 10), on several GPUs (``model.py``) every
-    second epoch from the start (2, 0)."""
+    second epoch from the start (2, 0).
 
-    algorithm: Literal["adamax", "adam"] = "adamax"
+    ``algorithm: adamw`` is Adam with decoupled weight decay (Loshchilov & Hutter;
+    apple/ml-tarflow's ``train.py``: AdamW, betas (0.9, 0.95), weight decay 1e-4).
+    ``decay: cosine`` follows the warm-up with a half cosine from ``lr`` down to
+    ``lr_floor`` at the run's last optimizer step (``trainer.max_steps``, else
+    ``max_epochs`` epochs; ``decay_steps`` fixes it instead): ml-tarflow's
+    ``CosineLRSchedule`` (floor 1e-6). The warm-up there starts at the floor, here at 0
+    (a difference of 1e-6 in the first step's rate)."""
+
+    algorithm: Literal["adamax", "adam", "adamw"] = "adamax"
     lr: float = 5e-4
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 5e-5
@@ -53,6 +61,9 @@ class OptimizerSettings:
     epoch_decay: float = 1.0
     epoch_decay_every: int = 1
     epoch_decay_after: int = 0
+    decay: Literal["none", "cosine"] = "none"
+    lr_floor: float = 0.0
+    decay_steps: int | None = None
 
     @classmethod
     def adam(cls, lr: float, **changes) -> "OptimizerSettings":
@@ -83,6 +94,10 @@ class OptimizerSettings:
         if self.epoch_decay_every < 1 or self.epoch_decay_after < 0:
             problems.append(f"epoch_decay_every must be >= 1 and epoch_decay_after >= 0, got "
                             f"{self.epoch_decay_every}, {self.epoch_decay_after}")
+        if not 0.0 <= self.lr_floor <= self.lr:
+            problems.append(f"lr_floor must lie in [0, lr], got {self.lr_floor} with lr {self.lr}")
+        if self.decay_steps is not None and self.decay_steps < 1:
+            problems.append(f"decay_steps must be >= 1 (or null: the run's length), got {self.decay_steps}")
         if problems:
             raise ConfigurationError(f"{name}: " + "; ".join(problems) + ".")
 
@@ -240,14 +255,28 @@ def epoch_decays(epoch: int, every: int = 1, after: int = 0) -> int:
     return epoch // every - after // every
 
 
-def lr_factor(settings: OptimizerSettings, steps_per_epoch: Callable[[], int]) -> Callable[[int], float]:
+def lr_factor(settings: OptimizerSettings, steps_per_epoch: Callable[[], int],
+              total_steps: Callable[[], int] | None = None) -> Callable[[int], float]:
     """The learning-rate multiplier at an optimizer step: linear warm-up, then a factor
     ``lr_gamma`` per milestone passed and ``epoch_decay`` per decaying epoch completed
-    (:func:`epoch_decays`). ``steps_per_epoch`` counts optimizer steps (micro-batches
+    (:func:`epoch_decays`), and with ``decay: cosine`` the half cosine from 1 to
+    ``lr_floor / lr`` between the warm-up's end and the last step (``total_steps``: the
+    run's optimizer steps). ``steps_per_epoch`` counts optimizer steps (micro-batches
     accumulated into one step count once)."""
     warmup = settings.warmup_steps
     if warmup is None:
         warmup = int(round(settings.warmup_epochs * steps_per_epoch())) if settings.warmup_epochs else 0
+    cosine = None
+    if settings.decay == "cosine":
+        if settings.decay_steps is None and total_steps is None:
+            raise ConfigurationError("decay: cosine needs the run's length: set trainer.max_steps or max_epochs, "
+                                     "or the optimizer's decay_steps")
+        end = settings.decay_steps if settings.decay_steps is not None else total_steps()
+        floor = settings.lr_floor / settings.lr
+
+        def cosine(step: int) -> float:
+            t = min(1.0, max(0.0, (step - warmup) / max(1, end - warmup)))
+            return floor + 0.5 * (1.0 + math.cos(math.pi * t)) * (1.0 - floor)
     milestones = sorted(settings.lr_milestones or [])
     gamma = settings.lr_gamma
     epoch_decay = settings.epoch_decay
@@ -257,26 +286,40 @@ def lr_factor(settings: OptimizerSettings, steps_per_epoch: Callable[[], int]) -
     def factor(step: int) -> float:
         ramp = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
         decays = epoch_decays(step // epoch_steps, every, after)
-        return ramp * gamma ** sum(1 for m in milestones if step >= m) * epoch_decay ** decays
+        shape = cosine(step) if cosine is not None else 1.0
+        return ramp * shape * gamma ** sum(1 for m in milestones if step >= m) * epoch_decay ** decays
 
     return factor
 
 
-def build_optimizer(groups: list[OptimizerGroup], steps_per_epoch: Callable[[], int]) -> dict:
-    """One optimizer over the groups (they share an algorithm) and a per-step schedule."""
+def build_optimizer(groups: list[OptimizerGroup], steps_per_epoch: Callable[[], int],
+                    total_steps: Callable[[], int] | None = None) -> dict:
+    """One optimizer over the groups (they share an algorithm) and a per-step schedule
+    (``total_steps``: the run's optimizer steps, for a cosine decay)."""
     groups = [g for g in groups if g.params]
     if not groups:
         raise ValueError("nothing to train: every part is frozen")
     algorithms = {g.settings.algorithm for g in groups}
     if len(algorithms) > 1:
         raise ValueError(f"the parts ask for different optimizers {sorted(algorithms)}; use one algorithm")
-    optimizer_class = {"adamax": torch.optim.Adamax, "adam": torch.optim.Adam}[algorithms.pop()]
+    optimizer_class = {"adamax": torch.optim.Adamax, "adam": torch.optim.Adam,
+                       "adamw": torch.optim.AdamW}[algorithms.pop()]
     optimizer = optimizer_class(
         [{"params": g.params, "lr": g.settings.lr, "betas": tuple(g.settings.betas),
           "weight_decay": g.settings.weight_decay, "name": g.name} for g in groups])
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, [lr_factor(g.settings, steps_per_epoch) for g in groups])
+        optimizer, [lr_factor(g.settings, steps_per_epoch, total_steps) for g in groups])
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def total_steps(trainer) -> int:
+    """The run's optimizer steps: ``max_steps`` when set, else ``max_epochs`` epochs."""
+    if trainer.max_steps is not None and trainer.max_steps > 0:
+        return int(trainer.max_steps)
+    if trainer.max_epochs is None or trainer.max_epochs < 0:
+        raise ConfigurationError("decay: cosine needs the run's length: set trainer.max_steps or max_epochs, or the "
+                                 "optimizer's decay_steps")
+    return int(trainer.max_epochs) * steps_per_epoch(trainer)
 
 
 def steps_per_epoch(trainer) -> int:
