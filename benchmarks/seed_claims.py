@@ -73,6 +73,20 @@ CHILD_ENVIRONMENT: dict[str, str] = {}  # extra environment of the training subp
 
 
 @dataclass(frozen=True)
+class Phase:
+    """One fit of a model trained in phases: ``changes`` to ``model.init_args`` (the
+    string ``PREVIOUS`` stands for the previous phase's best checkpoint) and the held-out
+    figure that picks its best checkpoint."""
+
+    name: str
+    changes: tuple
+    monitor: str
+
+
+PREVIOUS = "<the previous phase's best checkpoint>"
+
+
+@dataclass(frozen=True)
 class Model:
     """One row of the study: a shipped config and what the study changes in it.
 
@@ -82,7 +96,10 @@ class Model:
     ``temperatures``: the sampling temperatures reported (the first is the FID's).
     ``steps_factor``: its step budget relative to ``--steps`` (a model the seed trains
     longer). ``monitor``: the held-out figure to pick the best checkpoint by, where an
-    overlay changes what the shipped config monitors (noise augmentation)."""
+    overlay changes what the shipped config monitors (noise augmentation). ``phases``:
+    a model trained in several fits, each a :class:`Phase` (a cascade's stages, the
+    previous one finished and frozen); each phase gets the model's steps."""
+
 
     label: str
     config: str
@@ -94,6 +111,7 @@ class Model:
     steps_factor: float = 1.0
     seed_numbers: str = "-"
     monitor: str | None = None  # the checkpoint monitor where the overlays change it
+    phases: tuple = ()
 
 
 UNET = "model.init_args.denoiser.init_args"
@@ -147,7 +165,7 @@ def models(resolution: int) -> dict[str, Model]:
         "glow": Model(
             "Glow", "experiments/glow_mnist.yaml",
             size=(("flow.init_args.image_size", resolution), ("flow.init_args.scales", 2),
-                  ("flow.init_args.steps_per_scale", 8), ("flow.init_args.hidden_channels", 128), ("n_bits", 8)),
+                  ("flow.init_args.steps_per_scale", 8), ("flow.init_args.hidden_channels", 224), ("n_bits", 8)),
             smoke=GLOW_SMOKE + (("flow.init_args.image_size", resolution), ("flow.init_args.scales", 2),
                                 ("n_bits", 8)),
             temperatures=(1.0, 0.8), seed_numbers="seed 000 Table 4.2 CelebA 64: Glow FID 34.5 (Inception)"),
@@ -161,6 +179,10 @@ def models(resolution: int) -> dict[str, Model]:
                    ("base.flow.init_args.scales", 1), ("base.flow.init_args.steps_per_scale", 1),
                    ("base.flow.init_args.hidden_channels", 8), ("sr_stages", [srflow_stage(resolution, 8, 1, 1)])),
             pyramid=(low,), temperatures=(0.8, 1.0),  # sec. 4.4: the cascade samples at 0.8
+            # sec. 3.2: a variational stage trains against the finished, frozen stage below
+            phases=(Phase(f"base{low}", (("train_stages", [low]),), f"val/bpd_{low}"),
+                    Phase(f"srf{resolution}", (("train_stages", [resolution]), ("init_checkpoint", PREVIOUS)),
+                          f"val/bpd_bound_{resolution}")),
             seed_numbers="seed 000 Table 4.2 CelebA 64: Glow16-SRF32-SRF64 FID 19.8 vs Glow 34.5"),
         "hierarchical": Model(
             "Hierarchical (seed 001)", "experiments/quick_hierarchical.yaml",
@@ -181,6 +203,7 @@ def models(resolution: int) -> dict[str, Model]:
             "Diffused-Flows", "experiments/diffusion_flow_mnist.yaml",
             size=(("flow.init_args.image_size", resolution), ("flow.init_args.scales", 2),
                   ("flow.init_args.steps_per_scale", 2), ("flow.init_args.coupling_net.init_args.num_blocks", 1),
+                  (f"{DF_UNET}.attention_resolutions", [resolution // 2]),
                   (f"{DF_UNET}.base_channels", 32), (f"{DF_UNET}.num_res_blocks", 1)),
             smoke=(("flow.init_args.image_size", resolution), ("flow.init_args.scales", 2),
                    ("flow.init_args.steps_per_scale", 1), ("flow.init_args.hidden_channels", 8),
@@ -305,7 +328,8 @@ def scale_optimizer(settings: dict, fraction: float, epochs: float, shipped_epoc
         settings["epoch_decay"] = float(settings["epoch_decay"] ** (shipped_epochs / max(epochs, 1.0)))
 
 
-def budget(name: str, model: Model, args, run_dir: Path, steps: int, seed: int) -> dict:
+def budget(name: str, model: Model, args, run_dir: Path, steps: int, seed: int,
+           phase: Phase | None = None, previous: Path | None = None) -> dict:
     """The shipped config of ``model`` with the study's size, data and budget: MNIST at
     the study's resolution, ``steps`` steps of ``--batch``, validation ``--evaluations``
     times per run on the held-out images, the shipped checkpoint monitor, EMA decays with
@@ -322,7 +346,7 @@ def budget(name: str, model: Model, args, run_dir: Path, steps: int, seed: int) 
         shipped_steps = max(1, int(shipped_epochs * train_images / config_batch))
     fraction = min(1.0, steps / shipped_steps)
     resolution = args.resolution
-    monitor = at_resolution(monitor, args.resolution)
+    monitor = phase.monitor if phase is not None else at_resolution(monitor, args.resolution)
     callbacks = [{"class_path": "benchmarks.seed_claims.HeldOutCurve",
                   "init_args": {"path": str(run_dir / "curve.jsonl"), "metric": monitor}},
                  {"class_path": "lightning_modules.ModelCheckpoint", "init_args": {"monitor": monitor, "save_last": True}}]
@@ -345,6 +369,8 @@ def budget(name: str, model: Model, args, run_dir: Path, steps: int, seed: int) 
     model_args = config["model"]["init_args"]
     for dotted, value in (model.smoke if args.smoke else model.size):
         set_path(model_args, dotted, value)
+    for dotted, value in (phase.changes if phase is not None else ()):
+        set_path(model_args, dotted, str(previous) if value == PREVIOUS else value)
     if "n_bits" in model_args:
         model_args["n_bits"] = 8
     scale_schedules(model_args, fraction, epochs,
@@ -441,8 +467,11 @@ def fid_kid(fake: torch.Tensor, real: torch.Tensor, kid_subset: int = 1000) -> t
 
 
 def bootstrap(fake: torch.Tensor, real: torch.Tensor, draws: int, seed: int = 0) -> dict:
-    """FID and KID with 2.5-97.5 % intervals over resampled sample sets (the real side
-    fixed: the spread a model's score has from its finite sample)."""
+    """FID and KID with 95 % intervals over resampled sample sets (the real side fixed:
+    the spread a model's score has from its finite sample). A resampled set repeats
+    samples, which inflates its FID; the interval is the 2.5-97.5 % percentiles of the
+    resampled scores shifted down by that inflation (their mean minus the point score),
+    so it is centred on the point score."""
     fid, kid = fid_kid(fake, real)
     rng = np.random.default_rng(seed)
     fids, kids = [], []
@@ -450,8 +479,13 @@ def bootstrap(fake: torch.Tensor, real: torch.Tensor, draws: int, seed: int = 0)
         resampled = fake[torch.from_numpy(rng.integers(0, len(fake), len(fake)))]
         f, k = fid_kid(resampled, real)
         fids.append(f), kids.append(k)
-    return {"fid": fid, "fid_interval": [float(np.percentile(fids, 2.5)), float(np.percentile(fids, 97.5))],
-            "kid": kid, "kid_interval": [float(np.percentile(kids, 2.5)), float(np.percentile(kids, 97.5))]}
+
+    def interval(values: list[float], point: float) -> list[float]:
+        shift = float(np.mean(values)) - point
+        return [min(point, float(np.percentile(values, 2.5)) - shift),
+                max(point, float(np.percentile(values, 97.5)) - shift)]
+
+    return {"fid": fid, "fid_interval": interval(fids, fid), "kid": kid, "kid_interval": interval(kids, kid)}
 
 
 def data_floor(args, weights: Path) -> dict:
@@ -501,11 +535,18 @@ def converged(points: list[tuple[int, float]], steps: int, tolerance: float) -> 
 
 
 def best_checkpoint(run_dir: Path) -> Path:
-    """The checkpoint the monitor picked (the one that is not last.ckpt)."""
-    found = [path for path in run_dir.rglob("*.ckpt") if path.name != "last.ckpt"]
-    if not found:
-        raise FileNotFoundError(f"no best checkpoint under {run_dir}: did validation run?")
-    return max(found, key=lambda path: path.stat().st_mtime)
+    """The checkpoint the monitor picked: the ``best_model_path`` the ModelCheckpoint
+    recorded in the newest last.ckpt of the run."""
+    lasts = sorted(run_dir.rglob("last.ckpt"), key=lambda path: path.stat().st_mtime)
+    if not lasts:
+        raise FileNotFoundError(f"no last.ckpt under {run_dir}: did the run start?")
+    states = torch.load(lasts[-1], map_location="cpu", weights_only=False).get("callbacks", {})
+    for key, state in states.items():
+        if "ModelCheckpoint" in str(key) and state.get("best_model_path"):
+            path = Path(state["best_model_path"])
+            if path.is_file():
+                return path
+    raise FileNotFoundError(f"{lasts[-1]} records no best checkpoint that exists: did validation run?")
 
 
 def load_module(path: Path, class_path: str):
@@ -566,15 +607,18 @@ def sample_batches(module, n: int, temperature: float, resolution: int) -> torch
     return torch.cat(out)
 
 
-def sample_quality(samples: torch.Tensor, n_bits: int = 8) -> dict:
-    """The fraction of samples with a non-finite value, and of finite samples with a
-    value more than one bin outside [-0.5, 0.5] (clamped when quantized: counted, not
-    hidden)."""
+def sample_quality(samples: torch.Tensor, n_bits: int = 8, gross: float = 0.1) -> dict:
+    """Counted, never hidden by the quantizer's clamp: the fraction of samples with a
+    non-finite value; of finite samples with a pixel more than ``gross`` (a tenth of the
+    data range) outside [-0.5, 0.5]; and of finite pixels outside it by more than a bin
+    (a density model's tails put a few there)."""
     per_sample = samples.flatten(1)
     finite = torch.isfinite(per_sample).all(dim=1)
-    margin = 1.0 / 2 ** n_bits
-    outside = (per_sample.abs() > 0.5 + margin).any(dim=1) & finite
-    return {"non_finite": finite.logical_not().float().mean().item(), "out_of_range": outside.float().mean().item()}
+    excess = (per_sample[finite].abs() - 0.5).clamp(min=0)
+    gross_samples = (excess > gross).any(dim=1).sum().item() if finite.any() else 0
+    pixels = (excess > 1.0 / 2 ** n_bits).float().mean().item() if finite.any() else 0.0
+    return {"non_finite": finite.logical_not().float().mean().item(), "out_of_range": gross_samples / len(samples),
+            "pixels_out_of_range": pixels}
 
 
 @torch.no_grad()
@@ -604,7 +648,7 @@ def sampling_times(module) -> dict:
 def evaluate(name: str, model: Model, run_dir: Path, weights: Path, real: torch.Tensor, args, bound: bool) -> dict:
     from flows.quantization import to_uint8
 
-    best = best_checkpoint(run_dir)
+    best = best_checkpoint(run_dir / model.phases[-1].name if model.phases else run_dir)
     module = load_module(best, shipped_config(model)["model"]["class_path"])
     result = {"parameters_millions": sum(p.numel() for p in module.parameters()) / 1e6,
               "best_checkpoint": str(best.relative_to(run_dir))}
@@ -631,19 +675,40 @@ def evaluate(name: str, model: Model, run_dir: Path, weights: Path, real: torch.
 
 
 def train_until_converged(name: str, model: Model, args, run_dir: Path, seed: int) -> dict:
-    """Train ``name`` for its steps; while its held-out figure still moves by more than
-    the tolerance over the last 20 % of its steps, go on (``--extensions`` times, half the
-    steps each). A killed run goes on from its last.ckpt (``ckpt_path: auto``)."""
+    """Train ``name`` (each of its phases in turn, in ``run_dir/<phase>``) for its steps;
+    while the held-out figure still moves by more than the tolerance over the last 20 %
+    of the steps, go on (``--extensions`` times, half the steps more each). A killed run
+    goes on from its last.ckpt (``ckpt_path: auto``). The row's curve, figure and
+    convergence are the last phase's; every phase's are kept under ``phases``."""
+    if not model.phases:
+        return train_phase(name, model, args, run_dir, seed)
+    phases, previous = [], None
+    for phase in model.phases:
+        phase_dir = run_dir / phase.name
+        phase_dir.mkdir(parents=True, exist_ok=True)
+        phases.append(dict(train_phase(name, model, args, phase_dir, seed, phase, previous), phase=phase.name))
+        previous = best_checkpoint(phase_dir)
+    row = dict(phases[-1])
+    row.update(steps=sum(p["steps"] for p in phases), train_seconds=sum(p["train_seconds"] for p in phases),
+               converged=all(p["converged"] for p in phases), phases=phases,
+               last_change=max(p["last_change"] for p in phases))
+    return row
+
+
+def train_phase(name: str, model: Model, args, run_dir: Path, seed: int, phase: Phase | None = None,
+                previous: Path | None = None) -> dict:
     steps = max(2, int(args.steps * model.steps_factor))
     seconds = 0.0
     timing = run_dir / "train_seconds.json"
     if timing.is_file():
         seconds = json.loads(timing.read_text())["seconds"]
     extensions = 0
+    label = name if phase is None else f"{name}/{phase.name}"
     while True:
-        config = budget(name, model, args, run_dir, steps, seed)
+        config = budget(name, model, args, run_dir, steps, seed, phase, previous)
         metric = config["trainer"]["callbacks"][-1]["init_args"]["monitor"]
-        print(f"{name}: training to step {steps} ({model.config} with {model.smoke if args.smoke else model.size})",
+        print(f"{label}: training to step {steps} ({model.config} with "
+              f"{model.smoke if args.smoke else model.size}{'' if phase is None else ', ' + str(phase.changes)})",
               flush=True)
         seconds += fit(config, run_dir / "config.yaml", run_dir / "train.log")
         timing.write_text(json.dumps({"seconds": seconds}))
@@ -653,7 +718,7 @@ def train_until_converged(name: str, model: Model, args, run_dir: Path, seed: in
             break
         extensions += 1
         steps = int(steps * 1.5)
-        print(f"{name}: {metric} moved {change:.3f} over the last 20 % (tolerance {args.tolerance}): "
+        print(f"{label}: {metric} moved {change:.3f} over the last 20 % (tolerance {args.tolerance}): "
               f"training on to {steps} steps", flush=True)
     return {"steps": steps, "batch": args.batch, "train_seconds": seconds, "metric": metric, "curve": points,
             "converged": done, "last_change": change, "extensions": extensions, "seed": seed}
@@ -717,6 +782,11 @@ def held_out_text(row: dict) -> str:
     return "; ".join(parts)
 
 
+def quality(scores: dict) -> str:
+    return (f"{scores['non_finite']:.3f} / {scores['out_of_range']:.3f} / "
+            f"{scores.get('pixels_out_of_range', 0.0):.4f}")
+
+
 def table(results: dict, args, floor: dict, accuracy: float | None, argv: list[str], catalogue: dict) -> str:
     lines = [f"Seeds' claims on MNIST {args.resolution}x{args.resolution}: {time.strftime('%Y-%m-%d')}, "
              f"{platform.node()} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
@@ -731,7 +801,7 @@ def table(results: dict, args, floor: dict, accuracy: float | None, argv: list[s
              f"{floor['kid']:.4f}. Converged: the held-out figure moved < {args.tolerance} over the last 20 % "
              "of the steps.", "",
              "| model | params (M) | steps | train min | converged (change) | held-out | T | FID [95 %] | KID | "
-             "non-finite / out-of-range | 25 samples, s |",
+             "samples non-finite / out of range by > 0.1; pixels out by > a bin | 25 samples, s |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in results.items():
         seconds = f"{row['sampling_seconds_25']:.2f}"
@@ -744,11 +814,10 @@ def table(results: dict, args, floor: dict, accuracy: float | None, argv: list[s
                 f"| {catalogue[name].label if first else ''} | {row['parameters_millions']:.2f} | {row['steps']} | "
                 f"{row['train_seconds'] / 60:.0f} | {mark} ({row['last_change']:.3f}) | {held_out_text(row)} | "
                 f"{temperature} | {scores['fid']:.2f} [{scores['fid_interval'][0]:.2f}, {scores['fid_interval'][1]:.2f}] "
-                f"| {scores['kid']:.4f} | {scores['non_finite']:.3f} / {scores['out_of_range']:.3f} | {seconds} |"
+                f"| {scores['kid']:.4f} | {quality(scores)} | {seconds} |"
                 if first else
                 f"| | | | | | | {temperature} | {scores['fid']:.2f} [{scores['fid_interval'][0]:.2f}, "
-                f"{scores['fid_interval'][1]:.2f}] | {scores['kid']:.4f} | {scores['non_finite']:.3f} / "
-                f"{scores['out_of_range']:.3f} | |")
+                f"{scores['fid_interval'][1]:.2f}] | {scores['kid']:.4f} | {quality(scores)} | |")
     lines += ["", "| claim | verdict | FID margin (worse - better) | intervals (better; worse) | also |",
               "|---|---|---|---|---|"]
     for claim in CLAIMS:
@@ -834,16 +903,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "seed_claims")
     parser.add_argument("--resolution", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=6000, help="each model's first step budget")
+    parser.add_argument("--steps", type=int, default=3000, help="each model's first step budget")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--evaluations", type=int, default=10, help="validations per run (the learning curve)")
     parser.add_argument("--tolerance", type=float, default=0.02, help="convergence: held-out change over 20 %%")
-    parser.add_argument("--extensions", type=int, default=1, help="times an unconverged model trains on (x1.5)")
+    parser.add_argument("--extensions", type=int, default=2, help="times an unconverged model trains on (x1.5)")
     parser.add_argument("--fid-samples", type=int, default=1000)
     parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap draws of the FID interval")
     parser.add_argument("--bound-images", type=int, default=200, help="held-out images of the DDPMs' T-step bound")
     parser.add_argument("--bound-batches", type=int, default=1, help="held-out batches per in-run DDPM validation")
-    parser.add_argument("--bound-batch-size", type=int, default=100)
+    parser.add_argument("--bound-batch-size", type=int, default=50)
     parser.add_argument("--classifier-epochs", type=int, default=5)
     parser.add_argument("--val-per-class", type=int, default=100)
     parser.add_argument("--only", default=None, help="comma-separated models (default: all)")
