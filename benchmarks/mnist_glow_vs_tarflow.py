@@ -6,7 +6,7 @@
 What it does:
 
 1. **Data**: the MNIST test split (the only one here), as in
-   ``benchmarks/reproduce_seed003_mnist.py``: 9,000 images to train, 1,000 held out
+   ``benchmarks/seed_claims.py``: 9,000 images to train, 1,000 held out
    (100 per class), padded to 32x32, 8 bits. Where the folder is absent it says so and
    exits 0.
 2. **FID features**: the LeNet of ``experiments/mnist_classifier.yaml`` trained on the
@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from benchmarks.reproduce_seed003_mnist import DEFAULT_DATA, ROOT, data_floor, run, train_classifier
+from benchmarks.seed_claims import DEFAULT_DATA, ROOT, data_floor, run, train_classifier
 from benchmarks.timing import time_steps
 
 MODELS = {
@@ -231,8 +231,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no MNIST files under {args.data_dir}: nothing to compare (see ../shared/data/README.md)")
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
-    weights = train_classifier(args, args.out)
-    floor = data_floor(args, weights)
+    args.resolution, args.bootstrap = 32, 0  # the classifier and the floor at 32x32, no interval
+    weights, _ = train_classifier(args, args.out, reuse=False)
+    floor = data_floor(args, weights)["fid"]
     results = {}
     for key in args.runs.split(","):
         model, dequantizer = key.split("/")

@@ -453,39 +453,40 @@ def lenet_features(images: torch.Tensor, weights: Path) -> torch.Tensor:
     return torch.cat([net.features(chunk) for chunk in images.split(250)]).double()
 
 
-def fid_kid(fake: torch.Tensor, real: torch.Tensor, kid_subset: int = 1000) -> tuple[float, float]:
-    """torch-fidelity's FID and KID of two feature sets."""
+def fid(fake: torch.Tensor, real: torch.Tensor) -> float:
+    """torch-fidelity's FID of two feature sets."""
     from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+
+    return float(fid_statistics_to_metric(fid_features_to_statistics(fake), fid_features_to_statistics(real),
+                                          verbose=False)["frechet_inception_distance"])
+
+
+def kid(fake: torch.Tensor, real: torch.Tensor, subset: int = 1000, subsets: int = 100) -> tuple[float, float]:
+    """torch-fidelity's KID of two feature sets: the mean and standard deviation over
+    ``subsets`` random subsets (its own interval)."""
     from torch_fidelity.metric_kid import kid_features_to_metric
 
-    fid = fid_statistics_to_metric(fid_features_to_statistics(fake), fid_features_to_statistics(real),
-                                   verbose=False)["frechet_inception_distance"]
-    subset = min(kid_subset, len(fake), len(real))
-    kid = kid_features_to_metric(fake, real, kid_subset_size=subset, kid_subsets=20, verbose=False,
-                                 rng_seed=0)["kernel_inception_distance_mean"]
-    return float(fid), float(kid)
+    size = min(subset, len(fake), len(real))
+    out = kid_features_to_metric(fake, real, kid_subset_size=size, kid_subsets=subsets, verbose=False, rng_seed=0)
+    return float(out["kernel_inception_distance_mean"]), float(out["kernel_inception_distance_std"])
 
 
 def bootstrap(fake: torch.Tensor, real: torch.Tensor, draws: int, seed: int = 0) -> dict:
-    """FID and KID with 95 % intervals over resampled sample sets (the real side fixed:
-    the spread a model's score has from its finite sample). A resampled set repeats
-    samples, which inflates its FID; the interval is the 2.5-97.5 % percentiles of the
-    resampled scores shifted down by that inflation (their mean minus the point score),
-    so it is centred on the point score."""
-    fid, kid = fid_kid(fake, real)
+    """FID with a 95 % interval over resampled sample sets (the real side fixed: the
+    spread a model's score has from its finite sample), and KID with torch-fidelity's
+    spread over subsets. A resampled set repeats samples, which inflates its FID; the
+    interval is the 2.5-97.5 % percentiles of the resampled FIDs shifted down by that
+    inflation (their mean minus the point FID), so it is centred on the point FID."""
+    point = fid(fake, real)
     rng = np.random.default_rng(seed)
-    fids, kids = [], []
-    for _ in range(draws):
-        resampled = fake[torch.from_numpy(rng.integers(0, len(fake), len(fake)))]
-        f, k = fid_kid(resampled, real)
-        fids.append(f), kids.append(k)
-
-    def interval(values: list[float], point: float) -> list[float]:
-        shift = float(np.mean(values)) - point
-        return [min(point, float(np.percentile(values, 2.5)) - shift),
-                max(point, float(np.percentile(values, 97.5)) - shift)]
-
-    return {"fid": fid, "fid_interval": interval(fids, fid), "kid": kid, "kid_interval": interval(kids, kid)}
+    fids = [fid(fake[torch.from_numpy(rng.integers(0, len(fake), len(fake)))], real) for _ in range(draws)]
+    interval = [point, point]
+    if fids:
+        shift = float(np.mean(fids)) - point
+        interval = [min(point, float(np.percentile(fids, 2.5)) - shift),
+                    max(point, float(np.percentile(fids, 97.5)) - shift)]
+    kid_mean, kid_std = kid(fake, real)
+    return {"fid": point, "fid_interval": interval, "kid": kid_mean, "kid_std": kid_std}
 
 
 def data_floor(args, weights: Path) -> dict:
@@ -666,7 +667,7 @@ def evaluate(name: str, model: Model, run_dir: Path, weights: Path, real: torch.
         finite = torch.isfinite(samples.flatten(1)).all(dim=1)
         fake = lenet_features(images[finite], weights) if finite.any() else None
         scores = bootstrap(fake, real, args.bootstrap) if fake is not None and len(fake) > 1 else \
-            {"fid": math.inf, "fid_interval": [math.inf, math.inf], "kid": math.inf, "kid_interval": [math.inf] * 2}
+            {"fid": math.inf, "fid_interval": [math.inf, math.inf], "kid": math.inf, "kid_std": math.inf}
         result["temperatures"][str(temperature)] = {**quality, **scores, "finite_samples": int(finite.sum())}
         grids[temperature] = images[:25]
         print(f"{name}: T={temperature}: FID {scores['fid']:.2f} {scores['fid_interval']}, {quality}", flush=True)
@@ -798,9 +799,9 @@ def table(results: dict, args, floor: dict, accuracy: float | None, argv: list[s
              f"{accuracy if accuracy is not None else 'n/a'}), 95 % bootstrap intervals over samples "
              f"({args.bootstrap} draws). Floor ({min(args.fid_samples, args.train_images):,} training images vs held-out, computed): FID "
              f"{floor['fid']:.2f} [{floor['fid_interval'][0]:.2f}, {floor['fid_interval'][1]:.2f}], KID "
-             f"{floor['kid']:.4f}. Converged: the held-out figure moved < {args.tolerance} over the last 20 % "
+             f"{floor['kid']:.4f} ± {floor['kid_std']:.4f}. Converged: the held-out figure moved < {args.tolerance} over the last 20 % "
              "of the steps.", "",
-             "| model | params (M) | steps | train min | converged (change) | held-out | T | FID [95 %] | KID | "
+             "| model | params (M) | steps | train min | converged (change) | held-out | T | FID [95 %] | KID ± sd | "
              "samples non-finite / out of range by > 0.1; pixels out by > a bin | 25 samples, s |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in results.items():
@@ -814,10 +815,10 @@ def table(results: dict, args, floor: dict, accuracy: float | None, argv: list[s
                 f"| {catalogue[name].label if first else ''} | {row['parameters_millions']:.2f} | {row['steps']} | "
                 f"{row['train_seconds'] / 60:.0f} | {mark} ({row['last_change']:.3f}) | {held_out_text(row)} | "
                 f"{temperature} | {scores['fid']:.2f} [{scores['fid_interval'][0]:.2f}, {scores['fid_interval'][1]:.2f}] "
-                f"| {scores['kid']:.4f} | {quality(scores)} | {seconds} |"
+                f"| {scores['kid']:.4f} ± {scores['kid_std']:.4f} | {quality(scores)} | {seconds} |"
                 if first else
                 f"| | | | | | | {temperature} | {scores['fid']:.2f} [{scores['fid_interval'][0]:.2f}, "
-                f"{scores['fid_interval'][1]:.2f}] | {scores['kid']:.4f} | {quality(scores)} | |")
+                f"{scores['fid_interval'][1]:.2f}] | {scores['kid']:.4f} ± {scores['kid_std']:.4f} | {quality(scores)} | |")
     lines += ["", "| claim | verdict | FID margin (worse - better) | intervals (better; worse) | also |",
               "|---|---|---|---|---|"]
     for claim in CLAIMS:

@@ -95,3 +95,29 @@ def recording_logger(save_dir):
             return str(save_dir)
 
     return Recorder()
+
+
+def write_idx(path, array):
+    """An MNIST idx file (gzip) of a uint8 array."""
+    import gzip
+
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as handle:
+        handle.write(header + array.astype("uint8").tobytes())
+
+
+def fake_mnist(root, per_class=12):
+    """A fake MNIST test split in torchvision's layout (root/MNIST/raw): a class-dependent
+    bar per image, so a classifier has something to learn."""
+    import numpy as np
+
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(10), per_class)
+    images = np.zeros((len(labels), 28, 28))
+    for i, label in enumerate(labels):
+        images[i, 4:24, 2 + 2 * label:5 + 2 * label] = 200 + rng.integers(0, 55)
+    write_idx(raw / "t10k-images-idx3-ubyte.gz", images)
+    write_idx(raw / "t10k-labels-idx1-ubyte.gz", labels)
+    return root

@@ -1,6 +1,5 @@
 """Data: pyramids, quantization, and every loader on small fixtures in the real
 on-disk layouts (torchvision's); the shared MNIST test split when it is present."""
-import gzip
 import pickle
 
 import numpy as np
@@ -14,7 +13,7 @@ from datamodules import (CelebADataModule, CIFAR10DataModule, DatasetNotFoundErr
 from datamodules.datamodules import landmark_crop
 from datamodules.pyramid import resize_uint8
 from flows.quantization import bits_per_dim, dequantize, to_uint8
-from tests.conftest import REPO, SHARED_DATA
+from tests.conftest import REPO, SHARED_DATA, write_idx
 
 
 # --- pyramid and quantization --------------------------------------------------------
@@ -158,12 +157,6 @@ def test_landmark_crop_centres_on_the_landmarks_and_stays_inside():
 
 
 # --- MNIST -------------------------------------------------------------------------
-
-def write_idx(path, array):
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
 
 def test_mnist_reads_idx_files_and_a_lone_test_split(tmp_path):
     raw = tmp_path / "MNIST" / "raw"

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from benchmarks import seed_claims as study
-from tests.test_reproduction import fake_mnist
+from tests.conftest import fake_mnist
 
 
 def test_a_missing_folder_is_skipped_with_its_reason(tmp_path, capsys):
@@ -43,8 +43,9 @@ def test_the_bootstrap_interval_holds_the_point_and_separates_what_differs():
     for scores in (same, other):
         low, high = scores["fid_interval"]
         assert low <= scores["fid"] <= high
-        assert scores["kid_interval"][0] <= scores["kid"] <= scores["kid_interval"][1]
+        assert scores["kid_std"] > 0
     assert same["fid_interval"][1] < other["fid_interval"][0]  # 8 x 0.36 = 2.9 apart in FID
+    assert same["kid"] + 2 * same["kid_std"] < other["kid"] - 2 * other["kid_std"]
 
 
 def row(fid, interval, parameters=1.0):
@@ -147,7 +148,7 @@ def test_the_study_runs_end_to_end_at_toy_sizes_and_resumes(tmp_path):
     weights = out / "mnist_lenet.pt"
     train = study.lenet_features(study.dataset_uint8(split["train"], 16, 20), weights)
     real = study.lenet_features(study.dataset_uint8(split["val"], 16), weights)
-    floor = study.fid_kid(train, real)[0]
+    floor = study.fid(train, real)
     assert saved["fid_floor"]["fid"] == pytest.approx(floor, rel=1e-9)
     assert f"FID {floor:.2f}" in (out / "table.md").read_text()
     assert (tmp_path / "figures" / "seed_claims_curves.png").is_file()
