@@ -42,6 +42,14 @@ Read from apple/ml-tarflow where the paper is open (its ``MetaBlock``; nothing c
   class; ``cond["guidance"] = w`` samples with guidance, each step's log-scale and
   shift moved to (1 + w) conditional - w unconditional (w = 0: plain conditional
   sampling), as that code guides them.
+
+Deep-shallow (STARFlow, Gu et al. 2025; apple/ml-starflow ``transformer_flow.py::Model``,
+nothing copied): ``layers_per_block`` a list, e.g. ``[2, 2, 2, 8]``, a few shallow blocks
+and, last in the data-to-noise order (first when sampling), one deep block that carries
+the capacity. ``condition_deep_block_only`` (that code's ``cond_top_only``) gives the
+class embedding to the deep block alone; guidance then applies in the deep block only,
+the shallow blocks inverting unguided, as that code's ``reverse`` drops guidance after
+its deep block.
 """
 from __future__ import annotations
 
@@ -51,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flows.base import (LABELS, NULL_LABEL, Bijection, check_labels, Condition, GuidanceRule, GuidanceSchedule,
+from flows.base import (GUIDANCE, LABELS, NULL_LABEL, Bijection, check_labels, Condition, GuidanceRule, GuidanceSchedule,
                         at_least_float32, condition_value, guidance_of,
                         with_condition)
 from flows.dequantization import DequantizerFactory
@@ -292,7 +300,11 @@ class TarFlow(FlowModel):
         in_channels, image_size: the images modelled.
         patch_size: p (the paper: 2 on ImageNet 64 density, 8 on AFHQ 256).
         channels: the transformer's width (768 for ImageNet 64).
-        blocks, layers_per_block: flow blocks and transformer layers in each (8 x 8).
+        blocks, layers_per_block: flow blocks and transformer layers in each (8 x 8); a
+            list gives each block its own (data-to-noise order; STARFlow's deep-shallow
+            ``[2, 2, 2, 8]``: the last, deep block first when sampling).
+        condition_deep_block_only: with ``num_classes``, only the last (deep) block sees
+            the class, and guidance applies in it alone (STARFlow's ``cond_top_only``).
         head_channels: channels per attention head (64); expansion: the MLP's width factor (4).
         affine: per-patch scale and shift (ml-tarflow's ``nvp``); False: shift only.
         num_classes: > 0 adds a class embedding to every block (labels in cond["labels"],
@@ -315,28 +327,44 @@ class TarFlow(FlowModel):
     guides_by_attention = True  # guidance_attention_temperature != 1 guides without classes
 
     def __init__(self, *, in_channels: int = 3, image_size: int = 32, patch_size: int = 2, channels: int = 256,
-                 blocks: int = 4, layers_per_block: int = 4, head_channels: int = 64, expansion: int = 4,
-                 affine: bool = True, num_classes: int = 0, label_dropout: float = 0.0, guidance: float = 0.0,
+                 blocks: int = 4, layers_per_block: int | list[int] = 4, head_channels: int = 64,
+                 expansion: int = 4, affine: bool = True, num_classes: int = 0,
+                 condition_deep_block_only: bool = False, label_dropout: float = 0.0, guidance: float = 0.0,
                  guidance_rule: GuidanceRule = "cfg", guidance_schedule: GuidanceSchedule = "constant",
-                 guidance_attention_temperature: float = 1.0, learn_prior_scale: bool | None = None, dequantizer: DequantizerFactory | None = None) -> None:
+                 guidance_attention_temperature: float = 1.0, learn_prior_scale: bool | None = None,
+                 dequantizer: DequantizerFactory | None = None) -> None:
         super().__init__(dequantizer, in_channels)
+        layers = [layers_per_block] * blocks if isinstance(layers_per_block, int) else list(layers_per_block)
+        if len(layers) == 1:  # as ml-starflow: one entry serves every block
+            layers = layers * blocks
+        if len(layers) != blocks:
+            raise ValueError(f"TarFlow's layers_per_block lists {len(layers)} blocks but blocks is {blocks}: give "
+                             f"one layer count per block (e.g. {[2] * (blocks - 1) + [8]}) or a single number")
         for name, value in dict(in_channels=in_channels, image_size=image_size, patch_size=patch_size,
-                                channels=channels, blocks=blocks, layers_per_block=layers_per_block,
-                                head_channels=head_channels, expansion=expansion).items():
+                                channels=channels, blocks=blocks, head_channels=head_channels,
+                                expansion=expansion).items():
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"TarFlow's {name} must be a positive integer, got {value!r}")
+        if not all(isinstance(value, int) and value >= 1 for value in layers):
+            raise ValueError(f"TarFlow's layers_per_block must be positive integers, got {layers_per_block!r}")
         if num_classes < 0:
             raise ValueError(f"TarFlow's num_classes must be >= 0 (0: unconditional), got {num_classes}")
+        if condition_deep_block_only and not num_classes:
+            raise ValueError("TarFlow's condition_deep_block_only conditions the deep block on the class: it needs "
+                             "num_classes > 0")
         if image_size % patch_size:
             raise ValueError(f"TarFlow's image_size {image_size} is not a multiple of patch_size {patch_size}; "
                              f"choose a patch_size that divides it (e.g. {max(p for p in (1, 2, 4, 8) if image_size % p == 0)})")
         if channels % head_channels:
             raise ValueError(f"TarFlow's channels ({channels}) must be a multiple of head_channels ({head_channels})")
         self.in_channels, self.image_size, self.num_classes = in_channels, image_size, num_classes
+        self.layers_per_block, self.condition_deep_block_only = layers, condition_deep_block_only
         self.set_guidance(label_dropout, guidance, guidance_rule, guidance_schedule, guidance_attention_temperature)
+        deep = blocks - 1
         self.blocks = nn.ModuleList(
-            TarFlowBlock(in_channels, image_size, patch_size, channels, layers_per_block, head_channels, expansion,
-                         reverse=index % 2 == 1, affine=affine, num_classes=num_classes)
+            TarFlowBlock(in_channels, image_size, patch_size, channels, layers[index], head_channels, expansion,
+                         reverse=index % 2 == 1, affine=affine,
+                         num_classes=0 if condition_deep_block_only and index != deep else num_classes)
             for index in range(blocks))
         learned = (not affine) if learn_prior_scale is None else learn_prior_scale
         self.prior = GaussianPrior((in_channels, image_size, image_size), learned=learned)
@@ -370,7 +398,9 @@ class TarFlow(FlowModel):
             if labels is None:
                 raise ValueError("pass a latent or labels to fix the batch size")
             z = self.prior.sample(labels.shape[0], None, temperature).to(self.blocks[0].proj_in.weight.dtype)
-        for block in reversed(self.blocks):
+        for index, block in reversed(list(enumerate(self.blocks))):
+            if self.condition_deep_block_only and index == len(self.blocks) - 2:
+                cond = with_condition(cond, **{GUIDANCE: 0.0})  # the shallow blocks invert unguided
             z = (block.inverse if cached else block.inverse_uncached)(z, cond)[0]
         return z
 
@@ -395,7 +425,8 @@ class TarFlow(FlowModel):
 
     @property
     def display_name(self) -> str:
-        return f"TarFlow{'CC' if self.num_classes else ''}{self.image_size}"
+        shape = "" if len(set(self.layers_per_block)) == 1 else "-deep" + str(self.layers_per_block[-1])
+        return f"TarFlow{'CC' if self.num_classes else ''}{self.image_size}{shape}"
 
     def extra_repr(self) -> str:
         if not (self.num_classes or self.guidance):

@@ -120,3 +120,67 @@ def test_a_tarflow_is_a_cascade_base_stage():
         expected = base.encode(batch.images[8]).log_prob
     assert out.exact[8] and torch.allclose(out.log_prob[8], expected, atol=1e-4)
     assert torch.isfinite(out.loss)
+
+
+def deep_shallow(**kwargs):
+    torch.manual_seed(0)
+    model = TarFlow(in_channels=1, image_size=4, patch_size=2, channels=16, blocks=3, layers_per_block=[1, 1, 3],
+                    head_channels=8, **kwargs)
+    perturb_parameters(model, 0.05)
+    return model.eval()
+
+
+def test_deep_shallow_blocks_have_their_own_depths_and_invert_exactly():
+    """STARFlow's deep-shallow layout: a layer count per block, the last (deep) block the
+    deepest; a single count serves every block as an int does."""
+    model = deep_shallow()
+    assert [len(block.layers) for block in model.blocks] == [1, 1, 3]
+    assert model.display_name == "TarFlow4-deep3"
+    x = torch.rand(3, 1, 4, 4) - 0.5
+    with torch.no_grad():
+        encoding = model.encode(x)
+        assert (model.decode(encoding.latents) - x).abs().max() < 1e-5
+    torch.manual_seed(0)
+    listed = TarFlow(in_channels=1, image_size=4, patch_size=2, channels=16, blocks=3, layers_per_block=[2],
+                     head_channels=8)
+    torch.manual_seed(0)
+    plain = TarFlow(in_channels=1, image_size=4, patch_size=2, channels=16, blocks=3, layers_per_block=2,
+                    head_channels=8)
+    assert [len(b.layers) for b in listed.blocks] == [2, 2, 2]
+    assert all(torch.equal(a, b) for a, b in zip(listed.state_dict().values(), plain.state_dict().values()))
+    with pytest.raises(ValueError, match="lists 2 blocks but blocks is 3"):
+        TarFlow(image_size=4, blocks=3, layers_per_block=[2, 8])
+    with pytest.raises(ValueError, match="positive integers"):
+        TarFlow(image_size=4, blocks=2, layers_per_block=[0, 8])
+
+
+def test_conditioning_the_deep_block_only_leaves_the_shallow_blocks_blind_to_the_class():
+    model = deep_shallow(num_classes=2, condition_deep_block_only=True, label_dropout=0.1)
+    assert [block.class_embed is not None for block in model.blocks] == [False, False, True]
+    x = torch.rand(2, 1, 4, 4) - 0.5
+    with torch.no_grad():
+        zero, one = ({LABELS: torch.full((2,), label)} for label in (0, 1))
+        shallow = {name: model.blocks[1](model.blocks[0](x, cond)[0], cond)[0] for name, cond in
+                   (("zero", zero), ("one", one))}
+        assert torch.equal(shallow["zero"], shallow["one"])
+        assert not torch.allclose(model.log_prob(x, zero), model.log_prob(x, one))
+    with pytest.raises(ValueError, match="needs num_classes > 0"):
+        TarFlow(image_size=4, condition_deep_block_only=True)
+
+
+def test_guidance_acts_in_the_deep_block_alone_when_only_it_is_conditioned():
+    """Sampling with guidance w: the deep block inverts guided, the shallow blocks as
+    at w = 0 (ml-starflow's reverse drops guidance after the deep block); w = 0 is the
+    unguided sampler."""
+    model = deep_shallow(num_classes=2, condition_deep_block_only=True, label_dropout=0.1)
+    labels = torch.tensor([0, 1, 1])
+    z = torch.randn(3, 1, 4, 4)
+    with torch.no_grad():
+        guided = model.decode([z], {LABELS: labels, GUIDANCE: 2.0})
+        by_hand = model.blocks[2].inverse(z, {LABELS: labels, GUIDANCE: 2.0})[0]
+        for block in (model.blocks[1], model.blocks[0]):
+            by_hand = block.inverse(by_hand, {LABELS: labels})[0]
+        assert torch.allclose(guided, by_hand, atol=1e-6)
+        unguided = model.decode([z], {LABELS: labels})
+        assert torch.equal(model.decode([z], {LABELS: labels, GUIDANCE: 0.0}), unguided)
+        assert (guided - unguided).abs().max() > 1e-4
