@@ -2,6 +2,7 @@
 callbacks any of them can use."""
 from lightning_modules.analyses import (LatentInterpolation, LatentZeroing, NearestNeighbours, NoiseSweep,
                                         ResamplingMaps)
+from lightning_modules.autoencoder_module import AutoencoderModule
 from lightning_modules.averaging import EMAWeights
 from lightning_modules.base import Batch, FlowModule, LossOutput
 from lightning_modules.callbacks import ExactResume, RunSummary, SampleGrids, TestMetrics, ValidationFID
@@ -9,6 +10,7 @@ from lightning_modules.cascade_module import CascadeModule, GlowStage, SRFlowSta
 from lightning_modules.diffusion_module import DiffusionFlowModule, PixelDiffusionModule
 from lightning_modules.glow_module import GlowModule
 from lightning_modules.hierarchical_module import HierarchicalModule
+from lightning_modules.latent_module import LatentFlowModule
 from lightning_modules.metrics import FIDSettings
 from lightning_modules.model_checkpoint import ModelCheckpoint
 from lightning_modules.mnist_classifier import LeNetFeatures, MNISTClassifierModule
@@ -20,4 +22,5 @@ __all__ = ["Batch", "FlowModule", "LossOutput", "ExactResume", "RunSummary", "Sa
            "CascadeModule", "DiffusionFlowModule", "PixelDiffusionModule", "GlowStage", "SRFlowStage", "GlowModule",
            "HierarchicalModule", "FIDSettings", "Freeze", "OptimizerSettings", "Part", "RRDBPretrainModule",
            "LatentInterpolation", "LatentZeroing", "NearestNeighbours", "NoiseSweep", "ResamplingMaps", "LeNetFeatures",
-           "MNISTClassifierModule", "ModelCheckpoint", "EMAWeights", "RunStopped", "SignalCheckpoint"]
+           "MNISTClassifierModule", "ModelCheckpoint", "EMAWeights", "RunStopped", "SignalCheckpoint",
+           "AutoencoderModule", "LatentFlowModule"]

@@ -247,7 +247,8 @@ class FlowModule(FamilyInterface, NonFiniteStepSkipping, TrainableParts, Checkpo
         for resolution, log_prob in out.log_prob.items():
             continuous = resolution in out.continuous
             bpd = likelihood_figure(log_prob.detach(), out.dims[resolution], self.n_bits, continuous).mean()
-            name = bpd_name(resolution, out.exact.get(resolution, True), self.bound_metric, continuous)
+            name = bpd_name(resolution, out.exact.get(resolution, True), self.bound_metric, continuous,
+                            self.continuous_metric)
             self.log(f"{split}/{name}", bpd, prog_bar=split != "train" and resolution == shown, **kwargs)
         for name, value in out.extra.items():
             self.log(f"{split}/{name}", value.detach(), **kwargs)

@@ -40,7 +40,7 @@ from datamodules.datamodules import PyramidDataset, ResumableSampler
 from flows.quantization import reduce_bits, to_uint8
 from lightning_modules.checkpointing import RNG_KEY, gather_rng_states, restore_rng_states, seeded_rng
 from lightning_modules.errors import ConfigurationError
-from lightning_modules.family import NOISY_DATA_METRIC, family_of
+from lightning_modules.family import family_of
 from lightning_modules.lightning_internals import rewind_epoch_end_checkpoint
 from lightning_modules.metrics import (MIN_FID_SAMPLES, FIDSettings, ImagesAtResolution, Samples, TensorImages, as_rgb,
                                        feature_cache_tag, features_label, features_note, fid_log_names, fidelity,
@@ -347,12 +347,12 @@ class TestMetrics(pl.Callback):
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
         bound = f"test/{family.bound_metric}_"
-        noisy = f"test/{NOISY_DATA_METRIC}_"
+        noisy = f"test/{family.continuous_metric}_"
         table = {"model": name, "n_bits": family.n_bits,
                  "bpd": {k[len("test/bpd_"):]: v for k, v in metrics.items()
                          if k.startswith("test/bpd_") and not k.startswith("test/bpd_bound_")},
                  "bpd_bound": {k[len(bound):]: v for k, v in metrics.items() if k.startswith(bound)},
-                 NOISY_DATA_METRIC: {k[len(noisy):]: v for k, v in metrics.items() if k.startswith(noisy)},
+                 family.continuous_metric: {k[len(noisy):]: v for k, v in metrics.items() if k.startswith(noisy)},
                  "test_metrics": metrics, **table}
         if self.sampling_time_samples:
             n = self.sampling_time_samples

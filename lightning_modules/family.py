@@ -77,9 +77,10 @@ def family_of(pl_module, user: str) -> "FamilyInterface":
                              f"one: remove {user} from trainer.callbacks, or build the module on FlowModule")
 
 
-def bpd_name(resolution: int, exact: bool, bound_metric: str = "bpd_bound", continuous: bool = False) -> str:
+def bpd_name(resolution: int, exact: bool, bound_metric: str = "bpd_bound", continuous: bool = False,
+             continuous_metric: str = NOISY_DATA_METRIC) -> str:
     if continuous:
-        return f"{NOISY_DATA_METRIC}_{resolution}"
+        return f"{continuous_metric}_{resolution}"
     return f"bpd_{resolution}" if exact else f"{bound_metric}_{resolution}"
 
 
@@ -103,6 +104,10 @@ class FamilyInterface:
     # deviation, or (the cascade's ``sigma_is: variance``) a variance.
     sigma_is: str = "std"
     n_bits: int = 8  # the data's bits per channel (FlowModule sets it from its argument)
+    # The name of a continuous density's figure in the logs (``<continuous_metric>_R``,
+    # bits per dim of that density): noisy images' (noise augmentation), or a latent
+    # flow's noisy latents' (``latent_nll_bits``). Never ``bpd``: it is not the images'.
+    continuous_metric: str = NOISY_DATA_METRIC
 
     @property
     def micro_batches_pending(self) -> int:
@@ -168,7 +173,7 @@ class FamilyInterface:
                               {resolution: objective.dims}, {resolution: objective.exact}, extra,
                               continuous=continuous)
         if self.training:
-            name = f"{NOISY_DATA_METRIC}_estimate" if objective.continuous else "nll_estimate_bpd"
+            name = f"{self.continuous_metric}_estimate" if objective.continuous else "nll_estimate_bpd"
             extra[name] = likelihood_figure(objective.log_prob.detach(), objective.dims, self.n_bits,
                                             objective.continuous).mean()
         return LossOutput(self.weighted_loss(objective), {}, {resolution: objective.dims},

@@ -80,13 +80,15 @@ class ModelCheckpoint(CheckpointNaming):
         match = BPD_MONITOR.fullmatch(self.monitor or "")
         # Any LightningModule may be checkpointed (the RRDB pre-training too); a family's
         # noisy-data resolutions are refused as bits-per-dim monitors.
-        noisy = pl_module.noisy_data_resolutions if isinstance(pl_module, FamilyInterface) else set()
+        family = pl_module if isinstance(pl_module, FamilyInterface) else None
+        noisy = family.noisy_data_resolutions if family else set()
         if match and int(match[2]) in noisy:
+            metric = family.continuous_metric
             raise ConfigurationError(
-                f"ModelCheckpoint monitors {self.monitor}, but the model trains on noisy data (noise augmentation: "
-                f"a GaussianNoiseDequantizer), whose figure is not the discrete data's bits per dim and is logged as "
-                f"{match[1]}/{NOISY_DATA_METRIC}_{match[2]}: set "
-                f"--trainer.callbacks.init_args.monitor {match[1]}/{NOISY_DATA_METRIC}_{match[2]} "
+                f"ModelCheckpoint monitors {self.monitor}, but the model's figure at {match[2]} is a continuous "
+                f"density ({'noise augmentation: a GaussianNoiseDequantizer' if metric == NOISY_DATA_METRIC else metric}), "
+                f"not the discrete data's bits per dim, and is logged as {match[1]}/{metric}_{match[2]}: set "
+                f"--trainer.callbacks.init_args.monitor {match[1]}/{metric}_{match[2]} "
                 "(or train with uniform dequantization)")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -185,7 +187,8 @@ class ModelCheckpoint(CheckpointNaming):
         match = BPD_MONITOR.fullmatch(self.monitor or "")
         module = trainer.lightning_module
         bound = module.bound_metric if isinstance(module, FamilyInterface) else None
-        noisy = match and f"{match[1]}/{NOISY_DATA_METRIC}_{match[2]}"
+        metric = module.continuous_metric if isinstance(module, FamilyInterface) else NOISY_DATA_METRIC
+        noisy = match and f"{match[1]}/{metric}_{match[2]}"
         if match and self.monitor not in candidates and noisy in candidates:
             raise ConfigurationError(f"ModelCheckpoint monitors {self.monitor}, but the model trains on noisy data "
                                      "(noise augmentation), whose figure is not the discrete data's bits per dim: "
