@@ -23,7 +23,7 @@ denoising; ``train_flow: false`` with ``init_checkpoint`` makes that a phase of 
 
 Checkpoints hold the flow (and the decoder when it trains), never a second copy of the
 frozen autoencoder: that stays in its folder and is not a registered sub-module (moved
-with the module by :meth:`LatentFlowModule._apply`).
+to the data's device when first used).
 """
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ class LatentFlowModule(FlowModule):
                 "model.init_args.flow.init_args.dequantizer to flows.dequantization.GaussianNoiseDequantizer")
         self.model = flow
         # Not a registered sub-module: the frozen autoencoder stays out of state_dict and
-        # checkpoints (its folder holds it); _apply moves it with the module.
+        # checkpoints (its folder holds it); _autoencoder_on moves it to the data.
         object.__setattr__(self, "_autoencoder", load_autoencoder(autoencoder))
         config = self._autoencoder.config
         self.image_size, self.image_channels = int(image_size), int(config.in_channels)
@@ -132,12 +132,15 @@ class LatentFlowModule(FlowModule):
             frozen += [autoencoder.decoder, autoencoder.post_quant_conv]
         return [module for module in frozen if module is not None]
 
-    def _apply(self, fn, recurse: bool = True):
-        super()._apply(fn, recurse)
-        if "_autoencoder" in self.__dict__:  # device and dtype moves reach the frozen autoencoder
-            for module in self._frozen_modules():
-                module._apply(fn)
-        return self
+    def _autoencoder_on(self, device: torch.device) -> nn.Module:
+        """The autoencoder on ``device``: its frozen parts are not sub-modules, so they
+        follow the data there when first used (the decoder, when it trains, is moved
+        with the module)."""
+        for module in self._frozen_modules():
+            first = next(module.parameters(), None)
+            if first is not None and first.device != device:
+                module.to(device)
+        return self._autoencoder
 
     def parts(self) -> list[Part]:
         parts = [Part("flow", self.model, self.optimizer_settings, ["model."], trainable=self.train_flow)]
@@ -151,12 +154,12 @@ class LatentFlowModule(FlowModule):
     def encode_latents(self, images: Tensor) -> Tensor:
         """Scaled latents of images in model space ([-0.5, 0.5]): a draw of the
         autoencoder's posterior times the scaling factor (ml-starflow's encode)."""
-        posterior = self._autoencoder.encode(2.0 * images.to(self._autoencoder.dtype)).latent_dist
+        posterior = self._autoencoder_on(images.device).encode(2.0 * images).latent_dist
         return (posterior.sample() * self.scaling_factor).float()
 
     def decode_latents(self, latents: Tensor) -> Tensor:
         """Images in model space from scaled latents (the decoder's [-1, 1] halved)."""
-        return 0.5 * self._autoencoder.decode(latents / self.scaling_factor).sample.float()
+        return 0.5 * self._autoencoder_on(latents.device).decode(latents / self.scaling_factor).sample.float()
 
     # --- the family contract -----------------------------------------------------------
     @property

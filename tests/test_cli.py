@@ -433,7 +433,8 @@ def test_every_config_moves_its_loggers_to_the_command_line_default_root_dir(con
     assert namespace.trainer.logger.init_args.save_dir == "mine"
 
 
-FAMILY_MODULES = ["GlowModule", "CascadeModule", "HierarchicalModule", "DiffusionFlowModule", "PixelDiffusionModule"]
+FAMILY_MODULES = ["GlowModule", "CascadeModule", "HierarchicalModule", "DiffusionFlowModule", "PixelDiffusionModule",
+                  "LatentFlowModule"]
 
 
 @pytest.mark.parametrize("family", FAMILY_MODULES)
