@@ -253,10 +253,12 @@ def as_rgb(image: Tensor) -> Tensor:
 
 def register_feature_extractors() -> None:
     """This project's torch-fidelity extractors: "random-conv" and "mnist-lenet"."""
-    from lightning_modules.mnist_classifier import register_mnist_lenet
+    # metrics -> mnist_classifier, never back: the classifier knows nothing of torch-fidelity.
+    from lightning_modules.mnist_classifier import FeaturesAndLogits, load_lenet_features
 
     register_fidelity_extractor("random-conv", lambda weights: RandomConvFeatures())
-    register_mnist_lenet()
+    register_fidelity_extractor("mnist-lenet", lambda weights: FeaturesAndLogits(load_lenet_features(weights)),
+                                layers=("features", "logits"))
 
 
 def _missing_weights(settings: FIDSettings, path: Path) -> FileNotFoundError:

@@ -10,7 +10,7 @@ network").
   net's ``state_dict`` to ``export_path`` (a plain ``torch.save`` file) after every
   validation run and at the end of training.
 * torch-fidelity feature extractor ``"mnist-lenet"`` (registered by
-  :func:`register_mnist_lenet`, which ``metrics.fidelity`` calls): features
+  ``metrics.register_feature_extractors``, which ``metrics.fidelity`` calls): features
   ``"features"`` (penultimate, the FID/KID default) and ``"logits"``, weights from
   ``feature_extractor_weights_path``, i.e. ``FIDSettings(feature_extractor="mnist-lenet",
   feature_weights=<export_path>)``.
@@ -110,8 +110,9 @@ def load_lenet_features(path: str | os.PathLike | None) -> LeNetFeatures:
     return net.eval()
 
 
-class _FeaturesAndLogits(nn.Module):
-    """The classifier as torch-fidelity reads it: penultimate features and logits."""
+class FeaturesAndLogits(nn.Module):
+    """The classifier as torch-fidelity reads it (``metrics.register_feature_extractors``
+    registers it as ``"mnist-lenet"``): penultimate features and logits."""
 
     def __init__(self, net: LeNetFeatures) -> None:
         super().__init__()
@@ -120,14 +121,6 @@ class _FeaturesAndLogits(nn.Module):
     def forward(self, images_uint8: Tensor) -> dict[str, Tensor]:
         features = self.net.features(images_uint8)
         return {"features": features, "logits": self.net.head(features)}
-
-
-def register_mnist_lenet() -> None:
-    """Register ``"mnist-lenet"`` with torch-fidelity (once)."""
-    from lightning_modules.metrics import register_fidelity_extractor
-
-    register_fidelity_extractor("mnist-lenet", lambda weights: _FeaturesAndLogits(load_lenet_features(weights)),
-                                layers=("features", "logits"))
 
 
 class MNISTClassifierModule(pl.LightningModule):
