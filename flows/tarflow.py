@@ -27,11 +27,16 @@ against; ``benchmarks/tarflow_sampling.py`` measures the two).
 Read from apple/ml-tarflow where the paper is open (its ``MetaBlock``; nothing copied):
 
 * ``affine`` is its ``nvp`` flag: True gives each patch a scale and a shift; False a
-  shift only (volume preserving, log-det 0), for which that code learns the prior's
-  variance. Here the prior's per-channel scale is then a learned parameter
+  shift only (volume preserving, log-det 0), for which the prior's variance matters.
+  Two ways: by default here the prior's per-channel scale is a learned parameter
   (``learn_prior_scale``, default: on exactly when ``affine`` is off), trained by the
-  likelihood's gradient, where that code moves a buffer towards E[z^2] (the same
-  maximum-likelihood fixed point; a parameter keeps it in the exact objective).
+  likelihood's gradient, so the reported likelihood is that of the model that samples;
+  ``prior_variance_buffer: true`` is that code's instead: the likelihood (and the loss)
+  under a unit prior, and a per-dimension variance buffer moved towards E[z^2] after
+  every training step (``lerp`` by 0.1, its ``update_prior``) that scales the prior's
+  draws when sampling only. The two are not the same objective: the unit prior weighs
+  every latent dimension's error alike, and the figure it reports is not that of the
+  sampler (whose latent variance is the buffer's).
 * The log-det is summed over all dimensions (an exact log-likelihood); that code's loss
   averages it per dimension, the same objective divided by D.
 * Its output projection zeroes the weight only; here the bias too, so that a new model
@@ -320,7 +325,10 @@ class TarFlow(FlowModel):
             the unconditional pass's attention temperature (ml-tarflow's ``attn_temp``:
             an unconditional TarFlow is guided by its own sharpened attention, < 1).
         learn_prior_scale: learn the Gaussian prior's per-channel mean and scale (None:
-            exactly when ``affine`` is off).
+            exactly when ``affine`` is off and there is no variance buffer).
+        prior_variance_buffer: ml-tarflow's shift-only prior: a unit prior in the
+            likelihood, a per-dimension variance buffer (E[z^2], lerp 0.1 per training
+            step) scaling the draws when sampling (the module docstring).
         dequantizer: as Glow's (``flows/dequantization.py``).
     """
 
@@ -332,6 +340,7 @@ class TarFlow(FlowModel):
                  condition_deep_block_only: bool = False, label_dropout: float = 0.0, guidance: float = 0.0,
                  guidance_rule: GuidanceRule = "cfg", guidance_schedule: GuidanceSchedule = "constant",
                  guidance_attention_temperature: float = 1.0, learn_prior_scale: bool | None = None,
+                 prior_variance_buffer: bool = False,
                  dequantizer: DequantizerFactory | None = None) -> None:
         super().__init__(dequantizer, in_channels)
         layers = [layers_per_block] * blocks if isinstance(layers_per_block, int) else list(layers_per_block)
@@ -366,8 +375,14 @@ class TarFlow(FlowModel):
                          reverse=index % 2 == 1, affine=affine,
                          num_classes=0 if condition_deep_block_only and index != deep else num_classes)
             for index in range(blocks))
-        learned = (not affine) if learn_prior_scale is None else learn_prior_scale
+        if prior_variance_buffer and learn_prior_scale:
+            raise ValueError("TarFlow: prior_variance_buffer keeps a unit prior in the likelihood; it cannot also "
+                             "learn_prior_scale (choose one way to fit the latents' variance)")
+        learned = (not affine and not prior_variance_buffer) if learn_prior_scale is None else learn_prior_scale
         self.prior = GaussianPrior((in_channels, image_size, image_size), learned=learned)
+        self.prior_variance_buffer = bool(prior_variance_buffer)
+        if self.prior_variance_buffer:  # ml-tarflow's ``var``: per latent dimension
+            self.register_buffer("latent_variance", torch.ones(in_channels, image_size, image_size))
         self.check_dequantizer()
 
     def _check_input(self, x: Tensor) -> None:
@@ -384,6 +399,27 @@ class TarFlow(FlowModel):
             logdet = block_logdet if logdet is None else logdet + block_logdet
         return Encoding([z], logdet, self.prior.log_prob(z), exact=True)
 
+    VARIANCE_RATE = 0.1  # ml-tarflow's VAR_LR
+
+    def encode_for_training(self, x: Tensor, cond: Condition = None):
+        """:meth:`encode`; with ``prior_variance_buffer``, a training pass also moves the
+        buffer towards the batch's E[z^2] per dimension (ml-tarflow's ``update_prior``;
+        under DDP the buffers are broadcast from process 0 each step, so its batch sets
+        it, where that code averages over every process's)."""
+        encoding, prior = super().encode_for_training(x, cond)
+        if self.prior_variance_buffer and self.training:
+            with torch.no_grad():
+                z = encoding.latents[0].detach().float()
+                self.latent_variance.lerp_(z.pow(2).mean(dim=0), self.VARIANCE_RATE)
+        return encoding, prior
+
+    def _draw(self, n: int, temperature: float) -> Tensor:
+        """n draws of the prior at ``temperature`` (times the variance buffer's std)."""
+        z = self.prior.sample(n, None, temperature)
+        if self.prior_variance_buffer:
+            z = z * self.latent_variance.sqrt()
+        return z.to(self.blocks[0].proj_in.weight.dtype)
+
     def decode(self, latents: list[Tensor | None], cond: Condition = None, temperature: float = 1.0,
                cached: bool = True) -> Tensor:
         """Inverse of :meth:`encode`; a latent given as None is drawn at ``temperature``
@@ -397,7 +433,7 @@ class TarFlow(FlowModel):
             labels = condition_value(cond, LABELS)
             if labels is None:
                 raise ValueError("pass a latent or labels to fix the batch size")
-            z = self.prior.sample(labels.shape[0], None, temperature).to(self.blocks[0].proj_in.weight.dtype)
+            z = self._draw(labels.shape[0], temperature)
         for index, block in reversed(list(enumerate(self.blocks))):
             if self.condition_deep_block_only and index == len(self.blocks) - 2:
                 cond = with_condition(cond, **{GUIDANCE: 0.0})  # the shallow blocks invert unguided
@@ -410,7 +446,7 @@ class TarFlow(FlowModel):
         ``cond["guidance"]``: the classifier-free guidance weight (0: none)."""
         if self.num_classes and condition_value(cond, LABELS) is None:
             cond = with_condition(cond, **{LABELS: torch.randint(0, self.num_classes, (n,), device=self._device())})
-        z = self.prior.sample(n, None, temperature).to(self.blocks[0].proj_in.weight.dtype)
+        z = self._draw(n, temperature)
         return self.finish_samples(self.decode([z], self.guided_condition(cond)), cond)
 
     def compile_sampler(self, **options) -> None:

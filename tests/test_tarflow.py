@@ -184,3 +184,36 @@ def test_guidance_acts_in_the_deep_block_alone_when_only_it_is_conditioned():
         unguided = model.decode([z], {LABELS: labels})
         assert torch.equal(model.decode([z], {LABELS: labels, GUIDANCE: 0.0}), unguided)
         assert (guided - unguided).abs().max() > 1e-4
+
+
+def test_the_authors_shift_only_prior_a_unit_likelihood_and_a_variance_buffer_for_sampling():
+    """ml-tarflow's non-affine recipe: the likelihood under N(0, I), the buffer lerped by
+    0.1 towards the batch's E[z^2] after each training pass, the draws scaled by it."""
+    torch.manual_seed(0)
+    model = TarFlow(in_channels=1, image_size=4, patch_size=2, channels=16, blocks=2, layers_per_block=1,
+                    head_channels=8, affine=False, prior_variance_buffer=True)
+    assert not any(True for _ in model.prior.parameters())  # a unit prior, nothing learned
+    perturb_parameters(model, 0.05)
+    x = torch.rand(8, 1, 4, 4) - 0.5
+    with torch.no_grad():
+        z = model.encode(x).latents[0]
+        unit = torch.distributions.Normal(0.0, 1.0).log_prob(z).flatten(1).sum(1)
+        assert torch.allclose(model.log_prob(x), unit, atol=1e-4)  # shift only: log-det 0
+    clean, noise = (torch.floor((x + 0.5) * 256) + 0.5) / 256 - 0.5, torch.rand(8, 1, 4, 4)
+    with torch.no_grad():
+        y = model.dequantizer(clean, 1 / 256, noise).images
+        expected = 0.9 + 0.1 * model.encode(y).latents[0].pow(2).mean(0)
+    model.train()
+    model.training_loss(clean, n_bits=8, noise=noise)
+    assert torch.allclose(model.latent_variance, expected, atol=1e-6)
+    model.eval()
+    model.training_loss(clean, n_bits=8, noise=noise)
+    assert torch.allclose(model.latent_variance, expected, atol=1e-6)  # evaluation leaves it alone
+    # sampling: a fresh model's blocks are the identity, so its samples are the draws
+    fresh = TarFlow(in_channels=1, image_size=4, patch_size=2, channels=16, blocks=2, layers_per_block=1,
+                    head_channels=8, affine=False, prior_variance_buffer=True).eval()
+    fresh.latent_variance.fill_(4.0)
+    samples = fresh.sample(2000)
+    assert samples.std().item() == pytest.approx(2.0, rel=0.05)
+    with pytest.raises(ValueError, match="cannot also learn_prior_scale"):
+        TarFlow(image_size=4, affine=False, prior_variance_buffer=True, learn_prior_scale=True)
