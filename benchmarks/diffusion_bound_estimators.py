@@ -5,7 +5,7 @@
 
 For held-out images x (the config's validation split, dequantized with the evaluation's
 fixed noise) and their latents z_0 = f(x), every estimator of
-:class:`flows.diffusion.TimestepSampler` draws ``--draws`` one-call estimates of the
+:class:`flows.timestep_sampling.TimestepSampler` draws ``--draws`` one-call estimates of the
 DDPM's bound of z_0 per image. Reported, in bits per dim of the image:
 
 * ``per-image std``: the standard deviation of one estimate around its image's mean,
@@ -31,7 +31,7 @@ import time
 
 import torch
 
-from flows.diffusion import TimestepSampler
+from flows.timestep_sampling import TimestepSampler
 from lightning_modules.cli import build_cli
 from lightning_modules.diffusion_module import DiffusionFlowModule
 

@@ -44,205 +44,20 @@ import torch
 from torch import Tensor, nn
 
 from flows.base import Condition, zero_logdet
+from flows.diffusion_schedules import (Schedule, ddim_timesteps, discretized_gaussian_log_likelihood, make_betas,
+                                       normal_kl, sum_per_sample)
 from flows.distributions import LatentPrior, PriorTraining, gaussian_log_density
 from flows.model import Encoding, FlowModel, Objective
 from flows.quantization import bin_log_volume, check_n_bits, snap_to_bins
-
-Schedule = Literal["linear", "cosine"]
+from flows.timestep_sampling import BoundEstimator, TimestepSampler, all_gathered
 VarianceKind = Literal["learned", "fixed_small", "fixed_large"]
 DecoderKind = Literal["continuous", "discretized"]
 # (in_channels, out_channels, image_size) -> the denoiser eps_theta(z_t, t)
 DenoiserFactory = Callable[[int, int, int], nn.Module]
 
 
-# --- schedules -------------------------------------------------------------------------
-def linear_betas(timesteps: int) -> Tensor:
-    """DDPM's linear schedule, 1e-4 .. 0.02 at T = 1000, scaled by 1000 / T so other T
-    keep the same total noise (improved-diffusion's ``get_named_beta_schedule``). Below
-    T = 50 the scaled betas would pass 1 (abar_T = 0, a division by zero); they are
-    clipped at 0.999 like the cosine schedule's."""
-    scale = 1000.0 / timesteps
-    return torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64).clamp(max=0.999)
-
-
-def cosine_betas(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
-    """Improved DDPM's cosine schedule (eq. 17): abar(t) = cos(((t/T + s) / (1 + s)) pi/2)^2,
-    beta_t = min(1 - abar(t+1)/abar(t), 0.999)."""
-    def abar(u: float) -> float:
-        return math.cos((u + s) / (1.0 + s) * math.pi / 2.0) ** 2
-
-    betas = [min(1.0 - abar((i + 1) / timesteps) / abar(i / timesteps), max_beta) for i in range(timesteps)]
-    return torch.tensor(betas, dtype=torch.float64)
-
-
-def make_betas(schedule: Schedule, timesteps: int) -> Tensor:
-    if timesteps < 2:
-        raise ValueError(f"a diffusion needs timesteps >= 2, got {timesteps}")
-    if schedule == "linear":
-        return linear_betas(timesteps)
-    if schedule == "cosine":
-        return cosine_betas(timesteps)
-    raise ValueError(f"schedule must be 'linear' or 'cosine', got {schedule!r}")
-
-
-def ddim_timesteps(timesteps: int, steps: int) -> list[int]:
-    """S time indices from T-1 down to 0, evenly spaced (all of them when S = T)."""
-    if not 1 <= steps <= timesteps:
-        raise ValueError(f"DDIM steps must lie in [1, {timesteps}] (the timesteps), got {steps}")
-    if steps == 1:
-        return [timesteps - 1]
-    indices = torch.linspace(timesteps - 1, 0, steps, dtype=torch.float64).round().long().tolist()
-    return sorted(set(indices), reverse=True)
-
-
-# --- Gaussian densities ------------------------------------------------------------------
-def normal_kl(mean1: Tensor, log_var1: Tensor, mean2: Tensor, log_var2: Tensor) -> Tensor:
-    """KL(N(mean1, e^log_var1) || N(mean2, e^log_var2)), elementwise, in nats."""
-    return 0.5 * (log_var2 - log_var1 + torch.exp(log_var1 - log_var2)
-                  + (mean1 - mean2) ** 2 * torch.exp(-log_var2) - 1.0)
-
-
-def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_var: Tensor, bins: int) -> Tensor:
-    """log P(bin of x) under N(mean, e^log_var), elementwise, for data in [-1, 1] with
-    ``bins`` equal bins (x at the bin centres): the edge bins take the tails
-    (improved-diffusion's decoder, with exact normal CDFs and our bin layout)."""
-    half_width = 1.0 / bins
-    inv_std = torch.exp(-0.5 * log_var)
-    upper = torch.special.ndtr((x - mean + half_width) * inv_std)
-    lower = torch.special.ndtr((x - mean - half_width) * inv_std)
-    # log(1 - Phi(a)) = log Phi(-a) and log Phi(b) via log_ndtr keep the tails accurate.
-    log_upper_tail = torch.special.log_ndtr(-(x - mean - half_width) * inv_std)
-    log_lower_tail = torch.special.log_ndtr((x - mean + half_width) * inv_std)
-    log_middle = torch.log((upper - lower).clamp(min=1e-12))
-    first = x < -1.0 + 1.5 * half_width
-    last = x > 1.0 - 1.5 * half_width
-    return torch.where(first, log_lower_tail, torch.where(last, log_upper_tail, log_middle))
-
-
-def _sum(x: Tensor) -> Tensor:
-    return x.flatten(1).sum(dim=1)
-
-
-# --- which time steps the one-step estimate of the bound draws -----------------------------
-BoundEstimator = Literal["uniform", "endpoints", "importance"]
 LossMode = Literal["seed", "bound"]
 PixelLoss = Literal["simple", "hybrid"]
-
-
-def all_gathered(x: Tensor) -> Tensor:
-    """``x`` of every process concatenated (itself outside a multi-process run): what
-    each process adds to the importance sampler's history, so all keep the same."""
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if not distributed or torch.distributed.get_world_size() <= 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size())]
-    torch.distributed.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
-
-
-class TimestepSampler(nn.Module):
-    """The time steps of the training estimate of the bound, and their weights.
-
-    The bound is L_T + sum_{t=0}^{T-1} L_t. For any p(t) > 0 on a set S of steps,
-    L_t / p(t) with t ~ p is an unbiased estimate of sum_{t in S} L_t. ``kind``:
-
-    * ``"uniform"``: S = all T steps, p = 1/T, the estimate T L_t (DDPM's L_vlb and
-      seed 003 Alg. 1). For a flow's latent L_0 is a *continuous* density of z_0 (a few
-      hundred nats below zero for a 192-dim latent), so the rare draw t = 0 gives
-      T L_0 and the per-image estimate has a standard deviation of tens of bits per
-      dim (benchmarks/diffusion_bound_estimators.py).
-    * ``"endpoints"``: L_0 is computed for every image (the same denoiser call, the
-      batch doubled) and only S = 1..T-1 is sampled uniformly: (T - 1) L_t.
-    * ``"importance"``: as endpoints, with p over 1..T-1 proportional to
-      sqrt(E[L_t^2]) over the last ``history`` values of each L_t, mixed with
-      ``uniform_mix`` of the uniform distribution, and uniform until every step has
-      ``history`` values (improved-diffusion's ``LossSecondMomentResampler``, whose
-      default 10 and 0.001 these are). The history is training state: the module
-      saves it in its checkpoints (:meth:`state` / :meth:`load_state`).
-    """
-
-    def __init__(self, timesteps: int, kind: BoundEstimator = "endpoints", history: int = 10,
-                 uniform_mix: float = 1e-3) -> None:
-        super().__init__()
-        if kind not in ("uniform", "endpoints", "importance"):
-            raise ValueError(f"bound_estimator must be 'uniform', 'endpoints' or 'importance', got {kind!r}")
-        self.timesteps = timesteps
-        self.kind = kind
-        self.uniform_mix = uniform_mix
-        # Not in the state_dict (checkpoints of other estimators load unchanged).
-        self.register_buffer("history", torch.zeros(timesteps, history, dtype=torch.float64), persistent=False)
-        self.register_buffer("counts", torch.zeros(timesteps, dtype=torch.long), persistent=False)
-
-    @property
-    def first(self) -> int:
-        """The first sampled step: 0, or 1 where L_0 is computed for every image."""
-        return 0 if self.kind == "uniform" else 1
-
-    def probabilities(self) -> Tensor:
-        """p(t) over 0..T-1 (zero below :attr:`first`), float64. Chosen on the device (no
-        host read): uniform until every step's history is full (or all zero)."""
-        steps = slice(self.first, self.timesteps)
-        p = torch.zeros(self.timesteps, dtype=torch.float64, device=self.history.device)
-        p[steps] = 1.0 / (self.timesteps - self.first)
-        if self.kind == "importance":
-            weights = self.history[steps].pow(2).mean(dim=1).sqrt()
-            total = weights.sum()
-            importance = ((1.0 - self.uniform_mix) * weights / torch.where(total > 0, total, torch.ones_like(total))
-                          + self.uniform_mix / (self.timesteps - self.first))
-            ready = (self.counts[steps] >= self.history.shape[1]).all() & (total > 0)
-            p[steps] = torch.where(ready, importance, p[steps])
-        return p
-
-    def sample(self, n: int, device) -> tuple[Tensor, Tensor]:
-        """n steps t ~ p and their weights 1 / p(t) (float64)."""
-        p = self.probabilities()
-        t = torch.multinomial(p, n, replacement=True)
-        return t.to(device), (1.0 / p[t]).to(device)
-
-    @torch.no_grad()
-    def update(self, t: Tensor, terms: Tensor) -> None:
-        """Adds the drawn L_t (nats, one per image) to the history (importance only): each
-        step's row is a ring of its last ``history`` values, the next written at
-        ``counts % history``. Vectorized on the device, so a training step reads nothing
-        back to the host; images that drew the same t enter in batch order, and only the
-        last ``history`` of them are kept."""
-        if self.kind != "importance":
-            return
-        width = self.history.shape[1]
-        t = t.to(self.counts.device).long()
-        values = terms.detach().to(self.history)
-        t_sorted, order = torch.sort(t, stable=True)
-        values = values[order]
-        position = torch.arange(t.numel(), device=t.device)
-        starts = torch.ones_like(t_sorted, dtype=torch.bool)
-        starts[1:] = t_sorted[1:] != t_sorted[:-1]
-        rank = position - torch.cummax(torch.where(starts, position, torch.zeros_like(position)), dim=0).values
-        added = torch.zeros_like(self.counts).scatter_add_(0, t_sorted, torch.ones_like(t_sorted))
-        kept = rank >= added[t_sorted] - width  # earlier ones would be overwritten in this same call
-        slot = (self.counts[t_sorted] + rank) % width
-        # A value not kept goes to a scratch row, so no two writes share a slot.
-        rows = torch.cat([self.history, self.history.new_zeros(1, width)])
-        rows.index_put_((torch.where(kept, t_sorted, torch.full_like(t_sorted, self.timesteps)), slot), values)
-        self.history.copy_(rows[:-1])
-        self.counts.add_(added)
-
-    def _chronological_index(self, inverse: bool = False) -> Tensor:
-        """For each step, the ring's slots oldest first (``inverse``: the way back)."""
-        width = self.history.shape[1]
-        shift = torch.where(self.counts > width, self.counts % width, torch.zeros_like(self.counts))
-        slots = torch.arange(width, device=self.counts.device)
-        return (slots + (-shift if inverse else shift).unsqueeze(1)) % width
-
-    def state(self) -> dict:
-        """The history oldest value first per step (the layout of earlier checkpoints)."""
-        return {"history": self.history.gather(1, self._chronological_index()).cpu(), "counts": self.counts.cpu()}
-
-    def load_state(self, state: dict) -> None:
-        if state["history"].shape != self.history.shape:
-            raise ValueError(f"the saved time-step history has shape {tuple(state['history'].shape)}, this "
-                             f"sampler's is {tuple(self.history.shape)} (another T or history length)")
-        self.counts.copy_(state["counts"])
-        self.history.copy_(state["history"].to(self.history).gather(1, self._chronological_index(inverse=True)))
 
 
 # --- the diffusion prior -------------------------------------------------------------------
@@ -434,16 +249,16 @@ class DiffusionPrior(LatentPrior):
         t = self._timesteps(self.timesteps - 1, z0.shape[0], z0.device)
         mean = self._at("sqrt_abar", t) * z0.to(self.compute_dtype())
         log_var = torch.log(1.0 - self._at("abar", t)).expand_as(mean)
-        return _sum(normal_kl(mean, log_var, torch.zeros_like(mean), torch.zeros_like(mean)))
+        return sum_per_sample(normal_kl(mean, log_var, torch.zeros_like(mean), torch.zeros_like(mean)))
 
     def _term(self, z0: Tensor, zt: Tensor, t: Tensor, mean: Tensor, log_var: Tensor) -> Tensor:
         """L_t per sample in nats: the KL for t > 0, -log p(z_0 | z_1) for t = 0."""
         true_mean, true_log_var = self.q_posterior(z0, zt, t)
-        kl = _sum(normal_kl(true_mean, true_log_var, mean, log_var))
+        kl = sum_per_sample(normal_kl(true_mean, true_log_var, mean, log_var))
         if self.decoder == "continuous":
-            nll = -_sum(gaussian_log_density(z0, mean, log_var))
+            nll = -sum_per_sample(gaussian_log_density(z0, mean, log_var))
         else:
-            nll = -_sum(discretized_gaussian_log_likelihood(z0, mean, log_var, self.bins))
+            nll = -sum_per_sample(discretized_gaussian_log_likelihood(z0, mean, log_var, self.bins))
         return torch.where(t == 0, nll, kl)
 
     def training_terms(self, z0: Tensor, t: Tensor | None = None, noise: Tensor | None = None) -> dict[str, Tensor]:

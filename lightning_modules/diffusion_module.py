@@ -26,7 +26,8 @@ Logged (``train/``, ``val/``, ``test/``), every number in stated units:
 """
 from __future__ import annotations
 
-from flows.diffusion import BoundEstimator, DiffusionPrior, LossMode, PixelDiffusion, PixelLoss, TimestepSampler
+from flows.diffusion import DiffusionPrior, LossMode, PixelDiffusion, PixelLoss
+from flows.timestep_sampling import BoundEstimator, TimestepSampler
 from flows.glow import Glow
 from lightning_modules.base import FlowModule
 from lightning_modules.errors import ConfigurationError

@@ -9,8 +9,9 @@ from torch import nn
 
 from flows.base import FlowSequential
 from flows.denoiser import TimeConditionedUNet
-from flows.diffusion import (DiffusionPrior, PixelDiffusion, TimestepSampler, cosine_betas, ddim_timesteps,
-                             discretized_gaussian_log_likelihood, hybrid_loss, linear_betas)
+from flows.diffusion import DiffusionPrior, PixelDiffusion, hybrid_loss
+from flows.diffusion_schedules import cosine_betas, ddim_timesteps, discretized_gaussian_log_likelihood, linear_betas
+from flows.timestep_sampling import TimestepSampler
 from flows.glow import Glow
 from flows.layers import Squeeze
 from flows.quantization import bits_per_dim, dequantize

@@ -143,7 +143,7 @@ def test_the_vectorized_importance_history_equals_the_sequential_one():
     """The importance sampler's history, updated on the device for a whole batch, equals
     appending the values one by one (repeated steps, more draws of one step than the
     history holds), and saves in the sequential layout (oldest first)."""
-    from flows.diffusion import TimestepSampler
+    from flows.timestep_sampling import TimestepSampler
 
     width, steps = 3, 6
     sampler = TimestepSampler(steps, "importance", history=width)
