@@ -12,18 +12,8 @@ from lightning_modules import (GlowModule, LatentInterpolation, LatentZeroing, N
                                ResamplingMaps, TestMetrics)
 from lightning_modules.analyses import (cumulative_zeroing, interpolate, labelled_figure, nearest_neighbours,
                                         resampling_std)
-from tests.conftest import perturb_parameters
-from tests.test_cascade import pyramid_batch, tiny_cascade, tiny_data, tiny_module, trainer
-
-
-def tiny_glow():
-    model = Glow(image_size=8, scales=2, steps_per_scale=2, hidden_channels=8)
-    x = torch.rand(6, 3, 8, 8) - 0.5
-    model.train()
-    with torch.no_grad():
-        model.encode(x)
-    perturb_parameters(model, 0.05)
-    return model.eval(), x
+from tests.builders import cascade_module, pyramid_batch, pyramid_data, split_grid, tiny_cascade, tiny_glow
+from tests.conftest import trainer
 
 
 def test_interpolation_endpoints_decode_to_the_two_inputs():
@@ -88,8 +78,8 @@ def test_nearest_neighbour_of_a_training_image_is_itself():
 
 def test_the_noise_sweep_at_sigma_zero_reproduces_the_input():
     module = GlowModule(flow=tiny_glow()[0], n_bits=5)
-    cascade = tiny_module(sr_stages=None)
-    data = tiny_data(top=16)
+    cascade = cascade_module(sr_stages=None)
+    data = pyramid_data(top=16)
     data.setup("fit")
     batch = next(iter(data.val_dataloader()))
     for m in (module, cascade):
@@ -101,8 +91,8 @@ def test_the_noise_sweep_at_sigma_zero_reproduces_the_input():
 
 
 def test_variance_reading_of_sigma_uses_its_square_root():
-    assert tiny_module(sigma_is="variance").noise_std(0.25) == pytest.approx(0.5)
-    assert tiny_module().noise_std(0.25) == 0.25
+    assert cascade_module(sigma_is="variance").noise_std(0.25) == pytest.approx(0.5)
+    assert cascade_module().noise_std(0.25) == 0.25
 
 
 def test_a_labelled_figure_upscales_its_tiles_and_draws_each_label():
@@ -126,14 +116,6 @@ def test_a_labelled_figure_upscales_its_tiles_and_draws_each_label():
         labelled_figure(tiles, rows[:1], columns)
 
 
-def split_grid(path, rows: int, columns: int) -> list[torch.Tensor]:
-    """The tiles of a torchvision make_grid(padding=1) PNG: one [columns, 3, h, w] tensor per row."""
-    grid = torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1)
-    h, w = (grid.shape[1] - 1) // rows - 1, (grid.shape[2] - 1) // columns - 1
-    return [torch.stack([grid[:, 1 + i * (h + 1):1 + i * (h + 1) + h, 1 + j * (w + 1):1 + j * (w + 1) + w]
-                         for j in range(columns)]) for i in range(rows)]
-
-
 ALL = lambda: [TestMetrics(), LatentInterpolation(pairs=2, steps=4), LatentZeroing(images=2),  # noqa: E731
                ResamplingMaps(images=2, samples=4), NearestNeighbours(samples=3, k=2, test_images=8),
                NoiseSweep(images=3)]
@@ -142,9 +124,9 @@ ALL = lambda: [TestMetrics(), LatentInterpolation(pairs=2, steps=4), LatentZeroi
 @pytest.mark.parametrize("family", ["glow", "cascade"])
 def test_lightning_test_writes_every_figure_and_its_numbers(family, tmp_path):
     module = GlowModule(flow=Glow(image_size=16, scales=2, steps_per_scale=1, hidden_channels=8), n_bits=5) \
-        if family == "glow" else tiny_module()
+        if family == "glow" else cascade_module()
     run = trainer(tmp_path, limit_test_batches=1, callbacks=ALL())
-    run.test(module, tiny_data(top=16))
+    run.test(module, pyramid_data(top=16))
     out = tmp_path / "analyses"
     resolutions = [16] if family == "glow" else [8, 16]
     for name in ("interpolation", "zeroing", "resampling", "noise_sweep"):

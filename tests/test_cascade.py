@@ -5,76 +5,14 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from datamodules import EmbeddedDataModule
-from flows import LABELS, LOWRES, Cascade, Glow, SRFlow
+from flows import LABELS, LOWRES, Glow, SRFlow
 from flows.nets import RRDBEncoder
 from flows.quantization import bits_per_dim, dequantize, snap_to_bins
 from lightning_modules import CascadeModule, GlowStage, OptimizerSettings, SRFlowStage
 from lightning_modules.parts import lr_factor
-from tests.conftest import perturb_parameters
-
-TINY_SR_FLOW = dict(scales=2, steps_per_scale=1, hidden_channels=8, rrdb_features=8, rrdb_blocks=2,
-                    rrdb_growth=4)
-TINY_SR_OPTIMIZER = dict(lr=1e-3, betas=(0.9, 0.99), weight_decay=0.0, warmup_epochs=0.0, lr_milestones=[])
-
-
-def tiny_srflow(size=16, **kwargs):
-    return SRFlow(image_size=size, scales=2, steps_per_scale=2, hidden_channels=8, rrdb_features=8,
-                  rrdb_blocks=2, rrdb_growth=4, **kwargs)
-
-
-def tiny_cascade():
-    base = Glow(image_size=8, scales=2, steps_per_scale=2, hidden_channels=8)
-    cascade = Cascade(base=base, sr_stages=[tiny_srflow(16), tiny_srflow(32)], n_bits=5)
-    perturb_parameters(cascade, 0.02)
-    return cascade.eval()
-
-
-def pyramid_batch(batch=3, n_bits=5):
-    """Noisy images and clean (bin-centre) images of a real pyramid (x_{i-1} = d(x_i))."""
-    data = EmbeddedDataModule(image_size=32, resolutions=[32, 16, 8], train_size=8, val_size=4)
-    data.setup("fit")
-    items = [data.datasets["train"][i] for i in range(batch)]
-    uint8 = {r: torch.stack([item["images"][r] for item in items]) for r in (8, 16, 32)}
-    images = {r: dequantize(x, n_bits, noise=True) for r, x in uint8.items()}
-    clean = {r: dequantize(x, n_bits, noise=False) for r, x in uint8.items()}
-    return images, clean, uint8
-
-
-def glow_stage(hidden_channels=8, num_classes=0, **kwargs):
-    return GlowStage(flow=Glow(image_size=8, scales=2, steps_per_scale=1, hidden_channels=hidden_channels,
-                               num_classes=num_classes),
-                     optimizer=OptimizerSettings(lr=1e-3, warmup_steps=1), **kwargs)
-
-
-def sr_stage(size=16, sigma=0.0, num_classes=0, flow=None, **kwargs):
-    settings = dict(freeze_encoder_steps=0, optimizer=OptimizerSettings(**TINY_SR_OPTIMIZER))
-    settings.update(kwargs)
-    flow = flow or dict(TINY_SR_FLOW)
-    return SRFlowStage(flow=SRFlow(image_size=size, num_classes=num_classes, **flow), sigma=sigma, **settings)
-
-
-def tiny_module(num_classes=0, sr_stages=None, **kwargs):
-    defaults = dict(base=glow_stage(num_classes=num_classes),
-                    sr_stages=sr_stages or [sr_stage(num_classes=num_classes)], n_bits=5,
-                    failure_probe_every_n_steps=0)
-    defaults.update(kwargs)
-    return CascadeModule(**defaults)
-
-
-def tiny_data(top=16, batch_size=8):
-    resolutions = [r for r in (32, 16, 8) if r <= top]
-    return EmbeddedDataModule(image_size=top, resolutions=resolutions, train_size=32, val_size=8,
-                              batch_size=batch_size)
-
-
-def trainer(tmp_path, **kwargs):
-    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                    default_root_dir=str(tmp_path), limit_val_batches=1)
-    defaults.update(kwargs)
-    return pl.Trainer(**defaults)
-
+from tests.builders import (TINY_SR_FLOW, cascade_module, glow_stage, pyramid_batch, pyramid_data,
+                            sr_stage, tiny_cascade, tiny_srflow)
+from tests.conftest import perturb_parameters, trainer
 
 # --- the SRFlow stage ----------------------------------------------------------------
 def test_srflow_round_trip_and_condition_dependence():
@@ -163,8 +101,8 @@ def test_conditions_are_the_bin_centres_of_the_lower_resolution():
 
 
 def test_module_logs_cascade_bpd_bounds_and_stage_bpds(tmp_path):
-    module = tiny_module(sr_stages=[sr_stage(16), sr_stage(32)])
-    data = tiny_data(top=32)
+    module = cascade_module(sr_stages=[sr_stage(16), sr_stage(32)])
+    data = pyramid_data(top=32)
     data.setup("fit")
     batch = next(iter(data.val_dataloader()))
     module.eval()
@@ -219,8 +157,8 @@ def test_variational_condition_with_zero_sigma_is_the_clean_condition():
 
 
 def test_huge_sigma_replaces_and_counts_failed_reconstructions(tmp_path):
-    module = tiny_module(sr_stages=[sr_stage(sigma=1e6)], train_stages=[16])
-    data = tiny_data(top=16)
+    module = cascade_module(sr_stages=[sr_stage(sigma=1e6)], train_stages=[16])
+    data = pyramid_data(top=16)
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
     module.train()
@@ -235,7 +173,7 @@ def test_huge_sigma_replaces_and_counts_failed_reconstructions(tmp_path):
 
 
 def test_variational_stage_trains_against_a_frozen_previous_stage(tmp_path):
-    module = tiny_module(train_stages=[16], sr_stages=[sr_stage(sigma=0.3)], failure_probe_every_n_steps=1)
+    module = cascade_module(train_stages=[16], sr_stages=[sr_stage(sigma=0.3)], failure_probe_every_n_steps=1)
     before_base = {k: v.clone() for k, v in module.model.base.state_dict().items()}
     before_sr = {k: v.clone() for k, v in module.model.stage(16).state_dict().items()}
     modes = []
@@ -246,7 +184,7 @@ def test_variational_stage_trains_against_a_frozen_previous_stage(tmp_path):
 
     run = trainer(tmp_path, max_steps=3, limit_val_batches=1, val_check_interval=2,
                   callbacks=[RecordMode()])
-    run.fit(module, tiny_data(top=16))
+    run.fit(module, pyramid_data(top=16))
     assert modes == [(False, True)] * 3  # frozen stage in eval mode, even after validation
     after_base = module.model.base.state_dict()
     assert all(torch.equal(before_base[k], after_base[k]) for k in before_base), "frozen base moved"
@@ -260,7 +198,7 @@ def test_variational_stage_trains_against_a_frozen_previous_stage(tmp_path):
 
 
 def test_rrdb_freeze_schedule_takes_effect_at_the_configured_step(tmp_path):
-    module = tiny_module(sr_stages=[sr_stage(freeze_encoder_steps=2)])
+    module = cascade_module(sr_stages=[sr_stage(freeze_encoder_steps=2)])
     encoder = module.model.stage(16).encoder
     snapshots = []
 
@@ -269,13 +207,13 @@ def test_rrdb_freeze_schedule_takes_effect_at_the_configured_step(tmp_path):
             snapshots.append([p.detach().clone() for p in encoder.parameters()])
 
     initial = [p.detach().clone() for p in encoder.parameters()]
-    trainer(tmp_path, max_steps=4, limit_val_batches=0, callbacks=[Snapshot()]).fit(module, tiny_data(top=16))
+    trainer(tmp_path, max_steps=4, limit_val_batches=0, callbacks=[Snapshot()]).fit(module, pyramid_data(top=16))
     unchanged = [all(torch.equal(a, b) for a, b in zip(initial, snap)) for snap in snapshots]
     assert unchanged == [True, True, False, False]
 
 
 def test_each_stage_has_its_seed_optimizer_settings():
-    module = tiny_module(base=GlowStage(flow=Glow(image_size=8, scales=2, steps_per_scale=1, hidden_channels=8)),
+    module = cascade_module(base=GlowStage(flow=Glow(image_size=8, scales=2, steps_per_scale=1, hidden_channels=8)),
                          sr_stages=[SRFlowStage(flow=SRFlow(image_size=16, **TINY_SR_FLOW))])
     groups = {g.name: g.settings for g in module.optimizer_groups()}
     assert groups["Glow8"].lr == 5e-4 and groups["Glow8"].betas == (0.9, 0.999)
@@ -301,37 +239,37 @@ def test_a_stage_without_a_flow_gets_the_seed_srflow_at_twice_the_resolution():
 
 # --- naming, checkpoints, class conditioning ---------------------------------------------------
 def test_models_are_named_as_in_the_seed_tables():
-    module = tiny_module(sr_stages=[sr_stage(sigma=0.02), sr_stage(32, sigma=0.5)])
+    module = cascade_module(sr_stages=[sr_stage(sigma=0.02), sr_stage(32, sigma=0.5)])
     assert module.model_name == "Glow8-SRF16(0.02)-SRF32(0.50)"
-    assert tiny_module(num_classes=10).model_name == "GlowCC8-SRFCC16"
+    assert cascade_module(num_classes=10).model_name == "GlowCC8-SRFCC16"
     with pytest.raises(ValueError, match="num_classes"):
-        tiny_module(sr_stages=[sr_stage(num_classes=10)])
+        cascade_module(sr_stages=[sr_stage(num_classes=10)])
 
 
 def test_stages_load_from_checkpoints_and_mismatches_are_explained(tmp_path):
-    source = tiny_module()
+    source = cascade_module()
     perturb_parameters(source, 0.05)
     path = tmp_path / "cascade.ckpt"
     torch.save({"state_dict": source.state_dict()}, path)
-    loaded = tiny_module(base=glow_stage(checkpoint=str(path)), train_stages=[16],
+    loaded = cascade_module(base=glow_stage(checkpoint=str(path)), train_stages=[16],
                          sr_stages=[sr_stage(checkpoint=str(path))])
     for key, value in source.model.state_dict().items():
         assert torch.equal(value, loaded.model.state_dict()[key]), key
     assert not any(p.requires_grad for p in loaded.model.base.parameters())
     # A staged run: every stage comes from the previous phase's checkpoint.
-    staged = tiny_module(init_checkpoint=str(path), train_stages=[16])
+    staged = cascade_module(init_checkpoint=str(path), train_stages=[16])
     for key, value in source.model.state_dict().items():
         assert torch.equal(value, staged.model.state_dict()[key]), key
     with pytest.raises(ValueError, match="not stages of this cascade"):
-        tiny_module(train_stages=[64])
+        cascade_module(train_stages=[64])
     with pytest.raises(ValueError, match="does not match the configured architecture"):
-        tiny_module(base=glow_stage(hidden_channels=16, checkpoint=str(path)))
+        cascade_module(base=glow_stage(hidden_channels=16, checkpoint=str(path)))
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        tiny_module(base=glow_stage(checkpoint=str(tmp_path / "missing.ckpt")))
+        cascade_module(base=glow_stage(checkpoint=str(tmp_path / "missing.ckpt")))
 
 
 def test_class_conditional_cascade_uses_labels_at_every_stage():
-    module = tiny_module(num_classes=4)
+    module = cascade_module(num_classes=4)
     module.eval()
     images = {8: torch.rand(4, 3, 8, 8) - 0.5, 16: torch.rand(4, 3, 16, 16) - 0.5}
     perturb_parameters(module, 0.05)
@@ -351,17 +289,17 @@ def test_rrdb_pretraining_checkpoint_feeds_an_srflow_stage(tmp_path):
                                                               warmup_epochs=0.0))
     initial = {k: v.clone() for k, v in pretrain.encoder.state_dict().items()}
     run = trainer(tmp_path, max_steps=3, limit_val_batches=1, val_check_interval=3)
-    run.fit(pretrain, tiny_data(top=16))
+    run.fit(pretrain, pyramid_data(top=16))
     assert any(not torch.equal(initial[k], v) for k, v in pretrain.encoder.state_dict().items())
     assert isinstance(run.optimizers[0], torch.optim.Adam)
     assert "val/psnr_16" in run.callback_metrics
     path = tmp_path / "rrdb.ckpt"
     run.save_checkpoint(path)
-    module = tiny_module(sr_stages=[sr_stage(encoder_checkpoint=str(path))])
+    module = cascade_module(sr_stages=[sr_stage(encoder_checkpoint=str(path))])
     for key, value in pretrain.encoder.state_dict().items():
         assert torch.equal(value, module.model.stage(16).encoder.state_dict()[key])
     with pytest.raises(ValueError, match="does not match"):
-        tiny_module(sr_stages=[sr_stage(flow={**TINY_SR_FLOW, "rrdb_features": 16}, encoder_checkpoint=str(path))])
+        cascade_module(sr_stages=[sr_stage(flow={**TINY_SR_FLOW, "rrdb_features": 16}, encoder_checkpoint=str(path))])
 
 
 def test_an_sr_stage_takes_every_glow_option_from_yaml(tmp_path):

@@ -498,7 +498,7 @@ def test_fid_reference_count_goes_into_metrics_json(tmp_path):
 
     from datamodules import EmbeddedDataModule
     from lightning_modules import FIDSettings, TestMetrics
-    from tests.test_cascade import trainer
+    from tests.conftest import trainer
     model, _ = tiny_model()
     module = HierarchicalModule(flow=model)
     settings = FIDSettings(feature_extractor="random-conv", batch_size=16, kid_subset_size=8, num_samples=16,
@@ -517,7 +517,7 @@ def accumulated_run(tmp_path, batch_size: int, accumulate: int, initial: Hierarc
 
     from datamodules import EmbeddedDataModule
     from lightning_modules.base import FlowModule
-    from tests.test_cascade import trainer
+    from tests.conftest import trainer
     model = copy.deepcopy(initial)
     module = HierarchicalModule(flow=model, train_noise_std=0.0, accumulate_grad_batches=accumulate)
     # No random numbers in the step: clean (bin-centre) images, deterministic encoders.

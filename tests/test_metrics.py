@@ -10,9 +10,9 @@ from flows.quantization import dequantize, reduce_bits, to_uint8
 from lightning_modules import FIDSettings, GlowModule, TestMetrics, ValidationFID
 from lightning_modules.metrics import INCEPTION_FILE, TensorImages, fidelity
 from tests.conftest import perturb_parameters, recording_logger
-from tests.test_cascade import sr_stage, tiny_data, tiny_module, trainer
+from tests.builders import SMOKE_FID as SMOKE, cascade_module, pyramid_data, sr_stage
+from tests.conftest import trainer
 
-SMOKE = dict(feature_extractor="random-conv", batch_size=32, kid_subset_size=16)
 
 
 def real_images(n=64, seed=0):
@@ -69,9 +69,9 @@ def test_real_images_are_reduced_to_the_models_bits_like_its_samples():
 def test_lightning_test_writes_the_metrics_table_and_temperature_sweep(tmp_path):
     evaluation = FIDSettings(**SMOKE, num_samples=16, temperature=[0.8, 1.0],
                              sweep_temperatures=[0.5, 1.0], cache_dir=str(tmp_path / "cache"))
-    module = tiny_module(sr_stages=[sr_stage(sigma=0.05)])
+    module = cascade_module(sr_stages=[sr_stage(sigma=0.05)])
     run = trainer(tmp_path, limit_test_batches=1, callbacks=[TestMetrics(evaluation)])
-    run.test(module, tiny_data(top=16))
+    run.test(module, pyramid_data(top=16))
     table = json.loads((tmp_path / "metrics.json").read_text())
     assert table["model"] == "Glow8-SRF16(0.05)"
     assert set(table["bpd"]) == {"8", "16_given_8"} and set(table["bpd_bound"]) == {"16"}
@@ -87,7 +87,7 @@ def test_lightning_test_writes_the_metrics_table_and_temperature_sweep(tmp_path)
 def test_glow_module_table_uses_the_seed_name(tmp_path):
     module = GlowModule(flow=Glow(image_size=8, scales=2, steps_per_scale=1, hidden_channels=8), n_bits=5)
     run = trainer(tmp_path, limit_test_batches=1, callbacks=[TestMetrics(FIDSettings(**SMOKE, num_samples=8))])
-    run.test(module, tiny_data(top=8))
+    run.test(module, pyramid_data(top=8))
     table = json.loads((tmp_path / "metrics.json").read_text())
     assert table["model"] == "Glow8" and set(table["fid"]) == {"8"} and set(table["bpd"]) == {"8"}
 
@@ -111,9 +111,9 @@ def test_in_loop_torchmetrics_fid_equals_torch_fidelity_on_the_same_features(tmp
 
 def test_validation_logs_fid_curves_per_resolution(tmp_path):
     fid = ValidationFID(FIDSettings(**SMOKE, temperature=1.0), every_n_validations=1, num_samples=16)
-    module = tiny_module()
+    module = cascade_module()
     run = trainer(tmp_path, max_epochs=2, limit_val_batches=2, num_sanity_val_steps=1, callbacks=[fid])
-    data = tiny_data(top=16)
+    data = pyramid_data(top=16)
     run.fit(module, data)
     assert {"val/fid_8", "val/fid_16"} <= set(run.callback_metrics)
     assert all(torch.isfinite(run.callback_metrics[k]) for k in ("val/fid_8", "val/fid_16"))
@@ -243,7 +243,7 @@ def test_real_statistics_cache_name_holds_the_feature_layer(monkeypatch, tmp_pat
     for layer in ("192", "2048", None):
         settings = FIDSettings(num_samples=4, batch_size=4, feature_layer=layer)
         run = trainer(tmp_path, limit_test_batches=1, callbacks=[TestMetrics(settings, sampling_time_samples=None)])
-        run.test(module, tiny_data(top=8))
+        run.test(module, pyramid_data(top=8))
     assert len(names) == 3
     assert names[0] != names[1] and "192" in names[0] and "2048" in names[1]
     assert names[2] == names[1]  # None is Inception's default, 2048
@@ -272,14 +272,14 @@ def test_lightning_test_writes_the_sampling_time(tmp_path):
     module.sample_images = lambda n, temperature: calls.append((n, temperature)) or sample(n, temperature)
     recorder = recording_logger(tmp_path)
     run = trainer(tmp_path, limit_test_batches=1, logger=recorder, callbacks=[TestMetrics(sampling_time_samples=5)])
-    run.test(module, tiny_data(top=8))
+    run.test(module, pyramid_data(top=8))
     # The run folder of a logger: <save_dir>/<name>/<version> (callbacks.log_dir).
     table = json.loads((tmp_path / "recorder" / "version_0" / "metrics.json").read_text())
     assert table["sampling_time_samples"] == 5 and table["sampling_time_s"] > 0
     assert calls == [(5, 1.0), (5, 1.0)]  # a warm-up and the timed call
     assert recorder.logged["test/sampling_time_s"] == table["sampling_time_s"]
     run = trainer(tmp_path, limit_test_batches=1, callbacks=[TestMetrics(sampling_time_samples=None)])
-    run.test(module, tiny_data(top=8))
+    run.test(module, pyramid_data(top=8))
     assert "sampling_time_s" not in json.loads((tmp_path / "metrics.json").read_text())
 
 

@@ -11,10 +11,9 @@ from lightning_modules import (FIDSettings, GlowModule, LatentInterpolation, Noi
                                TestMetrics, ValidationFID)
 from lightning_modules.callbacks import FAILED_LEGEND, draw_samples, mark_failed
 from lightning_modules.metrics import TensorImages, as_rgb, fidelity, json_text
-from tests.test_analyses import split_grid, tiny_glow
+from tests.builders import SMOKE_FID as SMOKE, pyramid_data, split_grid, tiny_glow
 from tests.conftest import recording_logger
-from tests.test_cascade import tiny_data, trainer
-from tests.test_metrics import SMOKE
+from tests.conftest import trainer
 
 SMOKE_NOTE = "[random-conv features: smoke test, not comparable with published FIDs]"
 
@@ -87,7 +86,7 @@ def test_metrics_json_counts_nonfinite_samples_and_scores_only_the_finite_ones(t
                            cache_dir=str(tmp_path / "cache"))
     module = glow_with_failures()
     run = trainer(tmp_path, limit_test_batches=1, callbacks=[TestMetrics(settings, sampling_time_samples=None)])
-    run.test(module, tiny_data(top=8))
+    run.test(module, pyramid_data(top=8))
     printed = capsys.readouterr().out
     text = (tmp_path / "metrics.json").read_text()
     table = strict_loads(text)
@@ -118,7 +117,7 @@ def test_metrics_json_counts_nonfinite_samples_and_scores_only_the_finite_ones(t
 def test_a_fid_of_no_finite_samples_is_null_and_said_so(tmp_path, capsys):
     settings = FIDSettings(**SMOKE, num_samples=8, temperature=2.0, cache_dir=str(tmp_path / "cache"))
     run = trainer(tmp_path, limit_test_batches=1, callbacks=[TestMetrics(settings, sampling_time_samples=None)])
-    run.test(glow_with_failures(), tiny_data(top=8))
+    run.test(glow_with_failures(), pyramid_data(top=8))
     table = strict_loads((tmp_path / "metrics.json").read_text())
     assert table["fid"] == {"8": None} and table["kid"] == {"8": None}
     assert table["nonfinite_samples"] == {"8": {"count": 8, "of": 8}}
@@ -135,7 +134,7 @@ def test_validation_fid_and_sample_grids_count_exclude_and_mark_nonfinite_sample
     recorder = recording_logger(tmp_path)
     run = trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=1, logger=recorder,
                   callbacks=[fid, grids])
-    run.fit(module, tiny_data(top=8))
+    run.fit(module, pyramid_data(top=8))
 
     metrics = run.callback_metrics
     assert float(metrics["val/nonfinite_samples_8"]) == 4
@@ -173,7 +172,7 @@ def test_analyses_mark_failed_decodings_red_and_write_strict_json(tmp_path):
     run = trainer(tmp_path, limit_test_batches=1,
                   callbacks=[ResamplingMaps(images=2, samples=3), LatentInterpolation(pairs=2, steps=3),
                              NoiseSweep(sigmas=[0.0, 0.1], images=2)])
-    run.test(module, tiny_data(top=8))
+    run.test(module, pyramid_data(top=8))
     out = tmp_path / "analyses"
 
     # Resampling: the failed image's std maps are red, not a silent black row, and its JSON has no NaN.

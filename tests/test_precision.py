@@ -7,7 +7,8 @@ import torch
 from flows import LOWRES, Glow
 from lightning_modules import GlowModule
 from tests.conftest import perturb_parameters
-from tests.test_cascade import pyramid_batch, tiny_cascade, tiny_data, tiny_module, trainer
+from tests.builders import cascade_module, pyramid_batch, pyramid_data, tiny_cascade
+from tests.conftest import trainer
 
 
 def test_bf16_autocast_log_prob_is_float32_and_close_to_float32():
@@ -43,7 +44,7 @@ def test_bf16_autocast_cascade_likelihood_and_sampling():
 def test_bf16_and_fp16_mixed_training_steps(tmp_path, precision):
     from pytorch_lightning.plugins.precision import MixedPrecision
 
-    module = tiny_module(grad_clip_norm=1.0)
+    module = cascade_module(grad_clip_norm=1.0)
     if precision == "16-mixed":
         # Lightning maps 16-mixed on CPU to bf16; build fp16 with a GradScaler explicitly,
         # as it runs on GPUs (the path that must unscale before clipping).
@@ -52,7 +53,7 @@ def test_bf16_and_fp16_mixed_training_steps(tmp_path, precision):
         kwargs = dict(precision=precision)
     run = trainer(tmp_path, max_steps=4, limit_val_batches=1, val_check_interval=4, **kwargs)
     before = {k: v.clone() for k, v in module.state_dict().items()}
-    run.fit(module, tiny_data(top=16))
+    run.fit(module, pyramid_data(top=16))
     assert torch.isfinite(run.callback_metrics["val/bpd_bound_16"])
     assert any(not torch.equal(before[k], v) for k, v in module.state_dict().items())
     assert int(module.skipped_steps) == 0
@@ -75,7 +76,7 @@ def fresh_glow_loss(batch, **flags):
 
 
 def validation_batch():
-    data = tiny_data(top=16)
+    data = pyramid_data(top=16)
     data.setup("fit")
     return next(iter(data.val_dataloader()))
 

@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from benchmarks import seed_claims as study
 from tests.conftest import fake_mnist
