@@ -193,17 +193,16 @@ class Glow(FlowModel):
             raise ValueError(f"Glow expects images of shape [B, {expected[0]}, {expected[1]}, "
                              f"{expected[2]}], got {list(x.shape)}")
 
-    def transform(self, x: Tensor, cond: Condition = None) -> tuple[list[Tensor], list[Tensor], Tensor]:
-        """The flow alone, no prior: (latents, kept, logdet). ``latents`` as in
-        :meth:`encode`; ``kept[i]``: the half kept at split i (what split prior i
-        conditions on); ``logdet``: log|det d latents / dx| per sample."""
-        self._check_input(x)
-        logdet = zero_logdet(x)
+    # The multi-scale seam, written once: each scale's operation, then (all but the last)
+    # the split of half the channels into a latent. ``step(index, h) -> (h, logdet)`` is
+    # the scale's flow (transform, decode) or its squeeze alone (scatter, gather).
+    def _walk_down(self, h: Tensor, step) -> tuple[list[Tensor], list[Tensor], Tensor]:
+        """(latents, kept halves, logdet) of ``h`` through every scale and split."""
+        logdet = zero_logdet(h)
         latents, kept = [], []
-        h = x
-        for index, scale in enumerate(self.scales):
-            h, scale_logdet = scale(h, cond)
-            logdet = logdet + scale_logdet
+        for index in range(len(self.scales)):
+            h, step_logdet = step(index, h)
+            logdet = logdet + step_logdet
             if index < self.num_splits:
                 kept_channels = h.shape[1] // 2
                 h, latent = h[:, :kept_channels], h[:, kept_channels:]
@@ -212,28 +211,35 @@ class Glow(FlowModel):
         latents.append(h)
         return latents, kept, logdet
 
+    def _walk_up(self, latents: list[Tensor | None], step, draw=None) -> tuple[Tensor, Tensor]:
+        """The inverse of :meth:`_walk_down`: (x, logdet). ``draw(index, kept)`` gives
+        split ``index``'s latent where it is None."""
+        h = latents[-1]
+        logdet = zero_logdet(h)
+        for index in reversed(range(len(self.scales))):
+            if index < self.num_splits:
+                latent = latents[index] if latents[index] is not None else draw(index, h)
+                h = torch.cat([h, latent], dim=1)
+            h, step_logdet = step(index, h)
+            logdet = logdet + step_logdet
+        return h, logdet
+
+    def transform(self, x: Tensor, cond: Condition = None) -> tuple[list[Tensor], list[Tensor], Tensor]:
+        """The flow alone, no prior: (latents, kept, logdet). ``latents`` as in
+        :meth:`encode`; ``kept[i]``: the half kept at split i (what split prior i
+        conditions on); ``logdet``: log|det d latents / dx| per sample."""
+        self._check_input(x)
+        return self._walk_down(x, lambda index, h: self.scales[index](h, cond))
+
     def gather_latents(self, latents: list[Tensor]) -> Tensor:
         """All latents as one tensor of the image's shape: the inverse of the squeezes
         and splits alone (the flow steps left out), so each latent entry sits at the
         pixels it was squeezed from."""
-        z = latents[-1]
-        for index in reversed(range(len(self.scales))):
-            if index < self.num_splits:
-                z = torch.cat([z, latents[index]], dim=1)
-            z = self._squeeze.inverse(z)[0]
-        return z
+        return self._walk_up(latents, lambda index, h: self._squeeze.inverse(h))[0]
 
     def scatter_latents(self, z: Tensor) -> list[Tensor]:
         """The inverse of :meth:`gather_latents`."""
-        latents = []
-        for index in range(len(self.scales)):
-            z = self._squeeze(z)[0]
-            if index < self.num_splits:
-                kept_channels = z.shape[1] // 2
-                z, latent = z[:, :kept_channels], z[:, kept_channels:]
-                latents.append(latent)
-        latents.append(z)
-        return latents
+        return self._walk_down(z, lambda index, h: self._squeeze(h))[0]
 
     _squeeze = Squeeze()
 
@@ -288,19 +294,12 @@ class Glow(FlowModel):
             elif any(z is None for z in latents):
                 raise ValueError("a Glow with a joint prior draws all latents together: pass every latent, "
                                  "or none (a joint prior cannot draw some latents given the others)")
-        h = latents[-1]
-        if h is None:
-            h = self.top_prior.sample(n, cond, temperature)
-        logdet = zero_logdet(h)
-        for index in reversed(range(len(self.scales))):
-            if index < self.num_splits:
-                latent = latents[index]
-                if latent is None:
-                    latent = self.split_priors[index].sample(n, with_condition(cond, **{KEPT: h}), temperature)
-                h = torch.cat([h, latent], dim=1)
-            h, scale_logdet = self.scales[index].inverse(h, cond)
-            logdet = logdet + scale_logdet
-        return h, logdet
+        if latents[-1] is None:
+            latents = [*latents[:-1], self.top_prior.sample(n, cond, temperature)]
+        return self._walk_up(
+            latents, lambda index, h: self.scales[index].inverse(h, cond),
+            draw=lambda index, kept: self.split_priors[index].sample(n, with_condition(cond, **{KEPT: kept}),
+                                                                     temperature))
 
     @torch.no_grad()
     def sample(self, n: int, cond: Condition = None, temperature: float = 1.0) -> Tensor:
