@@ -185,8 +185,8 @@ class CascadeModule(FlowModule):
 
     def stage_name(self, resolution: int) -> str:
         cc = "CC" if self.num_classes else ""
-        if resolution == self.model.base_resolution:
-            return f"Glow{cc}{resolution}"
+        if resolution == self.model.base_resolution:  # the base's own name: Glow, NSF, TarFlow, ...
+            return self.model.base.display_name
         sigma = self.sigma(resolution)
         return f"SRF{cc}{resolution}" + (f"({sigma:.2f})" if sigma > 0 else "")
 

@@ -120,6 +120,7 @@ def test_a_tarflow_is_a_cascade_base_stage():
         expected = base.encode(batch.images[8]).log_prob
     assert out.exact[8] and torch.allclose(out.log_prob[8], expected, atol=1e-4)
     assert torch.isfinite(out.loss)
+    assert module.model_name == "TarFlow8-SRF16"  # the base named as what it is, not "Glow8"
 
 
 def deep_shallow(**kwargs):
