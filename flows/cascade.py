@@ -221,8 +221,8 @@ class Cascade(FlowModel):
 
     # --- variational conditions and the failure probe -------------------------------------
     @torch.no_grad()
-    def reconstruct_with_latent_noise(self, resolution: int, x: Tensor, sigma: float,
-                                      cond: Condition = None, max_abs: float = 1.0) -> NoisyReconstruction:
+    def stage_reconstruction_with_latent_noise(self, resolution: int, x: Tensor, sigma: float,
+                                               cond: Condition = None, max_abs: float = 1.0) -> NoisyReconstruction:
         """The stage at ``resolution``'s :meth:`FlowModel.reconstruct_with_latent_noise`
         of ``x`` under its condition from ``cond`` (:meth:`stage_condition`); failed above
         ``max_abs`` = 1 by default (variational training's replacement rule)."""
@@ -236,7 +236,7 @@ class Cascade(FlowModel):
         (``cond["lowres"][resolution // 2]``), snapped to the data grid."""
         previous = resolution // 2
         clean = condition_value(cond, LOWRES)[previous]
-        recon = self.reconstruct_with_latent_noise(previous, clean, sigma, cond, max_abs)
+        recon = self.stage_reconstruction_with_latent_noise(previous, clean, sigma, cond, max_abs)
         return NoisyReconstruction(self.to_condition(recon.images), recon.failed)
 
 

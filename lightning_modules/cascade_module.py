@@ -263,7 +263,7 @@ class CascadeModule(FlowModule):
         out = {}
         for resolution in self.trained_resolutions:
             for sigma in self.failure_probe_sigmas:
-                recon = self.model.reconstruct_with_latent_noise(
+                recon = self.model.stage_reconstruction_with_latent_noise(
                     resolution, batch.clean[resolution], self.noise_std(sigma), cond, max_abs=math.inf)
                 out[f"failure_rate_{resolution}_sigma{sigma:g}"] = recon.failure_rate
         return out
@@ -285,7 +285,7 @@ class CascadeModule(FlowModule):
         """Per stage, with its clean condition (seed 000 Fig. 4.2): f^-1(f(x) + sigma eps)
         of the images at each resolution; failed where non-finite."""
         cond = {LABELS: batch.labels, LOWRES: batch.clean}
-        return {r: self.model.reconstruct_with_latent_noise(r, batch.clean[r], self.noise_std(sigma), cond,
+        return {r: self.model.stage_reconstruction_with_latent_noise(r, batch.clean[r], self.noise_std(sigma), cond,
                                                             max_abs=math.inf)
                 for r in self.model.resolutions}
 
