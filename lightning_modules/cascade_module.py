@@ -286,7 +286,7 @@ class CascadeModule(FlowModule):
         of the images at each resolution; failed where non-finite."""
         cond = {LABELS: batch.labels, LOWRES: batch.clean}
         return {r: self.model.stage_reconstruction_with_latent_noise(r, batch.clean[r], self.noise_std(sigma), cond,
-                                                            max_abs=math.inf)
+                                                                     max_abs=math.inf)
                 for r in self.model.resolutions}
 
     def sample_images(self, n: int, temperature: float | list[float]) -> dict[int, Tensor]:
