@@ -59,14 +59,14 @@ its deep block.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flows.base import (GUIDANCE, LABELS, NULL_LABEL, Bijection, check_labels, Condition, GuidanceRule, GuidanceSchedule,
-                        at_least_float32, condition_value, guidance_of,
-                        with_condition)
+                        at_least_float32, condition_value, guidance_of, with_condition, zero_logdet)
 from flows.dequantization import DequantizerFactory
 from flows.distributions import GaussianPrior
 from flows.model import Encoding, FlowModel
@@ -329,6 +329,10 @@ class TarFlow(FlowModel):
         prior_variance_buffer: ml-tarflow's shift-only prior: a unit prior in the
             likelihood, a per-dimension variance buffer (E[z^2], lerp 0.1 per training
             step) scaling the draws when sampling (the module docstring).
+        input_scale: the images enter the blocks multiplied by this (a fixed linear
+            bijection, its log-det D log s in the likelihood, so the figure stays that of
+            the images in model space): 1 keeps the project's [-0.5, 0.5], 2 gives
+            ml-tarflow's [-1, 1] (whose blocks see twice the spread).
         dequantizer: as Glow's (``flows/dequantization.py``).
     """
 
@@ -340,7 +344,7 @@ class TarFlow(FlowModel):
                  condition_deep_block_only: bool = False, label_dropout: float = 0.0, guidance: float = 0.0,
                  guidance_rule: GuidanceRule = "cfg", guidance_schedule: GuidanceSchedule = "constant",
                  guidance_attention_temperature: float = 1.0, learn_prior_scale: bool | None = None,
-                 prior_variance_buffer: bool = False,
+                 prior_variance_buffer: bool = False, input_scale: float = 1.0,
                  dequantizer: DequantizerFactory | None = None) -> None:
         super().__init__(dequantizer, in_channels)
         layers = [layers_per_block] * blocks if isinstance(layers_per_block, int) else list(layers_per_block)
@@ -381,6 +385,9 @@ class TarFlow(FlowModel):
         learned = (not affine and not prior_variance_buffer) if learn_prior_scale is None else learn_prior_scale
         self.prior = GaussianPrior((in_channels, image_size, image_size), learned=learned)
         self.prior_variance_buffer = bool(prior_variance_buffer)
+        if not input_scale > 0:
+            raise ValueError(f"TarFlow's input_scale must be > 0 (2 for ml-tarflow's [-1, 1]), got {input_scale}")
+        self.input_scale = float(input_scale)
         if self.prior_variance_buffer:  # ml-tarflow's ``var``: per latent dimension
             self.register_buffer("latent_variance", torch.ones(in_channels, image_size, image_size))
         self.check_dequantizer()
@@ -393,10 +400,11 @@ class TarFlow(FlowModel):
 
     def encode(self, x: Tensor, cond: Condition = None) -> Encoding:
         self._check_input(x)
-        z, logdet = x, None
+        z = x * self.input_scale if self.input_scale != 1.0 else x
+        logdet = zero_logdet(x) + self.dims * math.log(self.input_scale)
         for block in self.blocks:
             z, block_logdet = block(z, cond)
-            logdet = block_logdet if logdet is None else logdet + block_logdet
+            logdet = logdet + block_logdet
         return Encoding([z], logdet, self.prior.log_prob(z), exact=True)
 
     VARIANCE_RATE = 0.1  # ml-tarflow's VAR_LR
@@ -438,7 +446,7 @@ class TarFlow(FlowModel):
             if self.condition_deep_block_only and index == len(self.blocks) - 2:
                 cond = with_condition(cond, **{GUIDANCE: 0.0})  # the shallow blocks invert unguided
             z = (block.inverse if cached else block.inverse_uncached)(z, cond)[0]
-        return z
+        return z / self.input_scale if self.input_scale != 1.0 else z
 
     @torch.no_grad()
     def sample(self, n: int, cond: Condition = None, temperature: float = 1.0) -> Tensor:

@@ -3,6 +3,8 @@
 uncached one, guidance at w = 0 is plain conditional sampling and extrapolates each
 step's transform, bad settings are refused with a message (label dropout and guidance
 of every class-conditional family: tests/test_guidance.py)."""
+import math
+
 import pytest
 import torch
 
@@ -218,3 +220,21 @@ def test_the_authors_shift_only_prior_a_unit_likelihood_and_a_variance_buffer_fo
     assert samples.std().item() == pytest.approx(2.0, rel=0.05)
     with pytest.raises(ValueError, match="cannot also learn_prior_scale"):
         TarFlow(image_size=4, affine=False, prior_variance_buffer=True, learn_prior_scale=True)
+
+
+def test_the_input_scale_is_a_fixed_bijection_in_the_likelihood():
+    """input_scale s: the blocks see s x; log p(x) = log p_blocks(s x) + D log s (the figure
+    stays the images' in model space); decoding divides by s."""
+    torch.manual_seed(0)
+    scaled = TarFlow(in_channels=1, image_size=4, patch_size=2, channels=16, blocks=2, layers_per_block=1,
+                     head_channels=8, input_scale=2.0)
+    perturb_parameters(scaled, 0.05)
+    plain = TarFlow(in_channels=1, image_size=4, patch_size=2, channels=16, blocks=2, layers_per_block=1,
+                    head_channels=8)
+    plain.load_state_dict(scaled.state_dict())
+    x = torch.rand(5, 1, 4, 4) - 0.5
+    with torch.no_grad():
+        assert torch.allclose(scaled.log_prob(x), plain.log_prob(2 * x) + 16 * math.log(2.0), atol=1e-4)
+        assert (scaled.decode(scaled.encode(x).latents) - x).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="input_scale must be > 0"):
+        TarFlow(image_size=4, input_scale=0.0)
