@@ -461,12 +461,13 @@ def fid(fake: torch.Tensor, real: torch.Tensor) -> float:
                                           verbose=False)["frechet_inception_distance"])
 
 
-def kid(fake: torch.Tensor, real: torch.Tensor, subset: int = 1000, subsets: int = 100) -> tuple[float, float]:
+def kid(fake: torch.Tensor, real: torch.Tensor, subset: int = 200, subsets: int = 100) -> tuple[float, float]:
     """torch-fidelity's KID of two feature sets: the mean and standard deviation over
-    ``subsets`` random subsets (its own interval)."""
+    ``subsets`` random subsets of ``subset`` samples (its own spread; a subset as large as
+    the sample set would repeat one number and report no spread at all)."""
     from torch_fidelity.metric_kid import kid_features_to_metric
 
-    size = min(subset, len(fake), len(real))
+    size = min(subset, len(fake) // 2, len(real) // 2)
     out = kid_features_to_metric(fake, real, kid_subset_size=size, kid_subsets=subsets, verbose=False, rng_seed=0)
     return float(out["kernel_inception_distance_mean"]), float(out["kernel_inception_distance_std"])
 
