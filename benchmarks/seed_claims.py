@@ -300,24 +300,30 @@ def at_resolution(metric: str, resolution: int) -> str:
     return f"{stem}_{resolution}"
 
 
-def scale_schedules(model_args: dict, fraction: float, epochs: float, shipped_epochs: float) -> None:
+def scale_schedules(model_args: dict, fraction: float, epochs: float, shipped_epochs: float,
+                    planned: int | None = None) -> None:
     """The shipped schedules squeezed into the study's run (budget, not model): step
     milestones, warm-ups and encoder freezes at the same fraction of the run, an
-    epoch-wise decay reaching the same total factor in the study's epochs."""
-    for key, settings in list(model_args.items()):
-        if isinstance(settings, dict) and key.endswith("optimizer"):
-            scale_optimizer(settings, fraction, epochs, shipped_epochs)
+    epoch-wise decay reaching the same total factor in the study's epochs, a cosine
+    decay ending at the ``planned`` step."""
+    optimizers = [settings for key, settings in model_args.items() if isinstance(settings, dict)
+                  and key.endswith("optimizer")]
+    optimizers += [stage["optimizer"] for stage in model_args.get("sr_stages") or [] if "optimizer" in stage]
+    if isinstance(model_args.get("base"), dict) and "optimizer" in model_args["base"]:
+        optimizers.append(model_args["base"]["optimizer"])
+    for settings in optimizers:
+        scale_optimizer(settings, fraction, epochs, shipped_epochs, planned)
     for stage in model_args.get("sr_stages") or []:
-        scale_optimizer(stage.get("optimizer", {}), fraction, epochs, shipped_epochs)
         stage["freeze_encoder_steps"] = int(stage.get("freeze_encoder_steps", 0) * fraction)
-    if isinstance(model_args.get("base"), dict):
-        scale_optimizer(model_args["base"].get("optimizer", {}), fraction, epochs, shipped_epochs)
     if "freeze_encoders_at_epoch" in model_args and shipped_epochs:
         model_args["freeze_encoders_at_epoch"] = max(1, round(model_args["freeze_encoders_at_epoch"]
                                                               * epochs / shipped_epochs))
 
 
-def scale_optimizer(settings: dict, fraction: float, epochs: float, shipped_epochs: float | None) -> None:
+def scale_optimizer(settings: dict, fraction: float, epochs: float, shipped_epochs: float | None,
+                    planned: int | None = None) -> None:
+    if settings.get("decay") == "cosine" and planned:  # ends at the planned step, not a longer run's
+        settings["decay_steps"] = planned
     if settings.get("lr_milestones"):
         settings["lr_milestones"] = [max(1, int(m * fraction)) for m in settings["lr_milestones"]]
     if settings.get("warmup_steps"):
@@ -329,22 +335,28 @@ def scale_optimizer(settings: dict, fraction: float, epochs: float, shipped_epoc
 
 
 def budget(name: str, model: Model, args, run_dir: Path, steps: int, seed: int,
-           phase: Phase | None = None, previous: Path | None = None) -> dict:
+           phase: Phase | None = None, previous: Path | None = None, planned: int | None = None) -> dict:
     """The shipped config of ``model`` with the study's size, data and budget: MNIST at
     the study's resolution, ``steps`` steps of ``--batch``, validation ``--evaluations``
     times per run on the held-out images, the shipped checkpoint monitor, EMA decays with
-    a time constant of at most a tenth of the run, CSV logs, no W&B, no in-run FID."""
+    a time constant of at most a tenth of the run, CSV logs, no W&B, no in-run FID.
+
+    The schedules are fitted to the ``planned`` run (default ``steps``): an extension
+    raises ``max_steps`` only, so the model settings stay the checkpoint's (a resume
+    checks them) and no schedule jumps mid-run; a cosine decay ends at the planned step
+    and stays at its floor after it."""
+    planned = planned or steps
     config = shipped_config(model)
     monitor = model.monitor or checkpoint_monitor(config)
     trainer = config["trainer"]
     shipped_steps = trainer.get("max_steps") or None
     shipped_epochs = trainer.get("max_epochs") if not shipped_steps else None
     train_images = 10 * (1000 - args.val_per_class) if not args.smoke else 10 * (12 - args.val_per_class)
-    epochs = steps * args.batch / max(1, train_images)
+    epochs = planned * args.batch / max(1, train_images)
     config_batch = config["data"]["init_args"]["batch_size"]
     if shipped_steps is None:  # the shipped run's length in steps on these images
         shipped_steps = max(1, int(shipped_epochs * train_images / config_batch))
-    fraction = min(1.0, steps / shipped_steps)
+    fraction = min(1.0, planned / shipped_steps)
     resolution = args.resolution
     monitor = phase.monitor if phase is not None else at_resolution(monitor, args.resolution)
     callbacks = [{"class_path": "benchmarks.seed_claims.HeldOutCurve",
@@ -354,7 +366,7 @@ def budget(name: str, model: Model, args, run_dir: Path, steps: int, seed: int,
         if isinstance(callback, dict) and callback.get("class_path", "").endswith("EMAWeights"):
             decay = callback.get("init_args", {}).get("decay", 0.999)
             callbacks.insert(0, {"class_path": "lightning_modules.EMAWeights",
-                                 "init_args": {"decay": max(0.0, min(decay, 1.0 - 10.0 / steps))}})
+                                 "init_args": {"decay": max(0.0, min(decay, 1.0 - 10.0 / planned))}})
     bound = "nll_bpd" in monitor  # the DDPMs' T-step bound: a few held-out batches per validation
     config["trainer"] = {
         "accelerator": "cpu", "devices": 1, "max_epochs": -1, "max_steps": steps, "precision": 32,
@@ -368,13 +380,13 @@ def budget(name: str, model: Model, args, run_dir: Path, steps: int, seed: int,
     config["seed_everything"] = seed
     model_args = config["model"]["init_args"]
     for dotted, value in (model.smoke if args.smoke else model.size):
-        set_path(model_args, dotted, value)
+        set_path(model_args, dotted, copy.deepcopy(value))  # the catalogue's values stay unscaled
     for dotted, value in (phase.changes if phase is not None else ()):
-        set_path(model_args, dotted, str(previous) if value == PREVIOUS else value)
+        set_path(model_args, dotted, str(previous) if value == PREVIOUS else copy.deepcopy(value))
     if "n_bits" in model_args:
         model_args["n_bits"] = 8
     scale_schedules(model_args, fraction, epochs,
-                    shipped_epochs or shipped_steps * config_batch / max(1, train_images))
+                    shipped_epochs or shipped_steps * config_batch / max(1, train_images), planned)
     config["data"] = {"class_path": "datamodules.MNISTDataModule", "init_args": {
         "data_dir": str(args.data_dir), "image_size": resolution, "resolutions": [resolution, *model.pyramid],
         "fit_split": "test", "val_per_class": args.val_per_class, "batch_size": args.batch,
@@ -699,7 +711,7 @@ def train_until_converged(name: str, model: Model, args, run_dir: Path, seed: in
 
 def train_phase(name: str, model: Model, args, run_dir: Path, seed: int, phase: Phase | None = None,
                 previous: Path | None = None) -> dict:
-    steps = max(2, int(args.steps * model.steps_factor))
+    steps = planned = max(2, int(args.steps * model.steps_factor))
     seconds = 0.0
     timing = run_dir / "train_seconds.json"
     if timing.is_file():
@@ -707,7 +719,7 @@ def train_phase(name: str, model: Model, args, run_dir: Path, seed: int, phase: 
     extensions = 0
     label = name if phase is None else f"{name}/{phase.name}"
     while True:
-        config = budget(name, model, args, run_dir, steps, seed, phase, previous)
+        config = budget(name, model, args, run_dir, steps, seed, phase, previous, planned)
         metric = config["trainer"]["callbacks"][-1]["init_args"]["monitor"]
         print(f"{label}: training to step {steps} ({model.config} with "
               f"{model.smoke if args.smoke else model.size}{'' if phase is None else ', ' + str(phase.changes)})",

@@ -85,7 +85,7 @@ def test_the_derived_configs_change_only_size_budget_and_bookkeeping(tmp_path):
     between the shipped recipes."""
     args = study.argparse.Namespace(resolution=16, batch=64, evaluations=10, val_per_class=100, smoke=False,
                                     data_dir=tmp_path, bound_batches=1, bound_batch_size=100)
-    schedule_keys = {"warmup_steps", "warmup_epochs", "lr_milestones", "epoch_decay"}
+    schedule_keys = {"warmup_steps", "warmup_epochs", "lr_milestones", "epoch_decay", "decay_steps"}
 
     def without_schedules(tree):
         if isinstance(tree, dict):
@@ -124,7 +124,8 @@ def test_the_study_runs_end_to_end_at_toy_sizes_and_resumes(tmp_path):
     out = tmp_path / "out"
     command = ["--data-dir", str(data), "--out", str(out), "--smoke", "--steps", "4", "--batch", "8",
                "--val-per-class", "2", "--classifier-epochs", "1", "--fid-samples", "20", "--bootstrap", "4",
-               "--bound-images", "4", "--bound-batch-size", "4", "--evaluations", "2", "--extensions", "0"]
+               "--bound-images", "4", "--bound-batch-size", "4", "--evaluations", "2", "--extensions", "1",
+               "--tolerance", "1e-9"]  # every model trains on once: an extension resumes its checkpoint
     assert study.main(command + ["--figures", str(tmp_path / "figures")]) == 0
     saved = json.loads((out / "results.json").read_text())
     results = saved["results"]
@@ -134,7 +135,9 @@ def test_the_study_runs_end_to_end_at_toy_sizes_and_resumes(tmp_path):
         expected = {"tarflow": {"noisy_data_nll_bits"}, "glow": {"bpd"}, "nsf": {"bpd"},
                     "cascade": {"bpd", "bpd_bound"}}.get(name, {"bpd_bound"})
         assert kinds == expected, name
-        assert [step for step, _ in result["curve"]] == [2, 4], name
+        assert [step for step, _ in result["curve"]] == [2, 4, 6], name  # 4 planned, then 6 (x1.5)
+        phases = 2 if name == "cascade" else 1  # the cascade's steps add its two phases
+        assert result["extensions"] == 1 and result["steps"] == 6 * phases, name
         for scores in result["temperatures"].values():
             assert np.isfinite(scores["fid"]) and scores["fid_interval"][0] <= scores["fid_interval"][1]
         assert result["sampling_seconds_25"] > 0
@@ -180,3 +183,21 @@ def test_a_killed_model_resumes_from_its_last_checkpoint(tmp_path):
     assert [step for step, _ in result["curve"]] == [2, 4, 8]
     assert "Restoring states from the checkpoint" in (out / "glow" / "train.log").read_text() or \
         "resuming from" in (out / "glow" / "train.log").read_text().lower()
+
+
+def test_an_extension_changes_the_step_limit_not_the_model_settings(tmp_path):
+    """A model that trains on resumes from its checkpoint, which refuses other model
+    settings: the schedules stay those of the planned run (a cosine ends there)."""
+    args = study.argparse.Namespace(resolution=16, batch=64, evaluations=10, val_per_class=100, smoke=False,
+                                    data_dir=tmp_path, bound_batches=1, bound_batch_size=100)
+    for name, model in study.models(16).items():
+        planned = study.budget(name, model, args, tmp_path, 3000, seed=0)
+        extended = study.budget(name, model, args, tmp_path, 4500, seed=0, planned=3000)
+        assert extended["model"] == planned["model"], name
+        again = study.budget(name, model, args, tmp_path, 3000, seed=0)  # the catalogue is not scaled twice
+        assert again["model"] == planned["model"], name
+        if name == "cascade":
+            assert planned["model"]["init_args"]["sr_stages"][0]["optimizer"]["lr_milestones"] == [1500, 2250, 2700, 2850]
+        assert extended["trainer"]["max_steps"] == 4500
+        if name == "tarflow":
+            assert planned["model"]["init_args"]["optimizer"]["decay_steps"] == 3000
