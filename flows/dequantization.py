@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flows.base import FEATURES, FlowSequential, sum_except_batch, zero_logdet
-from flows.layers.actnorm import ActNorm
+from flows.actnorm import ActNorm
 from flows.layers.coupling import AffineCoupling
 from flows.layers.masks import CheckerboardMask
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flows.base import Bijection, Condition, FlowSequential
-from flows.layers.actnorm import ActNorm
+from flows.actnorm import ActNorm
 from flows.layers.invconv import _InvertibleConv1x1Base
 
 

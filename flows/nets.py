@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from flows.actnorm import ActNorm
+
 
 def edge_indicator(height: int, width: int, pad: int, like: Tensor) -> Tensor:
     """[1, 1, H + 2 pad, W + 2 pad]: 1 on the zero padding, 0 on the image."""
@@ -75,7 +77,6 @@ class ActNormLayer(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        from flows.layers.actnorm import ActNorm  # flows.layers (the steps) imports this module
         self.actnorm = ActNorm(channels)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -6,6 +6,8 @@ from PIL import Image
 
 from datamodules import EmbeddedDataModule
 from flows import Cascade, Glow, SRFlow
+from flows.denoiser import TimeConditionedUNet
+from flows.hierarchical import Level
 from flows.quantization import dequantize
 from lightning_modules import CascadeModule, GlowStage, OptimizerSettings, SRFlowStage
 from tests.conftest import perturb_parameters
@@ -86,3 +88,29 @@ def split_grid(path, rows: int, columns: int) -> list[torch.Tensor]:
     h, w = (grid.shape[1] - 1) // rows - 1, (grid.shape[2] - 1) // columns - 1
     return [torch.stack([grid[:, 1 + i * (h + 1):1 + i * (h + 1) + h, 1 + j * (w + 1):1 + j * (w + 1) + w]
                          for j in range(columns)]) for i in range(rows)]
+
+
+def tiny_levels(overrides=None):
+    levels = [
+        dict(resolution=8, channels=3, couplings=["C", "S2"], coupling_hidden=6, cond_channels=4,
+             decoder_hidden=6),
+        dict(resolution=4, channels=4, couplings=["C", "S2"], coupling_hidden=6, cond_channels=4,
+             alpha_flow=0.4, alpha_decoder=0.3, conditioning_unet=True, encoder_hidden=6, decoder_hidden=6),
+        dict(resolution=1, channels=6, couplings=["C", "C"], coupling_hidden=6, cond_channels=3,
+             alpha_flow=0.3, alpha_decoder=0.5, invconv="unitary", encoder_hidden=8, decoder_hidden=4),
+        dict(resolution=1, channels=2, couplings=["C", "C"], coupling_hidden=4, alpha_flow=0.3,
+             alpha_decoder=0.5, invconv="unitary"),
+    ]
+    for i, changes in (overrides or {}).items():
+        levels[i].update(changes)
+    return [Level(**level) for level in levels]
+
+
+def tiny_unet(in_channels, out_channels, image_size):
+    return TimeConditionedUNet(in_channels, out_channels, image_size, base_channels=8, channel_mults=(1, 2),
+                               num_res_blocks=1, attention_resolutions=(4,), dropout=0.0, num_heads=2)
+
+
+def tiny_denoiser(in_channels, out_channels, image_size):
+    return TimeConditionedUNet(in_channels, out_channels, image_size, base_channels=8, channel_mults=(1, 2),
+                               num_res_blocks=1, attention_resolutions=(2,), dropout=0.0, num_heads=2)

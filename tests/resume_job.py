@@ -37,7 +37,7 @@ def build(family: str, train_size: int = 128):
     if family == "hierarchical":
         from flows import HierarchicalFlow
         from lightning_modules import HierarchicalModule
-        from tests.test_hierarchical import tiny_levels
+        from tests.builders import tiny_levels
 
         # Epoch-driven schedules on: the encoders freeze at epoch 2 and every group's
         # rate decays per epoch (seed 001 Table 2's rules, at toy epochs).

@@ -1,36 +1,14 @@
 """The `lightning` command as users run it."""
 import csv
 import subprocess
-import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
 
 from lightning_modules import TestMetrics
+from tests.commands import CLI, TINY_QUICKSTART, print_config, run_cli
 from tests.conftest import REPO, run_command
-
-CLI = [sys.executable, "-m", "lightning_modules.cli"]
-
-
-def run_cli(*args, cwd=REPO, timeout=600):
-    return subprocess.run([*CLI, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
-
-
-def print_config(capsys, *args) -> subprocess.CompletedProcess:
-    """``lightning fit ... --print_config`` in this process (no interpreter start-up),
-    with paths relative to the repository."""
-    from lightning_modules.cli import main
-
-    args = [str(REPO / a) if a.startswith("experiments/") else a for a in args]
-    try:
-        main(["fit", *args, "--print_config"])
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
-
 
 def test_console_scripts_point_at_one_entry():
     scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts")
@@ -262,16 +240,6 @@ def test_every_override_parses_on_top_of_its_config(override, capsys):
     result = print_config(capsys, "--config", f"experiments/{base}", "--config", f"experiments/overrides/{override}")
     assert result.returncode == 0, result.stderr[-2000:]
     assert expected in result.stdout
-
-
-TINY_QUICKSTART = ["--model.init_args.flow.init_args.image_size", "16",
-                   "--model.init_args.flow.init_args.scales", "2",
-                   "--model.init_args.flow.init_args.steps_per_scale", "1",
-                   "--model.init_args.flow.init_args.hidden_channels", "8",
-                   "--data.init_args.image_size", "16", "--data.init_args.resolutions", "[16]",
-                   "--data.init_args.train_size", "128", "--data.init_args.val_size", "32",
-                   "--trainer.callbacks.monitor", "val/bpd_16", "--trainer.callbacks.filename", "best",
-                   "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1"]
 
 
 def test_wandb_offline_run_holds_config_metrics_images_and_a_relaunch_reuses_its_id(tmp_path):

@@ -369,7 +369,7 @@ def test_an_integer_limit_batches_is_a_number_of_batches_on_the_command_line_and
     import pytorch_lightning as pl
 
     from lightning_modules.cli import build_cli
-    from tests.test_cli import TINY_QUICKSTART
+    from tests.commands import TINY_QUICKSTART
 
     class CountValidationBatches(pl.Callback):
         batches = 0

@@ -146,7 +146,7 @@ def test_a_config_monitoring_bpd_keeps_its_best_checkpoint_when_the_likelihood_b
     val/bpd_bound_32 instead (never val/bpd_32), and ModelCheckpoint ranks by it."""
     import csv
 
-    from tests.test_reliability import QUICKSTART, run_main
+    from tests.commands import QUICKSTART, run_main
     code, err = run_main(capsys, "fit", *QUICKSTART, "--config", str(REPO / "experiments/variational_dequantization.yaml"),
                          "--model.init_args.flow.init_args.dequantizer.init_args.hidden_channels", "4",
                          "--model.init_args.flow.init_args.dequantizer.init_args.steps", "1",

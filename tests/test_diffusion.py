@@ -8,13 +8,13 @@ import torch
 from torch import nn
 
 from flows.base import FlowSequential
-from flows.denoiser import TimeConditionedUNet
 from flows.diffusion import DiffusionPrior, PixelDiffusion, hybrid_loss
 from flows.diffusion_schedules import cosine_betas, ddim_timesteps, discretized_gaussian_log_likelihood, linear_betas
 from flows.timestep_sampling import TimestepSampler
 from flows.glow import Glow
 from flows.layers import Squeeze
 from flows.quantization import bits_per_dim, dequantize
+from tests.builders import tiny_unet
 from tests.conftest import perturb_parameters
 
 MEAN, STD = 0.3, 0.5  # the Gaussian "data" of the bound test
@@ -61,11 +61,6 @@ def gaussian_prior(timesteps, schedule="linear", shape=(1, 4, 4), variance="lear
                            variance=variance, gaussian_residual=False, **kwargs).double()
     object.__setattr__(prior.denoiser, "prior", prior)  # a reference, not a submodule
     return prior
-
-
-def tiny_unet(in_channels, out_channels, image_size):
-    return TimeConditionedUNet(in_channels, out_channels, image_size, base_channels=8, channel_mults=(1, 2),
-                               num_res_blocks=1, attention_resolutions=(4,), dropout=0.0, num_heads=2)
 
 
 # --- schedules --------------------------------------------------------------------------

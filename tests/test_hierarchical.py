@@ -10,23 +10,8 @@ from flows.base import FEATURES
 from flows.hierarchical import (HierarchicalFlow, Level, gaussian_entropy, level_flow, minibatch_sigma,
                                 validate_levels)
 from lightning_modules import HierarchicalModule
+from tests.builders import tiny_levels
 from tests.conftest import perturb_parameters
-
-
-def tiny_levels(overrides=None):
-    levels = [
-        dict(resolution=8, channels=3, couplings=["C", "S2"], coupling_hidden=6, cond_channels=4,
-             decoder_hidden=6),
-        dict(resolution=4, channels=4, couplings=["C", "S2"], coupling_hidden=6, cond_channels=4,
-             alpha_flow=0.4, alpha_decoder=0.3, conditioning_unet=True, encoder_hidden=6, decoder_hidden=6),
-        dict(resolution=1, channels=6, couplings=["C", "C"], coupling_hidden=6, cond_channels=3,
-             alpha_flow=0.3, alpha_decoder=0.5, invconv="unitary", encoder_hidden=8, decoder_hidden=4),
-        dict(resolution=1, channels=2, couplings=["C", "C"], coupling_hidden=4, alpha_flow=0.3,
-             alpha_decoder=0.5, invconv="unitary"),
-    ]
-    for i, changes in (overrides or {}).items():
-        levels[i].update(changes)
-    return [Level(**level) for level in levels]
 
 
 def tiny_model(n=8, **kwargs) -> tuple[HierarchicalFlow, torch.Tensor]:
@@ -236,7 +221,7 @@ def test_the_loss_is_the_weighted_sum_and_the_elbo_is_logged_as_a_bound():
 
 
 def test_print_config_shows_table_4_and_table_2(capsys):
-    from tests.test_cli import print_config
+    from tests.commands import print_config
     result = print_config(capsys, "--config", "experiments/hierarchical_celebahq256.yaml")
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
@@ -451,7 +436,7 @@ def test_identity_actnorm_at_1x1_survives_an_init_batch_of_two():
 def test_config_b_checkpoint_follows_val_loss_with_config_a_callbacks(capsys):
     import yaml
 
-    from tests.test_cli import print_config
+    from tests.commands import print_config
     result = print_config(capsys, "--config", "experiments/hierarchical_celebahq256.yaml",
                           "--config", "experiments/overrides/hierarchical_config_b.yaml")
     assert result.returncode == 0, result.stderr[-2000:]

@@ -13,7 +13,7 @@ import torch
 
 from benchmarks.host_syncs import HostReadCounter, build_module, graph_breaks, random_batch, training_step_reads
 from flows.quantization import dequantize
-from tests.test_models import CASES
+from tests.model_cases import CASES
 
 SINGLE = sorted(name for name in CASES if not name.startswith("cascade"))  # a cascade takes a pyramid
 
@@ -119,7 +119,7 @@ def test_the_variational_cascade_step_reads_nothing_and_traces_as_one_graph(tmp_
 
 
 def test_actnorm_initializes_once_and_not_again_after_a_checkpoint_load():
-    from flows.layers.actnorm import ActNorm
+    from flows.actnorm import ActNorm
 
     layer = ActNorm(4).train()
     x = torch.randn(8, 4, 3, 3) * 3 + 1

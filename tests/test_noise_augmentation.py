@@ -12,7 +12,7 @@ from flows import Glow
 from flows.dequantization import GaussianNoiseDequantizer, UniformDequantizer, standard_normal_from_uniform
 from flows.tarflow import TarFlow
 from tests.conftest import REPO
-from tests.test_reliability import QUICKSTART, run_main
+from tests.commands import QUICKSTART, run_main
 
 NOISE = ["--config", str(REPO / "experiments/noise_augmentation.yaml")]
 
@@ -115,7 +115,7 @@ def test_models_that_cannot_take_noise_or_denoising_say_so():
     from flows import SRFlow
     from flows.cascade import Cascade
     from flows.diffusion import DiffusionPrior
-    from tests.test_diffusion import tiny_unet
+    from tests.builders import tiny_unet
 
     with pytest.raises(ValueError, match="not trained on noisy data"):
         Glow(in_channels=1, image_size=4, scales=1, steps_per_scale=1, hidden_channels=4).denoise(torch.zeros(1, 1, 4, 4))

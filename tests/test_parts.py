@@ -69,7 +69,7 @@ def _modules_for(case: str) -> list[tuple[str, object]]:
 
 
 def _single_cases():
-    from tests.test_models import CASES
+    from tests.model_cases import CASES
 
     return sorted(name for name in CASES if not name.startswith("cascade"))
 
@@ -79,7 +79,7 @@ def _single_cases():
 def test_parts_hold_every_parameter_of_every_model_a_module_can_hold(case, learned_dequantizer):
     from flows.dequantization import VariationalDequantizer
     from lightning_modules.errors import ConfigurationError
-    from tests.test_models import CASES
+    from tests.model_cases import CASES
 
     built = 0
     for module_name, make in _modules_for(case):

@@ -1,9 +1,6 @@
 """Bad input and faults: each case gets one paragraph that says what to do, and loses
 no work (issue: reliability)."""
-import contextlib
 import errno
-import io
-import json
 import os
 import signal
 import subprocess
@@ -15,24 +12,9 @@ import torch
 
 from lightning_modules.checkpointing import (AtomicCheckpointIO, RunLock, load_checkpoint_file,
                                              remove_stale_temporaries, resume_checkpoint)
-from lightning_modules.cli import main
-from tests.conftest import REPO, run_command
-from tests.test_cli import TINY_QUICKSTART
-
-QUICKSTART = ["--config", str(REPO / "experiments/quick_photos.yaml"), *TINY_QUICKSTART,
-              "--data.init_args.train_size", "32", "--data.init_args.val_size", "16", "--data.init_args.batch_size", "8",
-              "--trainer.max_epochs", "1", "--trainer.logger", "false"]
-TINY_CASCADE = ["--config", str(REPO / "experiments/quick_cascade.yaml"),
-                "--model.init_args.base.flow.init_args.hidden_channels", "8",
-                "--data.init_args.train_size", "32", "--data.init_args.val_size", "16", "--data.init_args.batch_size", "8",
-                "--trainer.max_epochs", "1", "--trainer.logger", "false"]
-
-
-def run_main(capsys, *args) -> tuple[int, str]:
-    """The `lightning` command in this process: (exit status, stderr then stdout)."""
-    code, err, out = run_command(capsys, *args)
-    return code, err + "\n--- stdout ---\n" + out
-
+from tests.conftest import REPO
+from tests.commands import (QUICKSTART, TINY_CASCADE, assert_same_training_state, fit_capturing, main_quiet,
+                            run_main, signal_at, uninterrupted_last_checkpoint)
 
 def one_paragraph_error(stderr: str) -> str:
     """The error line(s) the command printed; there must be no traceback."""
@@ -48,14 +30,6 @@ def glow_checkpoint(tmp_path_factory):
     code = main_quiet(*QUICKSTART, "--trainer.default_root_dir", str(root))
     assert code == 0
     return next(root.rglob("last.ckpt"))
-
-
-def main_quiet(*args) -> int:
-    try:
-        main(["fit", *args])
-    except SystemExit as exit_:
-        return exit_.code
-    return 0
 
 
 # --- 1. the config the user wrote wins over --ckpt_path -----------------------------------------
@@ -249,49 +223,6 @@ def test_a_checkpoint_loads_and_samples_from_python_as_the_readme_says(glow_chec
 
 # --- signals, requeue, diverged runs, step checkpoints (issue 23: 2, 6, 7, 8, 12) ----------------
 # QUICKSTART has 4 steps per epoch; two epochs validate (and save last.ckpt) at steps 4 and 8.
-TWO_EPOCHS = [*QUICKSTART, "--trainer.max_epochs", "2"]
-
-
-def signal_at(step: int, name: str) -> str:
-    """Adds tests.resume_job.SignalAt: ``name`` arrives in the middle of step ``step + 1``."""
-    callback = {"class_path": "tests.resume_job.SignalAt", "init_args": {"step": step, "signal": name}}
-    return "--trainer.callbacks+=" + json.dumps(callback)
-
-
-def fit_capturing(root, *args) -> tuple[int, str]:
-    """``lightning fit`` of TWO_EPOCHS in this process: (exit status, stderr)."""
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        code = main_quiet(*TWO_EPOCHS, "--trainer.default_root_dir", str(root), *args)
-    return code, err.getvalue()
-
-
-def assert_same_training_state(a, b) -> None:
-    """Two checkpoints hold the same step, parameters and optimizer states (1e-6)."""
-    x, y = load_checkpoint_file(a), load_checkpoint_file(b)
-    assert x["global_step"] == y["global_step"]
-    for key, value in x["state_dict"].items():
-        assert torch.allclose(value.float(), y["state_dict"][key].float(), atol=1e-6, rtol=0), key
-    for ox, oy in zip(x["optimizer_states"], y["optimizer_states"], strict=True):
-        for index, state in ox["state"].items():
-            for name, value in state.items():
-                if torch.is_tensor(value):
-                    assert torch.allclose(value.float(), oy["state"][index][name].float(), atol=1e-6, rtol=0), name
-
-
-_UNINTERRUPTED: dict = {}
-
-
-def uninterrupted_last_checkpoint(tmp_path_factory):
-    """last.ckpt (step 8) of TWO_EPOCHS without a signal, trained once per session."""
-    if "last" not in _UNINTERRUPTED:
-        root = tmp_path_factory.mktemp("uninterrupted")
-        code, err = fit_capturing(root)
-        assert code == 0, err[-3000:]
-        _UNINTERRUPTED["last"] = root / "checkpoints" / "last.ckpt"
-    return _UNINTERRUPTED["last"]
-
-
 @pytest.fixture(scope="module")
 def sigterm_run(tmp_path_factory):
     """SIGTERM in step 6 of a run of 8 steps per epoch (no validation yet) that saves

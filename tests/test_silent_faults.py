@@ -11,7 +11,6 @@ import warnings
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 import torch
 
 from flows import Glow

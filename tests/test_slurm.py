@@ -14,9 +14,8 @@ import torch
 
 from lightning_modules.checkpointing import load_checkpoint_file
 from tests.conftest import REPO
-from tests.test_cli import CLI, TINY_QUICKSTART
-from tests.test_reliability import (assert_same_training_state, fit_capturing, signal_at,
-                                    uninterrupted_last_checkpoint)
+from tests.commands import (CLI, TINY_QUICKSTART, assert_same_training_state, fit_capturing, signal_at,
+                            uninterrupted_last_checkpoint)
 
 SLURM = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_NAME": "msflows",
          "SLURM_NODELIST": "localhost", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}

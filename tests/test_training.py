@@ -5,9 +5,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from datamodules import EmbeddedDataModule
-from flows import Glow
-from lightning_modules import GlowModule, OptimizerSettings, SampleGrids
+from lightning_modules import SampleGrids
 from tests.conftest import tiny_data, tiny_module, trainer
 
 

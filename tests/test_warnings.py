@@ -6,7 +6,7 @@ import pytest
 
 from lightning_modules.checkpointing import LOCK_FILE, RunLock
 from tests.conftest import REPO
-from tests.test_cli import run_cli
+from tests.commands import run_cli
 
 NOISE = ("LeafSpec", "litlogger", "litmodels", "Tip:", "callbacks used to create the checkpoint need to be provided",
          "exists and is not empty")

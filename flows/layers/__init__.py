@@ -1,4 +1,4 @@
-from flows.layers.actnorm import ActNorm
+from flows.actnorm import ActNorm
 from flows.layers.coupling import AdditiveCoupling, AffineCoupling, AffineInjector, ScaleMap
 from flows.layers.flow_step import flow_step
 from flows.layers.invconv import InvertibleConv1x1, InvertibleConv1x1LU, OrthogonalConv1x1

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Literal
 
 from flows.base import FlowSequential
-from flows.layers.actnorm import ActNorm
+from flows.actnorm import ActNorm
 from flows.layers.coupling import (AdditiveCoupling, AffineCoupling, AffineInjector, NetFactory,
                                    ScaleFunction)
 from flows.layers.invconv import InvertibleConv1x1, InvertibleConv1x1LU

@@ -1,4 +1,7 @@
-"""Activation normalization (Glow; seed 000 sec. 2.2.3.1, seed 004 sec. 2.1)."""
+"""Activation normalization (Glow; seed 000 sec. 2.2.3.1, seed 004 sec. 2.1).
+
+A layer of the flow steps (exported by ``flows.layers``) and a normalization inside the
+coupling networks (``flows.nets``), so it sits below both: it needs only the contract."""
 from __future__ import annotations
 
 import torch
