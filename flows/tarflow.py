@@ -1,9 +1,11 @@
 """TarFlow (Zhai et al. 2024, "Normalizing Flows are Capable Generative Models"): a
 stack of autoregressive flow blocks over image patches, each a causal transformer.
 
-One block (:class:`TarFlowBlock`), on an image cut into T patches of p x p pixels
-(patch i is a vector x_i of C p^2 values, in raster order, or reversed in every other
-block so that each patch is conditioned on the ones after it once):
+The model cuts the image into T patches of p x p pixels once (patch i is a vector x_i of
+C p^2 values, in raster order) and every block works on that sequence (as ml-tarflow
+patchifies once per model); the latent is folded back into an image at the end. One
+block (:class:`TarFlowBlock`), in raster order or, in every other block, the order
+reversed so that each patch is conditioned on the ones after it once:
 
     (log s_i, b_i) = g(x_<i)      a causal transformer: the output at position j, shifted
                                    one place on, gives patch j + 1's transform
@@ -153,20 +155,16 @@ class TransformerLayer(nn.Module):
 
 
 class TarFlowBlock(Bijection):
-    """One autoregressive flow block over the patches of [B, C, H, W] images (the module
-    docstring). ``reverse``: condition each patch on the later ones (the patch order
-    reversed). Conditions: ``cond["labels"]`` (class embedding; -1 the null class) and,
-    when inverting, ``cond["guidance"]``."""
+    """One autoregressive flow block over a sequence of patches, [B, T, D] in raster order
+    (the module docstring; :func:`patchify` makes the sequence of an image). ``reverse``:
+    condition each patch on the later ones (the patch order reversed inside the block,
+    so its input and output are in raster order). Conditions: ``cond["labels"]`` (class
+    embedding; -1 the null class) and, when inverting, ``cond["guidance"]``."""
 
-    def __init__(self, in_channels: int, image_size: int, patch_size: int, channels: int, layers: int,
-                 head_channels: int = 64, expansion: int = 4, reverse: bool = False, affine: bool = True,
-                 num_classes: int = 0) -> None:
+    def __init__(self, patch_dim: int, num_patches: int, channels: int, layers: int, head_channels: int = 64,
+                 expansion: int = 4, reverse: bool = False, affine: bool = True, num_classes: int = 0) -> None:
         super().__init__()
-        if image_size % patch_size:
-            raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
-        self.image_size, self.patch_size = image_size, patch_size
-        self.patch_dim = in_channels * patch_size ** 2
-        self.num_patches = (image_size // patch_size) ** 2
+        self.patch_dim, self.num_patches = patch_dim, num_patches
         self.reverse, self.affine, self.num_classes = reverse, affine, num_classes
         self.proj_in = nn.Linear(self.patch_dim, channels)
         self.pos_embed = nn.Parameter(torch.randn(self.num_patches, channels) * 1e-2)
@@ -178,12 +176,12 @@ class TarFlowBlock(Bijection):
         nn.init.zeros_(self.proj_out.bias)
 
     # --- the patch sequence in this block's order -------------------------------------------
-    def _sequence(self, x: Tensor) -> Tensor:
-        patches = patchify(x, self.patch_size)
-        return patches.flip(1) if self.reverse else patches
-
-    def _image(self, patches: Tensor) -> Tensor:
-        return unpatchify(patches.flip(1) if self.reverse else patches, self.patch_size, self.image_size)
+    def _in_block_order(self, sequence: Tensor) -> Tensor:
+        """Raster order <-> this block's order (its own inverse)."""
+        if sequence.dim() != 3 or sequence.shape[1:] != (self.num_patches, self.patch_dim):
+            raise ValueError(f"a TarFlow block takes patch sequences [B, {self.num_patches}, {self.patch_dim}], got "
+                             f"{list(sequence.shape)}: cut images with flows.tarflow.patchify first")
+        return sequence.flip(1) if self.reverse else sequence
 
     def _embedding(self, cond: Condition, batch: int, like: Tensor, null: bool = False) -> Tensor | None:
         """[B, 1, channels]: the class embedding (the null class where labels are -1, or
@@ -223,10 +221,10 @@ class TarFlowBlock(Bijection):
 
     # --- the two directions ------------------------------------------------------------------
     def forward(self, x: Tensor, cond: Condition = None) -> tuple[Tensor, Tensor]:
-        sequence = self._sequence(x)
+        sequence = self._in_block_order(x)
         log_scale, shift = self._patch_transforms(sequence, cond)
         z = ((sequence - shift) * torch.exp(-log_scale)).to(x.dtype)
-        return self._image(z), -log_scale.flatten(1).sum(dim=1)
+        return self._in_block_order(z), -log_scale.flatten(1).sum(dim=1)
 
     def inverse(self, z: Tensor, cond: Condition = None) -> tuple[Tensor, Tensor]:
         """Patch by patch with a key/value cache: step i runs the transformer on patch i
@@ -240,7 +238,7 @@ class TarFlowBlock(Bijection):
         guidance = guidance_of(cond)
         temperature = guidance.attention_temperature
         is_guided = guidance.weight > 0 and (self.class_embed is not None or temperature != 1.0)
-        sequence = self._sequence(z)
+        sequence = self._in_block_order(z)
         patches = [sequence[:, 0].contiguous()]  # the strides of every later patch: one compiled step
         caches = self._new_caches(z)
         null_caches = self._new_caches(z) if is_guided else None
@@ -259,7 +257,7 @@ class TarFlowBlock(Bijection):
             patches.append((sequence[:, i + 1] * torch.exp(log_scale) + shift).to(z.dtype))
             log_scales.append(log_scale)
         logdet = torch.stack(log_scales, 1).sum(dim=(1, 2)) if log_scales else z.new_zeros(z.shape[0])
-        return self._image(torch.stack(patches, dim=1)), at_least_float32(logdet)
+        return self._in_block_order(torch.stack(patches, dim=1)), at_least_float32(logdet)
 
     def _new_caches(self, like: Tensor) -> list[KeyValueCache]:
         """One empty cache per layer for the T - 1 positions a sampling pass writes."""
@@ -283,7 +281,7 @@ class TarFlowBlock(Bijection):
     def inverse_uncached(self, z: Tensor, cond: Condition = None) -> tuple[Tensor, Tensor]:
         """The same inverse without a cache (T - 1 full causal passes, no guidance): the
         reference :meth:`inverse` is tested against and benchmarked with."""
-        sequence = self._sequence(z)
+        sequence = self._in_block_order(z)
         x = sequence.clone()
         log_scale = None
         for i in range(1, self.num_patches):
@@ -291,7 +289,7 @@ class TarFlowBlock(Bijection):
             x = torch.cat([x[:, :i], (sequence[:, i:i + 1] * torch.exp(log_scale[:, i:i + 1])
                                       + shift[:, i:i + 1]).to(z.dtype), x[:, i + 1:]], dim=1)
         logdet = log_scale.flatten(1).sum(dim=1) if log_scale is not None else z.new_zeros(z.shape[0])
-        return self._image(x), at_least_float32(logdet)
+        return self._in_block_order(x), at_least_float32(logdet)
 
     def extra_repr(self) -> str:
         return (f"patches={self.num_patches} x {self.patch_dim}, reverse={self.reverse}, affine={self.affine}, "
@@ -370,13 +368,14 @@ class TarFlow(FlowModel):
                              f"choose a patch_size that divides it (e.g. {max(p for p in (1, 2, 4, 8) if image_size % p == 0)})")
         if channels % head_channels:
             raise ValueError(f"TarFlow's channels ({channels}) must be a multiple of head_channels ({head_channels})")
-        self.in_channels, self.image_size, self.num_classes = in_channels, image_size, num_classes
+        self.in_channels, self.image_size, self.patch_size, self.num_classes = (in_channels, image_size, patch_size,
+                                                                               num_classes)
         self.layers_per_block, self.condition_deep_block_only = layers, condition_deep_block_only
         self.set_guidance(label_dropout, guidance, guidance_rule, guidance_schedule, guidance_attention_temperature)
         deep = blocks - 1
         self.blocks = nn.ModuleList(
-            TarFlowBlock(in_channels, image_size, patch_size, channels, layers[index], head_channels, expansion,
-                         reverse=index % 2 == 1, affine=affine,
+            TarFlowBlock(in_channels * patch_size ** 2, (image_size // patch_size) ** 2, channels, layers[index],
+                         head_channels, expansion, reverse=index % 2 == 1, affine=affine,
                          num_classes=0 if condition_deep_block_only and index != deep else num_classes)
             for index in range(blocks))
         if prior_variance_buffer and learn_prior_scale:
@@ -398,13 +397,21 @@ class TarFlow(FlowModel):
             raise ValueError(f"TarFlow expects images of shape [B, {', '.join(map(str, expected))}], "
                              f"got {list(x.shape)}")
 
+    def to_patches(self, image: Tensor) -> Tensor:
+        """[B, C, H, W] -> the blocks' [B, T, C p^2] sequence (once per pass, not per block)."""
+        return patchify(image, self.patch_size)
+
+    def to_image(self, sequence: Tensor) -> Tensor:
+        return unpatchify(sequence, self.patch_size, self.image_size)
+
     def encode(self, x: Tensor, cond: Condition = None) -> Encoding:
         self._check_input(x)
-        z = x * self.input_scale if self.input_scale != 1.0 else x
+        z = self.to_patches(x * self.input_scale if self.input_scale != 1.0 else x)
         logdet = zero_logdet(x) + self.dims * math.log(self.input_scale)
         for block in self.blocks:
             z, block_logdet = block(z, cond)
             logdet = logdet + block_logdet
+        z = self.to_image(z)
         return Encoding([z], logdet, self.prior.log_prob(z), exact=True)
 
     VARIANCE_RATE = 0.1  # ml-tarflow's VAR_LR
@@ -442,11 +449,13 @@ class TarFlow(FlowModel):
             if labels is None:
                 raise ValueError("pass a latent or labels to fix the batch size")
             z = self._draw(labels.shape[0], temperature)
+        z = self.to_patches(z)
         for index, block in reversed(list(enumerate(self.blocks))):
             if self.condition_deep_block_only and index == len(self.blocks) - 2:
                 cond = with_condition(cond, **{GUIDANCE: 0.0})  # the shallow blocks invert unguided
             z = (block.inverse if cached else block.inverse_uncached)(z, cond)[0]
-        return z / self.input_scale if self.input_scale != 1.0 else z
+        x = self.to_image(z)
+        return x / self.input_scale if self.input_scale != 1.0 else x
 
     @torch.no_grad()
     def sample(self, n: int, cond: Condition = None, temperature: float = 1.0) -> Tensor:

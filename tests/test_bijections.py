@@ -65,10 +65,10 @@ CASES = {
                                                            tail_bound=1.5), True),
     "flow_step_spline": (lambda: flow_step(C, 8, coupling="spline", num_bins=4, tail_bound=1.5), False),
     "squeeze": (lambda: Squeeze(), False),
-    # TarFlow's autoregressive blocks (flows/tarflow.py): 4 patches of 2x2x4, an affine one
+    # TarFlow's autoregressive blocks (flows/tarflow.py) on patch sequences: 4 patches of 2x2x4 (INPUT_SHAPE), an affine one
     # in raster order and a shift-only one in reversed order.
-    "tarflow_block": (lambda: TarFlowBlock(C, H, 2, 16, 2, head_channels=8), False),
-    "tarflow_block_reversed_shift_only": (lambda: TarFlowBlock(C, H, 2, 16, 1, head_channels=8, reverse=True,
+    "tarflow_block": (lambda: TarFlowBlock(4 * C, 4, 16, 2, head_channels=8), False),
+    "tarflow_block_reversed_shift_only": (lambda: TarFlowBlock(4 * C, 4, 16, 1, head_channels=8, reverse=True,
                                                                affine=False), False),
     # openai/glow's coupling-net options (benchmarks/learning_curves.py measures them).
     "flow_step_edge_padding": (lambda: flow_step(C, 8, net=partial(CouplingNet, edge_padding=True)), False),
@@ -99,6 +99,8 @@ CASES = {
 # resolves to 1e-4; 0.1 still gives log-dets of several nats per sample.
 # A TarFlow block at 0.2 has per-patch scales up to e^3 that compound along the patch
 # order, so float32 round trips drift just past 1e-4; 0.1 keeps scales of e^1-e^2.
+# Layers on other inputs than [B, C, H, W] images: a TarFlow block's patch sequence [B, T, D].
+INPUT_SHAPE = {"tarflow_block": (4, 4 * C), "tarflow_block_reversed_shift_only": (4, 4 * C)}
 PERTURBATION = {"spline_coupling_resnet": 0.1, "tarflow_block": 0.1, "tarflow_block_reversed_shift_only": 0.1}
 
 
@@ -108,7 +110,7 @@ def build(name):
     perturb_parameters(layer, PERTURBATION.get(name, 0.05 if name.endswith("sequential") else 0.2))
     layer.eval()
     channels = 3 if name.startswith("odd_channels") else C
-    x = torch.randn(5, channels, H, W)
+    x = torch.randn(5, *INPUT_SHAPE.get(name, (channels, H, W)))
     # Conditions come at a lower resolution: layers must resize them themselves.
     cond = torch.randn(5, COND_C, H // 2, W // 2) if conditional else None
     return layer, x, cond, conditional

@@ -79,7 +79,7 @@ def reference_inverse(block, z, labels, guidance: Guidance):
     is w, or (i + 1) / (T - 1) w annealed; then cfg (each c + w_i (c - u)) or STARFlow's
     Gaussian, written out here, and x_{i+1} = z_{i+1} sigma + mu."""
     cond = {LABELS: labels} if labels is not None else None
-    sequence = block._sequence(z)
+    sequence = block._in_block_order(z)
     x = sequence.clone()
     steps = block.num_patches - 1
     for i in range(steps):
@@ -95,7 +95,7 @@ def reference_inverse(block, z, labels, guidance: Guidance):
             mu = ((1 + w) * mu_c - w * s * mu_u) / (1 + w - w * s)
         x = x.clone()
         x[:, i + 1] = sequence[:, i + 1] * torch.exp(log_sigma) + mu
-    return block._image(x)
+    return block._in_block_order(x)
 
 
 def perturbed_tarflow(num_classes: int, **guidance):
@@ -113,7 +113,7 @@ def perturbed_tarflow(num_classes: int, **guidance):
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
 def test_the_guided_tarflow_inverse_follows_the_equations(rule, schedule, temperature):
     model = perturbed_tarflow(3)
-    z, labels = torch.randn(4, 1, 4, 4), torch.tensor([0, 1, 2, 1])
+    z, labels = torch.randn(4, 16, 1), torch.tensor([0, 1, 2, 1])  # 16 patches of one pixel
     guidance = Guidance(1.7, rule, schedule, temperature)
     with torch.no_grad():
         for block in model.blocks:
@@ -132,9 +132,10 @@ def test_an_unconditional_tarflow_is_guided_by_its_own_attention():
         guided = model.decode([z])  # the model's own guidance applies to a drawn latent only
         plain = model.decode([z], {GUIDANCE: 0.0})
         by_model = model.decode([None], {GUIDANCE: model.guided_condition(None)[GUIDANCE], LABELS: torch.zeros(3)})
-        x = z
+        x = model.to_patches(z)
         for block in reversed(model.blocks):
             x = reference_inverse(block, x, None, Guidance(1.5, "cfg", "annealed", 0.5))
+        x = model.to_image(x)
         by_call = model.decode([z], {GUIDANCE: Guidance(1.5, "cfg", "annealed", 0.5)})
     assert torch.allclose(by_call, x, atol=1e-9)
     assert not torch.allclose(by_call, plain)

@@ -27,9 +27,9 @@ def tiny_tarflow(num_classes=3, **kwargs):
 def test_the_cached_inverse_equals_the_uncached_one(reverse, affine):
     """One pass per patch with the key/value cache gives what T full causal passes give."""
     torch.manual_seed(0)
-    block = TarFlowBlock(3, 8, 2, 32, 2, head_channels=16, reverse=reverse, affine=affine, num_classes=3)
+    block = TarFlowBlock(12, 16, 32, 2, head_channels=16, reverse=reverse, affine=affine, num_classes=3)  # 8x8x3 in 2x2
     perturb_parameters(block, 0.05)
-    z = torch.randn(4, 3, 8, 8)
+    z = torch.randn(4, 16, 12)
     cond = {LABELS: torch.tensor([0, 1, 2, NULL_LABEL])}
     with torch.no_grad():
         cached, cached_logdet = block.inverse(z, cond)
@@ -67,9 +67,9 @@ def test_guidance_is_the_extrapolation_of_the_conditional_and_null_class_transfo
     """At one step, w moves the log-scale and shift to (1 + w) cond - w null: with a
     single block of 2 patches the second patch is z_1 exp(a) + b with exactly those."""
     torch.manual_seed(0)
-    block = TarFlowBlock(1, 2, 1, 16, 1, head_channels=8, num_classes=2)  # 4 patches of one pixel
+    block = TarFlowBlock(1, 4, 16, 1, head_channels=8, num_classes=2)  # 4 patches of one pixel
     perturb_parameters(block, 0.1)
-    z = torch.randn(3, 1, 2, 2)
+    z = torch.randn(3, 4, 1)
     labels = torch.tensor([0, 1, 1])
     w = 1.5
     with torch.no_grad():
@@ -163,7 +163,7 @@ def test_conditioning_the_deep_block_only_leaves_the_shallow_blocks_blind_to_the
     x = torch.rand(2, 1, 4, 4) - 0.5
     with torch.no_grad():
         zero, one = ({LABELS: torch.full((2,), label)} for label in (0, 1))
-        shallow = {name: model.blocks[1](model.blocks[0](x, cond)[0], cond)[0] for name, cond in
+        shallow = {name: model.blocks[1](model.blocks[0](model.to_patches(x), cond)[0], cond)[0] for name, cond in
                    (("zero", zero), ("one", one))}
         assert torch.equal(shallow["zero"], shallow["one"])
         assert not torch.allclose(model.log_prob(x, zero), model.log_prob(x, one))
@@ -180,10 +180,10 @@ def test_guidance_acts_in_the_deep_block_alone_when_only_it_is_conditioned():
     z = torch.randn(3, 1, 4, 4)
     with torch.no_grad():
         guided = model.decode([z], {LABELS: labels, GUIDANCE: 2.0})
-        by_hand = model.blocks[2].inverse(z, {LABELS: labels, GUIDANCE: 2.0})[0]
+        by_hand = model.blocks[2].inverse(model.to_patches(z), {LABELS: labels, GUIDANCE: 2.0})[0]
         for block in (model.blocks[1], model.blocks[0]):
             by_hand = block.inverse(by_hand, {LABELS: labels})[0]
-        assert torch.allclose(guided, by_hand, atol=1e-6)
+        assert torch.allclose(guided, model.to_image(by_hand), atol=1e-6)
         unguided = model.decode([z], {LABELS: labels})
         assert torch.equal(model.decode([z], {LABELS: labels, GUIDANCE: 0.0}), unguided)
         assert (guided - unguided).abs().max() > 1e-4
@@ -238,3 +238,28 @@ def test_the_input_scale_is_a_fixed_bijection_in_the_likelihood():
         assert (scaled.decode(scaled.encode(x).latents) - x).abs().max() < 1e-5
     with pytest.raises(ValueError, match="input_scale must be > 0"):
         TarFlow(image_size=4, input_scale=0.0)
+
+
+def test_the_model_cuts_the_image_into_patches_once_per_pass(monkeypatch):
+    """ml-tarflow patchifies once per model: the blocks pass the sequence on, so a pass
+    with B blocks cuts the image once (and folds it back once), not B times."""
+    import flows.tarflow as tarflow
+    counts = {"patchify": 0, "unpatchify": 0}
+    for name in counts:
+        original = getattr(tarflow, name)
+
+        def counted(*args, _name=name, _original=original):
+            counts[_name] += 1
+            return _original(*args)
+        monkeypatch.setattr(tarflow, name, counted)
+    model = tiny_tarflow()
+    assert len(model.blocks) > 1
+    x, cond = torch.rand(2, 3, 8, 8) - 0.5, {LABELS: torch.tensor([0, 1])}
+    with torch.no_grad():
+        z = model.encode(x, cond).latents[0]
+        assert counts == {"patchify": 1, "unpatchify": 1}
+        back = model.decode([z], cond)
+    assert counts == {"patchify": 2, "unpatchify": 2}
+    assert (back - x).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="patch sequences"):
+        model.blocks[0](x, cond)  # an image handed to a block is named, not misread
