@@ -88,6 +88,8 @@ class Cascade(FlowModel):
 
     @property
     def exact(self) -> bool:
+        # A stage beyond the base makes log P(x) a bound (seed 000 eq. 3.6: the pyramid's
+        # lower resolutions are integrated out variationally), whatever the stages' parts.
         return len(self.stages) == 1 and self.base.exact
 
     @property

@@ -523,11 +523,7 @@ class PixelDiffusion(FlowModel):
         if self.training:
             extra["vlb_bpd"] = (negative_elbo / (dims * math.log(2.0))).mean()
         log_density = -negative_elbo - bin_log_volume(dims, n_bits)  # as encode's: Glow's bpd formula applies
-        return Objective(loss.mean(), log_density, False, dims, None, {}, extra, estimated=True)
-
-    @property
-    def exact(self) -> bool:
-        return False
+        return Objective(loss.mean(), log_density, self.exact, dims, None, {}, extra, estimated=True)
 
     @property
     def display_name(self) -> str:
@@ -541,7 +537,7 @@ class PixelDiffusion(FlowModel):
         self.diffusion._check_shape(x)
         log_bins = -self.diffusion.negative_elbo(self.to_diffusion_space(x))
         log_density = log_bins - bin_log_volume(self.dims, self.n_bits)
-        return Encoding([x], zero_logdet(x), log_density, exact=False)
+        return Encoding([x], zero_logdet(x), log_density, exact=self.exact)
 
     def decode(self, latents: list[Tensor | None], cond: Condition = None, temperature: float = 1.0) -> Tensor:
         if latents[0] is None:

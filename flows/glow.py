@@ -181,12 +181,6 @@ class Glow(FlowModel):
         family = "NSF" if self.coupling == "spline" else type(self).__name__  # Glow, or a builder's name
         return f"{family}{'CC' if self.num_classes else ''}{self.image_size}"
 
-    @property
-    def exact(self) -> bool:
-        if self.joint_prior is not None:
-            return self.joint_prior.exact
-        return self.top_prior.exact and all(prior.exact for prior in self.split_priors)
-
     def _check_input(self, x: Tensor) -> None:
         expected = (self.in_channels, self.image_size, self.image_size)
         if tuple(x.shape[1:]) != expected:

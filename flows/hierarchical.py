@@ -519,7 +519,7 @@ class HierarchicalFlow(FlowModel):
         entropy = torch.zeros_like(logdet)
         for mu, sigma, level in zip(mus, sigmas, self.levels[1:]):
             entropy = entropy + gaussian_entropy(mu[0].numel(), level.alpha_flow * sigma.to(entropy.dtype))
-        return HierarchicalEncoding(latents, logdet, log_prior, exact=False, entropy=entropy.detach(),
+        return HierarchicalEncoding(latents, logdet, log_prior, exact=self.exact, entropy=entropy.detach(),
                                     log_posterior=log_posterior.detach(), level_log_probs=level_log_probs,
                                     ys=flow_inputs, sigmas=[None] + list(sigmas))
 

@@ -109,6 +109,18 @@ class NoisyReconstruction:
         return self.failed.float().mean()
 
 
+def declaring_parts(module: nn.Module):
+    """The modules below ``module`` that declare ``exact``, without descending into them
+    (a nested model derives its own) nor into dequantizers (see FlowModel.exact)."""
+    for child in module.children():
+        if isinstance(child, Dequantizer):
+            continue
+        if hasattr(child, "exact"):
+            yield child
+        else:
+            yield from declaring_parts(child)
+
+
 def temperature_per_part(temperature: float | list[float], parts: list, what: str) -> list[float]:
     """One sampling temperature per part (a cascade's stages, a hierarchy's levels): one
     number for all, or a list with one entry per part, in ``parts``' order."""
@@ -218,8 +230,14 @@ class FlowModel(nn.Module):
 
     @property
     def exact(self) -> bool:
-        """Whether :meth:`log_prob` is the exact log-density (else a lower bound)."""
-        return True
+        """Whether :meth:`log_prob` is the exact log-density (else a lower bound), derived
+        from the parts as SurVAE composes it: exact when every part that declares
+        ``exact`` is (a prior: a DDPM's is a bound; a nested model: it derives its own).
+        Bijections keep exactness and declare nothing. The dequantizer is no part of
+        ``log_prob``: it joins at the objective (``Objective.exact``). A model whose
+        structure is itself a bound (the hierarchical flow's variational lifting, a
+        cascade beyond its base) overrides this with that fact."""
+        return all(part.exact for part in declaring_parts(self))
 
     @property
     def dims(self) -> int:

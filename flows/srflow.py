@@ -62,10 +62,6 @@ class SRFlow(FlowModel):
         # The model's dequantizer is the flow's (SRFlow.training_loss is the flow's).
         self.dequantizer = self.flow.dequantizer
 
-    @property
-    def exact(self) -> bool:
-        return self.flow.exact
-
     def features(self, lowres: Tensor) -> Tensor:
         expected = (self.in_channels, self.lr_size, self.lr_size)
         if tuple(lowres.shape[1:]) != expected:

@@ -412,7 +412,7 @@ class TarFlow(FlowModel):
             z, block_logdet = block(z, cond)
             logdet = logdet + block_logdet
         z = self.to_image(z)
-        return Encoding([z], logdet, self.prior.log_prob(z), exact=True)
+        return Encoding([z], logdet, self.prior.log_prob(z), exact=self.exact)
 
     VARIANCE_RATE = 0.1  # ml-tarflow's VAR_LR
 

@@ -158,3 +158,22 @@ def test_any_single_model_without_parts_trains_under_the_density_module():
     objective = model.training_loss(clean, None, n_bits=5, noise=noise)
     assert torch.allclose(out.loss, objective.loss) and torch.allclose(out.log_prob[8], objective.log_prob)
     assert out.exact == {8: False} and "level_bpd_prior" in out.extra
+
+
+def test_exactness_is_derived_from_the_parts_not_declared_per_model():
+    """A model built from exact parts is exact without saying so; one bound prior anywhere
+    below it (even inside a nested model) makes it a bound; a learned dequantizer leaves
+    the encoding exact (it joins at the objective); a structural bound overrides."""
+    from flows import FlowModel
+    from flows.distributions import GaussianPrior
+
+    class TwoPriors(FlowModel):
+        def __init__(self, second):
+            super().__init__(None, 3)
+            self.first, self.inner = GaussianPrior((3, 4, 4)), torch.nn.ModuleList([second])
+
+    assert TwoPriors(GaussianPrior((3, 4, 4))).exact
+    assert not TwoPriors(StandInDiffusionPrior((3, 4, 4))).exact
+    assert not TwoPriors(build("diffusion_flow")[0]).exact  # a nested model's own derivation counts
+    assert TwoPriors(build("glow_variational_dequantization")[0]).exact
+    assert not build("cascade")[0].exact and not build("hierarchical")[0].exact
