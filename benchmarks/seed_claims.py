@@ -583,7 +583,7 @@ def held_out_figures(module, args, resolutions: list[int], bound: bool) -> dict:
     from datamodules import MNISTDataModule
     from flows.quantization import bits_per_dim
     from lightning_modules.family import NOISY_DATA_METRIC
-    from lightning_modules.checkpointing import seeded_rng
+    from lightning_modules.rng_states import seeded_rng
 
     data = MNISTDataModule(data_dir=str(args.data_dir), image_size=args.resolution, resolutions=resolutions,
                            fit_split="test", val_per_class=args.val_per_class, num_workers=0, seed=0,

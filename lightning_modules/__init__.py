@@ -5,7 +5,9 @@ from lightning_modules.analyses import (LatentInterpolation, LatentZeroing, Near
 from lightning_modules.autoencoder_module import AutoencoderModule
 from lightning_modules.averaging import EMAWeights
 from lightning_modules.base import Batch, FlowModule, LossOutput
-from lightning_modules.callbacks import ExactResume, RunSummary, SampleGrids, TestMetrics, ValidationFID
+from lightning_modules.evaluation import RunSummary, TestMetrics, ValidationFID
+from lightning_modules.exact_resume import ExactResume
+from lightning_modules.sample_grids import SampleGrids
 from lightning_modules.cascade_module import CascadeModule, GlowStage, SRFlowStage
 from lightning_modules.diffusion_module import DiffusionFlowModule, PixelDiffusionModule
 from lightning_modules.glow_module import GlowModule

@@ -18,7 +18,7 @@ prior samples at temperature 0. Each callback writes PNGs and a JSON of its numb
 ``<log dir>/analyses/`` and sends the images to every logger. The PNGs are labelled
 figures (title, row and column labels, tiles upscaled by nearest neighbour to at least
 ``MIN_TILE_PX``); ``analyses/raw/`` keeps the bare grids at 1:1. A failed tile (a
-non-finite decoding or sample) is red in every figure (``callbacks.mark_failed``, the
+non-finite decoding or sample) is red in every figure (``sample_grids.mark_failed``, the
 title then says "red = non-finite sample"), and the JSONs are strict JSON (a non-finite
 number is ``null``). Switch them on under ``trainer.callbacks``
 (``experiments/analyses.yaml`` lists all of them).
@@ -35,9 +35,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
-from flows.model import NoisyReconstruction, batch_size_of, map_latents
+from flows.model import batch_size_of, map_latents
 from flows.quantization import reduce_bits, to_uint8
-from lightning_modules.callbacks import FAILED_LEGEND, log_dir, mark_failed, sampling_mode, save_uint8_png, send_image
+from lightning_modules.run_folder import log_dir
+from lightning_modules.sample_grids import FAILED_LEGEND, mark_failed, sampling_mode, save_uint8_png, send_image
 from lightning_modules.metrics import finite_samples, json_text
 
 Latents = Any  # a list of tensors (one model) or {resolution: list} (a cascade); None = draw from the prior

@@ -10,13 +10,14 @@ its model). Around it the base mixes in, one concern per module:
 * ``step_skipping.py``: steps with a non-finite loss or gradient are skipped and counted,
   a diverged run ends with advice;
 * ``parts.py``: parts with their own optimizer settings, checkpoints and freezing;
-* ``checkpointing.py`` (``CheckpointIdentity``): checkpoints name their model, refuse others.
+* ``checkpoint_identity.py`` (``CheckpointIdentity``): checkpoints name their model, refuse others.
 
 The base itself: the uint8 batch to a :class:`Batch` (the dequantization noise, fixed
 per image in evaluation), one Adamax/Adam group per trainable part with warm-up and step
 decay, gradient clipping, gradient accumulation, and the logs (``bpd_R`` when exact,
 ``bpd_bound_R`` when the likelihood is a lower bound). Sample grids, FID, the metrics
-table and mid-epoch resume are Lightning callbacks (``callbacks.py``).
+table and mid-epoch resume are Lightning callbacks (``sample_grids.py``, ``evaluation.py``,
+``exact_resume.py``).
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ from torch import Tensor
 
 from datamodules.pyramid import data_mismatch
 from flows.quantization import check_n_bits, dequantize, likelihood_figure, per_sample_uniform
-from lightning_modules.checkpointing import CheckpointIdentity, save_constructor_arguments, seeded_rng
+from lightning_modules.checkpoint_identity import CheckpointIdentity, save_constructor_arguments
+from lightning_modules.rng_states import seeded_rng
 from lightning_modules.errors import ConfigurationError
 from lightning_modules.family import Batch, FamilyInterface, LossOutput, bpd_name
 from lightning_modules.lightning_internals import attached_trainer
@@ -75,8 +77,8 @@ class FlowModule(FamilyInterface, NonFiniteStepSkipping, TrainableParts, Checkpo
         accept_changed_settings: model settings (dotted keys, or their last part; "*" for
             all) allowed to differ from those saved in a checkpoint this run loads (a
             resume, ``lightning test``); any other difference is refused
-            (``checkpointing.check_settings``). Optimization and sampling settings may
-            always differ (``checkpointing.RUN_SETTINGS``).
+            (``checkpoint_identity.check_settings``). Optimization and sampling settings may
+            always differ (``checkpoint_identity.RUN_SETTINGS``).
     """
 
     def __init__(self, *, n_bits: int = 8, grad_clip_norm: float | None = None,
@@ -111,7 +113,7 @@ class FlowModule(FamilyInterface, NonFiniteStepSkipping, TrainableParts, Checkpo
 
     def save_config(self) -> None:
         """Record the family constructor's arguments as hyper-parameters
-        (:func:`~lightning_modules.checkpointing.save_constructor_arguments`)."""
+        (:func:`~lightning_modules.checkpoint_identity.save_constructor_arguments`)."""
         save_constructor_arguments(self, inspect.currentframe().f_back)
 
     def configure_optimizers(self):

@@ -17,7 +17,7 @@ Cluster behaviour (README "Running on a cluster"):
   cannot work, a full or read-only disk) print one paragraph and exit with status 2; so
   does a bad argument, its cause first (:class:`MsflowsArgumentParser`).
 * Checkpoints are written atomically (:class:`AtomicCheckpointIO`).
-* Every run gets the :class:`~lightning_modules.callbacks.ExactResume` callback (RNG
+* Every run gets the :class:`~lightning_modules.exact_resume.ExactResume` callback (RNG
   states in checkpoints, mid-epoch resume), whether or not the config lists it.
 * Every run gets :class:`~lightning_modules.signals.SignalCheckpoint`: SIGTERM, Ctrl-C and
   the SLURM requeue signal save a checkpoint at the end of the current step (and requeue),
@@ -46,9 +46,10 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from datamodules import PyramidDataModule
 from datamodules.sources import DatasetNotFoundError, DataSettingsError
-from lightning_modules.callbacks import ExactResume, RunSummary
-from lightning_modules.checkpointing import (AtomicCheckpointIO, RunLock, persistent_wandb_id,
-                                             remove_stale_temporaries, resume_checkpoint, storage_error)
+from lightning_modules.evaluation import RunSummary
+from lightning_modules.exact_resume import ExactResume
+from lightning_modules.checkpoint_files import AtomicCheckpointIO, storage_error
+from lightning_modules.run_folder import RunLock, persistent_wandb_id, remove_stale_temporaries, resume_checkpoint
 from lightning_modules.errors import ConfigurationError, UsageError
 from lightning_modules.lightning_internals import ConfigOverCheckpointCLI
 from lightning_modules.signals import SignalCheckpoint

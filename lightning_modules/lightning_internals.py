@@ -14,7 +14,7 @@ What each piece is for:
 * :func:`lightning_accumulates`: inside one of Lightning's own accumulation groups
   (automatic optimization only; FlowModule counts its own groups).
 * :func:`hyperparameters_from_cli`: whether LightningCLI is instantiating this module
-  (its parsed config is then the module's hyper-parameters; checkpointing.py).
+  (its parsed config is then the module's hyper-parameters; checkpoint_identity.py).
 * :func:`attached_trainer`: the module's trainer, or None outside a Trainer (the public
   ``trainer`` property raises there).
 * :func:`rewind_epoch_end_checkpoint`: the fit loop's saved progress, rewritten for an

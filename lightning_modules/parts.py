@@ -24,7 +24,7 @@ from typing import Callable, Literal
 import torch
 from torch import nn
 
-from lightning_modules.checkpointing import read_state_dict, state_dict_mismatch
+from lightning_modules.checkpoint_files import read_state_dict, state_dict_mismatch
 from lightning_modules.errors import ConfigurationError
 
 
@@ -266,17 +266,19 @@ def lr_factor(settings: OptimizerSettings, steps_per_epoch: Callable[[], int],
     warmup = settings.warmup_steps
     if warmup is None:
         warmup = int(round(settings.warmup_epochs * steps_per_epoch())) if settings.warmup_epochs else 0
-    cosine = None
-    if settings.decay == "cosine":
+    if settings.decay == "cosine":  # the multiplier after the warm-up: the cosine, or 1
         if settings.decay_steps is None and total_steps is None:
             raise ConfigurationError("decay: cosine needs the run's length: set trainer.max_steps or max_epochs, "
                                      "or the optimizer's decay_steps")
         end = settings.decay_steps if settings.decay_steps is not None else total_steps()
         floor = settings.lr_floor / settings.lr
 
-        def cosine(step: int) -> float:
+        def shape(step: int) -> float:
             t = min(1.0, max(0.0, (step - warmup) / max(1, end - warmup)))
             return floor + 0.5 * (1.0 + math.cos(math.pi * t)) * (1.0 - floor)
+    else:
+        def shape(step: int) -> float:
+            return 1.0
     milestones = sorted(settings.lr_milestones or [])
     gamma = settings.lr_gamma
     epoch_decay = settings.epoch_decay
@@ -286,8 +288,7 @@ def lr_factor(settings: OptimizerSettings, steps_per_epoch: Callable[[], int],
     def factor(step: int) -> float:
         ramp = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
         decays = epoch_decays(step // epoch_steps, every, after)
-        shape = cosine(step) if cosine is not None else 1.0
-        return ramp * shape * gamma ** sum(1 for m in milestones if step >= m) * epoch_decay ** decays
+        return ramp * shape(step) * gamma ** sum(1 for m in milestones if step >= m) * epoch_decay ** decays
 
     return factor
 

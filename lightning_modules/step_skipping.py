@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-from lightning_modules.checkpointing import newest_checkpoint
+from lightning_modules.run_folder import newest_checkpoint
 from lightning_modules.errors import ConfigurationError, TrainingDivergedError
 
 

@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from lightning_modules.checkpointing import load_checkpoint_file
+from lightning_modules.checkpoint_files import load_checkpoint_file
 from lightning_modules.cli import main
 from tests.conftest import REPO, run_command
 

@@ -29,7 +29,8 @@ from datamodules import EmbeddedDataModule
 from flows import Glow, SRFlow
 from lightning_modules import (CascadeModule, ExactResume, GlowModule, GlowStage, OptimizerSettings,
                                SRFlowStage)
-from lightning_modules.checkpointing import AtomicCheckpointIO, remove_stale_temporaries, resume_checkpoint
+from lightning_modules.checkpoint_files import AtomicCheckpointIO
+from lightning_modules.run_folder import remove_stale_temporaries, resume_checkpoint
 
 
 def build(family: str, train_size: int = 128):

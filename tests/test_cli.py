@@ -341,7 +341,7 @@ def test_default_root_dir_on_the_command_line_holds_the_lock_checkpoints_logs_an
     import json
 
     from lightning_modules import cli
-    from lightning_modules.checkpointing import resume_checkpoint
+    from lightning_modules.run_folder import resume_checkpoint
 
     monkeypatch.chdir(tmp_path)  # the YAML's logger would write under ./runs/quick_photos
     locks = []

@@ -52,7 +52,7 @@ def test_ddp_fid_samples_are_split_across_ranks_and_scored_once(ddp_runs):
     # FID as the trained model's two shares drawn and scored here in one process, and not
     # the FID of 12 samples drawn by rank 0 alone.
     from lightning_modules import FIDSettings
-    from lightning_modules.callbacks import draw_samples
+    from lightning_modules.sample_grids import draw_samples
     from lightning_modules.metrics import ImagesAtResolution, TensorImages, fidelity
     from tests.resume_job import build
 

@@ -5,7 +5,7 @@ import torch
 
 from flows import LABELS, LOWRES, Glow, SRFlow
 from lightning_modules import CascadeModule, GlowModule, GlowStage, SRFlowStage
-from lightning_modules.checkpointing import load_checkpoint_file, read_state_dict
+from lightning_modules.checkpoint_files import load_checkpoint_file, read_state_dict
 from tests.conftest import REPO
 
 FIXTURES = REPO / "tests" / "fixtures"

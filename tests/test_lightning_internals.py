@@ -153,7 +153,7 @@ def test_the_adapter_reads_a_real_trainer(name, tmp_path):
         assert lightning_internals.lightning_accumulates(trainer) is False
 
 
-CALLBACK_FILES = ["callbacks.py", "analyses.py", "model_checkpoint.py", "signals.py", "averaging.py", "metrics.py"]
+CALLBACK_FILES = ["sample_grids.py", "evaluation.py", "exact_resume.py", "analyses.py", "model_checkpoint.py", "signals.py", "averaging.py", "metrics.py"]
 MODULE_NAMES = {"pl_module", "module", "lightning_module"}
 
 

@@ -230,7 +230,7 @@ def test_fid_192_reaches_torch_fidelity_and_torchmetrics(monkeypatch, tmp_path):
 
 
 def test_real_statistics_cache_name_holds_the_feature_layer(monkeypatch, tmp_path):
-    import lightning_modules.callbacks as callbacks
+    import lightning_modules.evaluation as evaluation
 
     names = []
 
@@ -238,7 +238,7 @@ def test_real_statistics_cache_name_holds_the_feature_layer(monkeypatch, tmp_pat
         names.append(real_cache_name)
         return {"fid": 1.0, "kid": 0.1, "kid_std": 0.01}
 
-    monkeypatch.setattr(callbacks, "fidelity", fake_fidelity)
+    monkeypatch.setattr(evaluation, "fidelity", fake_fidelity)
     module = GlowModule(flow=Glow(image_size=8, scales=2, steps_per_scale=1, hidden_channels=8), n_bits=5)
     for layer in ("192", "2048", None):
         settings = FIDSettings(num_samples=4, batch_size=4, feature_layer=layer)
@@ -273,7 +273,7 @@ def test_lightning_test_writes_the_sampling_time(tmp_path):
     recorder = recording_logger(tmp_path)
     run = trainer(tmp_path, limit_test_batches=1, logger=recorder, callbacks=[TestMetrics(sampling_time_samples=5)])
     run.test(module, pyramid_data(top=8))
-    # The run folder of a logger: <save_dir>/<name>/<version> (callbacks.log_dir).
+    # The run folder of a logger: <save_dir>/<name>/<version> (run_folder.log_dir).
     table = json.loads((tmp_path / "recorder" / "version_0" / "metrics.json").read_text())
     assert table["sampling_time_samples"] == 5 and table["sampling_time_s"] > 0
     assert calls == [(5, 1.0), (5, 1.0)]  # a warm-up and the timed call

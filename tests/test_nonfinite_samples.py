@@ -9,7 +9,7 @@ import torch
 from flows import Glow
 from lightning_modules import (FIDSettings, GlowModule, LatentInterpolation, NoiseSweep, ResamplingMaps, SampleGrids,
                                TestMetrics, ValidationFID)
-from lightning_modules.callbacks import FAILED_LEGEND, draw_samples, mark_failed
+from lightning_modules.sample_grids import FAILED_LEGEND, draw_samples, mark_failed
 from lightning_modules.metrics import TensorImages, as_rgb, fidelity, json_text
 from tests.builders import SMOKE_FID as SMOKE, pyramid_data, split_grid, tiny_glow
 from tests.conftest import recording_logger
@@ -67,10 +67,10 @@ def test_json_text_is_strict_and_mark_failed_paints_red():
 
 
 def test_metrics_json_counts_nonfinite_samples_and_scores_only_the_finite_ones(tmp_path, monkeypatch, capsys):
-    import lightning_modules.callbacks as callbacks
+    import lightning_modules.evaluation as evaluation
 
     scored, titles = [], []
-    real_fidelity, real_plot = callbacks.fidelity, callbacks.plot_temperature_sweep
+    real_fidelity, real_plot = evaluation.fidelity, evaluation.plot_temperature_sweep
 
     def recording_fidelity(fake, real, settings, cache_name, cuda):
         scored.append((fake, real))
@@ -80,8 +80,8 @@ def test_metrics_json_counts_nonfinite_samples_and_scores_only_the_finite_ones(t
         titles.append(title)
         return real_plot(path, sweep, title, *args)
 
-    monkeypatch.setattr(callbacks, "fidelity", recording_fidelity)
-    monkeypatch.setattr(callbacks, "plot_temperature_sweep", recording_plot)
+    monkeypatch.setattr(evaluation, "fidelity", recording_fidelity)
+    monkeypatch.setattr(evaluation, "plot_temperature_sweep", recording_plot)
     settings = FIDSettings(**SMOKE, num_samples=16, temperature=1.0, sweep_temperatures=[0.5, 2.0],
                            cache_dir=str(tmp_path / "cache"))
     module = glow_with_failures()

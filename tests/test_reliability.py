@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 
-from lightning_modules.checkpointing import (AtomicCheckpointIO, RunLock, load_checkpoint_file,
-                                             remove_stale_temporaries, resume_checkpoint)
+from lightning_modules.checkpoint_files import AtomicCheckpointIO, load_checkpoint_file
+from lightning_modules.run_folder import RunLock, remove_stale_temporaries, resume_checkpoint
 from tests.conftest import REPO
 from tests.commands import (QUICKSTART, TINY_CASCADE, assert_same_training_state, fit_capturing, main_quiet,
                             run_main, signal_at, uninterrupted_last_checkpoint)
@@ -79,7 +79,7 @@ def test_a_diverged_run_stops_after_max_skipped_steps(tmp_path, capsys):
 # --- 3. one live run per folder ----------------------------------------------------------------------
 def test_a_second_live_run_in_the_same_folder_refuses_to_start(tmp_path, capsys):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from lightning_modules.checkpointing import RunLock; "
+        [sys.executable, "-c", "import sys, time; from lightning_modules.run_folder import RunLock; "
                                f"RunLock({str(tmp_path)!r}).acquire(); print('held', flush=True); time.sleep(120)"],
         cwd=REPO, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     try:

@@ -10,7 +10,8 @@ import torch
 
 import random
 
-from lightning_modules.checkpointing import AtomicCheckpointIO, load_checkpoint_file, newest_checkpoint
+from lightning_modules.checkpoint_files import AtomicCheckpointIO, load_checkpoint_file
+from lightning_modules.run_folder import newest_checkpoint
 from tests.conftest import REPO
 
 

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from lightning_modules.checkpointing import load_checkpoint_file
+from lightning_modules.checkpoint_files import load_checkpoint_file
 from tests.conftest import REPO
 from tests.commands import (CLI, TINY_QUICKSTART, assert_same_training_state, fit_capturing, signal_at,
                             uninterrupted_last_checkpoint)

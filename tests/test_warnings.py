@@ -4,7 +4,7 @@ import warnings
 
 import pytest
 
-from lightning_modules.checkpointing import LOCK_FILE, RunLock
+from lightning_modules.run_folder import LOCK_FILE, RunLock
 from tests.conftest import REPO
 from tests.commands import run_cli
 

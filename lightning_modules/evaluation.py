@@ -1,34 +1,19 @@
-"""Lightning callbacks any module can use, switched on in YAML under
-``trainer.callbacks`` (or ``--trainer.callbacks+=...``):
+"""What a run measured, as callbacks any module can use (switched on in YAML under
+``trainer.callbacks``):
 
-* :class:`SampleGrids`: sample grids per resolution and temperature after validation,
-  saved as PNG and sent to every logger (W&B, TensorBoard).
 * :class:`ValidationFID`: ``val/fid_R`` curves (torchmetrics) during training.
 * :class:`TestMetrics`: at ``lightning test``, the metrics table ``metrics.json``
   (model name, bits per dim per resolution, exact or bound, the time to draw 25
   samples) and, given FID settings, FID/KID per resolution (torch-fidelity) and the
-  FID-vs-temperature sweep.
-* :class:`ExactResume`: RNG states of every process in each checkpoint, a run
-  resumed mid-epoch continues with the batches an uninterrupted run would draw, and
-  one resumed from an end-of-epoch checkpoint with the uninterrupted run's epoch
-  number. The ``lightning`` command adds it to every run.
-
-The sampling callbacks need ``pl_module.sample_images(n, temperature)`` (a dict of
-model-space images per resolution) and ``pl_module.n_bits``; what "temperature" means
-is the module's business (one per cascade stage, for instance).
-
-Non-finite samples (a NaN or infinite value anywhere in model space) are counted per
-resolution and temperature (``nonfinite_samples`` in ``metrics.json``,
-``val/nonfinite_samples_R`` / ``test/nonfinite_samples_R`` in the loggers), left out of
-FID/KID and painted red wherever an image of them is shown (:func:`mark_failed`, the one
-marking every grid and analysis figure uses).
+  FID-vs-temperature sweep. Non-finite samples are counted (``nonfinite_samples``) and
+  left out of FID/KID, never scored as grey.
+* :class:`RunSummary`: where the run's files are and what its best checkpoint measured
+  (the ``lightning`` command adds it to every run).
 """
 from __future__ import annotations
 
 import math
-import os
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -36,182 +21,16 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
-from datamodules.datamodules import PyramidDataset, ResumableSampler
-from flows.quantization import reduce_bits, to_uint8
-from lightning_modules.checkpointing import RNG_KEY, gather_rng_states, restore_rng_states, seeded_rng
+from datamodules.datamodules import PyramidDataset
+from flows.quantization import reduce_bits
 from lightning_modules.errors import ConfigurationError
 from lightning_modules.family import family_of
-from lightning_modules.lightning_internals import rewind_epoch_end_checkpoint
 from lightning_modules.metrics import (MIN_FID_SAMPLES, FIDSettings, ImagesAtResolution, Samples, TensorImages, as_rgb,
                                        feature_cache_tag, features_label, features_note, fid_log_names, fidelity,
-                                       generate_uint8, in_loop_fid, plot_temperature_sweep, settings_dict,
-                                       time_sampling, write_metrics_table)
-
-# How every figure of this project shows a failed (non-finite) sample: a flat tile of this
-# colour, which to_uint8's mid-grey for NaN is not.
-FAILED_RGB = (255, 0, 0)
-FAILED_LEGEND = "red = non-finite sample"
-
-
-def mark_failed(images_uint8: Tensor, failed: Tensor | None) -> Tensor:
-    """uint8 [N, C, H, W] images (C = 1 or 3) as RGB [N, 3, H, W] on the CPU, each image
-    where ``failed`` ([N] bool) is True painted ``FAILED_RGB`` (red): the one marking of
-    a failed sample in sample grids and analysis figures (legend: ``FAILED_LEGEND``)."""
-    images = images_uint8.cpu()
-    shown = (images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images).clone()
-    if failed is not None:
-        shown[failed.to(torch.bool).cpu()] = torch.tensor(FAILED_RGB, dtype=torch.uint8)[:, None, None]
-    return shown
-
-
-def log_dir(trainer: pl.Trainer) -> Path:
-    """A run's folder, where its tables, sweeps, analyses and sample grids go; printed the
-    first time. One rule for every logger, Lightning's for checkpoints:
-
-    * training: the folder that holds ``checkpoints/``, ``<save_dir>/<name>/<version>``
-      of the first logger (CSV and TensorBoard ``<name>/version_N``, W&B
-      ``<project>/<run id>``), ``default_root_dir`` without a logger;
-    * ``lightning test`` / ``validate`` / ``predict`` of a checkpoint: beside it, in its
-      run folder for ``<run>/checkpoints/<file>`` (not the new ``version_N`` a logger
-      opens for the test), unless that folder cannot be written.
-
-    Without Trainer.log_dir's broadcast, which would deadlock when only process 0 asks."""
-    from pytorch_lightning.trainer.states import TrainerFn
-
-    directory = None
-    if trainer.state.fn != TrainerFn.FITTING and trainer.ckpt_path and Path(trainer.ckpt_path).is_file():
-        tested = Path(trainer.ckpt_path).resolve().parent
-        tested = tested.parent if tested.name == "checkpoints" else tested
-        directory = tested if os.access(tested, os.W_OK) else None
-    if directory is None and trainer.loggers:
-        first = trainer.loggers[0]
-        version = first.version if isinstance(first.version, str) else f"version_{first.version}"
-        directory = Path(first.save_dir or trainer.default_root_dir) / str(first.name) / version
-    directory = Path(directory or trainer.default_root_dir)
-    announced = trainer.__dict__.setdefault("_msflows_announced_log_dirs", set())
-    if directory not in announced and trainer.is_global_zero:
-        announced.add(directory)
-        print(f"outputs of this run ({trainer.state.fn.value}): {directory}", file=sys.stderr)
-    return directory
-
-
-def check_temperatures(callback: pl.Callback, pl_module: pl.LightningModule, temperatures) -> None:
-    """Fail before the first step, not at the first validation end, on a temperature the
-    module cannot sample at (e.g. a per-stage list of the wrong length)."""
-    family = family_of(pl_module, type(callback).__name__)
-    for temperature in temperatures:
-        try:
-            family.check_temperature(temperature)
-        except ValueError as error:
-            raise ConfigurationError(f"{type(callback).__name__}: temperature {temperature!r} does not fit "
-                                     f"{family.model_name}: {error}") from error
-
-
-@contextmanager
-def sampling_mode(pl_module: pl.LightningModule, seed: int):
-    """Eval mode and a forked RNG seeded with ``seed``: the training RNG stream is
-    untouched and draws repeat; the module's mode is restored afterwards."""
-    was_training = pl_module.training
-    pl_module.eval()
-    try:
-        with seeded_rng(seed, pl_module.device):
-            yield
-    finally:
-        pl_module.train(was_training)
-
-
-@torch.no_grad()
-def draw_samples(pl_module: pl.LightningModule, n: int, temperature, seed: int,
-                 batch_size: int | None = None) -> Samples:
-    """n uint8 samples per resolution (CPU), with which of them were finite in model
-    space (:class:`~lightning_modules.metrics.Samples`), in eval mode, from a forked RNG
-    seeded with ``seed`` (:func:`sampling_mode`)."""
-    sample = family_of(pl_module, "drawing samples").sample_images
-    with sampling_mode(pl_module, seed):
-        return generate_uint8(lambda k: sample(k, temperature), n, batch_size or n,
-                              lambda x: to_uint8(x, pl_module.n_bits))
-
-
-def send_image(trainer: pl.Trainer, key: str, grid: Tensor, caption: str | None = None) -> None:
-    from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
-
-    for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger):
-            extra = {"caption": [caption]} if caption else {}
-            logger.log_image(key=key, images=[grid.permute(1, 2, 0).numpy()], step=trainer.global_step, **extra)
-        elif isinstance(logger, TensorBoardLogger):
-            logger.experiment.add_image(key, grid, trainer.global_step)
-
-
-def save_uint8_png(image: Tensor, path: Path) -> None:
-    from PIL import Image
-
-    array = image.permute(1, 2, 0).numpy()
-    Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).save(path)
-
-
-def grid_prefix(trainer: pl.Trainer) -> str:
-    """``stepXXXXXXXX`` in a fit; outside one (``lightning validate`` of a checkpoint) also
-    the checkpoint's name, so that validating two checkpoints of a run (both at the step
-    they were saved, or 0 for weights loaded in Python) writes two grids, not one."""
-    from pytorch_lightning.trainer.states import TrainerFn
-
-    prefix = f"step{trainer.global_step:08d}"
-    if trainer.state.fn != TrainerFn.FITTING:
-        name = Path(trainer.ckpt_path).stem if trainer.ckpt_path else "weights"
-        prefix = f"{trainer.state.fn.value}_{name}_{prefix}"
-    return prefix
-
-
-class SampleGrids(pl.Callback):
-    """A grid per resolution and temperature every ``every_n_epochs`` validation epochs,
-    saved as ``samples/stepXXXXXXXX_resR_tT.png`` in the log folder and sent to the
-    loggers. The noise comes from ``seed``, so grids of successive epochs compare.
-    Non-finite samples are red tiles (:func:`mark_failed`), counted in the loggers as
-    ``val/nonfinite_samples_R_tT`` and printed when there are any."""
-
-    def __init__(self, temperatures: list[float] | None = None, num_samples: int = 64,
-                 every_n_epochs: int = 1, seed: int = 1234) -> None:
-        self.temperatures = list(temperatures if temperatures is not None else [0.7, 0.8, 1.0])
-        self.num_samples = num_samples
-        self.every_n_epochs = every_n_epochs
-        self.seed = seed
-
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        check_temperatures(self, pl_module, self.temperatures)
-
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        every = self.every_n_epochs
-        if trainer.sanity_checking or not every or trainer.current_epoch % every:
-            return
-        if trainer.is_global_zero:
-            self.draw(trainer, pl_module)
-
-    def draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Path]:
-        from torchvision.utils import make_grid
-
-        saved = []
-        counts: dict[str, int] = {}
-        out_dir = log_dir(trainer) / "samples"
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for temperature in self.temperatures:
-            samples = draw_samples(pl_module, self.num_samples, temperature, self.seed)
-            for resolution, images in samples.items():
-                failed = samples.failed(resolution)
-                shown = mark_failed(images, failed)
-                grid = make_grid(shown, nrow=int(math.ceil(math.sqrt(images.shape[0]))), padding=1)
-                path = out_dir / f"{grid_prefix(trainer)}_res{resolution}_t{temperature:g}.png"
-                save_uint8_png(grid, path)
-                saved.append(path)
-                bad = int(failed.sum())
-                counts[f"val/nonfinite_samples_{resolution}_t{temperature:g}"] = bad
-                caption = f"{bad} of {len(failed)} samples non-finite ({FAILED_LEGEND})" if bad else None
-                if bad:
-                    pl_module.print(f"sample grid {resolution}px, temperature {temperature:g}: {caption}: {path}")
-                send_image(trainer, f"samples/res{resolution}_t{temperature:g}", grid, caption)
-        for logger in trainer.loggers:
-            logger.log_metrics(counts, step=trainer.global_step)
-        return saved
+                                       in_loop_fid, plot_temperature_sweep, settings_dict, time_sampling,
+                                       write_metrics_table)
+from lightning_modules.run_folder import log_dir
+from lightning_modules.sample_grids import check_temperatures, draw_samples, sampling_mode
 
 
 class ValidationFID(pl.Callback):
@@ -468,73 +287,6 @@ class TestMetrics(pl.Callback):
             row.update(reference_split=split, reference_images=len(real_split), nonfinite_samples=counted)
             results[resolution] = row
         return results
-
-
-def _as_saved_at_the_last_batch(fit_loop_state: dict, max_epochs: int | None) -> None:
-    """Rewrite, in place, the fit-loop progress of a checkpoint written in
-    ``on_train_epoch_end`` (ModelCheckpoint's epoch-end save when validation runs at the
-    epoch end) into that of one written at the end of the epoch's last batch, whose
-    resume Lightning (2.6) gets right: it goes on with the next epoch under the next
-    number. From the former, in a ``max_steps`` run, it runs the finished epoch's end
-    again and counts it twice: the next epoch trains with the batch order of the epoch
-    after it. (A checkpoint written at a validation end after the last batch resumes
-    right as it is.)"""
-    epochs, batches = fit_loop_state["epoch_progress"], fit_loop_state["epoch_loop.batch_progress"]
-    e, b = epochs["current"], batches["current"]
-    batches_done = b["ready"] == b["started"] == b["processed"] == b["completed"] > 0
-    # The last epoch's checkpoint is left alone: Lightning sees the run finished.
-    finished = max_epochs not in (None, -1) and e["processed"] >= max_epochs
-    if e["ready"] == e["started"] == e["processed"] == e["completed"] + 1 and batches_done and not finished:
-        # The epoch is already counted as processed, and the logging step has already
-        # advanced past its last batch (Lightning adds that step back on this resume).
-        rewind_epoch_end_checkpoint(fit_loop_state)
-
-
-class ExactResume(pl.Callback):
-    """What an exact resume needs beyond Lightning's own state: the RNG states of every
-    process (dequantization and variational noise continue the same stream); a run
-    resumed mid-epoch continues with the batches an uninterrupted run would draw next
-    (the sampler's order depends on seed and epoch only); and a run resumed from a
-    checkpoint written at the end of an epoch goes on with the next epoch, numbered as
-    in the uninterrupted run (``current_epoch``, the sampler's epoch, the epoch-driven
-    freezes and decays), whichever hook wrote it. The finished epoch's remaining end
-    work (its validation, when the checkpoint was written before it) is not redone."""
-
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        checkpoint[RNG_KEY] = gather_rng_states()
-
-    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        if RNG_KEY in checkpoint:
-            restore_rng_states(checkpoint[RNG_KEY], trainer.global_rank)
-        # Callbacks load before the loops do: the loops then read the rewritten progress.
-        from pytorch_lightning.trainer.states import TrainerFn
-
-        fit_loop_state = (checkpoint.get("loops") or {}).get("fit_loop")
-        if trainer.state.fn == TrainerFn.FITTING and fit_loop_state and "epoch_progress" in fit_loop_state:
-            _as_saved_at_the_last_batch(fit_loop_state, trainer.max_epochs)
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        # Lightning does not call on_train_epoch_start for the resumed epoch;
-        # on_train_start runs after the restore and before that epoch's iterator exists.
-        loop = trainer.fit_loop.epoch_loop
-        if not loop.restarting:
-            return
-        done = loop.batch_progress.current.processed
-        if done >= trainer.num_training_batches:
-            # Saved after the epoch's last batch: Lightning counted that epoch in
-            # FitLoop.reset and begins the next one afresh (nothing to skip; a skip would
-            # empty the next epoch), but leaves its ready/started counters one behind an
-            # uninterrupted run's, which would make a mid-epoch checkpoint of this epoch
-            # look like one written between epochs.
-            progress = trainer.fit_loop.epoch_progress
-            if loop.restarted_on_train_batch_end and progress.current.ready == progress.current.processed:
-                progress.increment_ready()
-                progress.increment_started()
-            return
-        loader = trainer.train_dataloader
-        sampler = getattr(loader, "sampler", None)
-        if done and isinstance(sampler, ResumableSampler):
-            sampler.skip_next(done * loader.batch_size)
 
 
 class RunSummary(pl.Callback):
