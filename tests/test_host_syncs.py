@@ -2,7 +2,7 @@
 
 A host read (``.item()``, ``bool(t)``, a boolean index, ``nonzero``) stalls a GPU step
 until the kernel queue drains and breaks a ``torch.compile`` graph. Every model of the
-model CASES (tests/test_models.py) trains and samples without one after its first step
+model CASES (tests/model_cases.py) trains and samples without one after its first step
 (ActNorm's data-dependent initialization is a one-time event), and dynamo traces its
 training loss as one graph (``explain`` traces without compiling, so this is cheap).
 benchmarks/host_syncs.py gives the same figures at the shipped configs' sizes."""

@@ -1,5 +1,5 @@
 """TarFlow (flows/tarflow.py) beyond the shared layer and model properties
-(tests/test_bijections.py and tests/test_models.py list it): the cached inverse is the
+(tests/test_bijections.py and tests/model_cases.py list it): the cached inverse is the
 uncached one, guidance at w = 0 is plain conditional sampling and extrapolates each
 step's transform, bad settings are refused with a message (label dropout and guidance
 of every class-conditional family: tests/test_guidance.py)."""
