@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from flows.base import LABELS, LOWRES, Condition, condition_value, with_condition, zero_logdet
-from flows.model import Encoding, FlowModel, NoisyReconstruction, temperature_per_part
+from flows.model import Encoding, FlowModel, NoisyReconstruction, Objective, temperature_per_part
 from flows.quantization import bin_log_volume, snap_to_bins
 
 Pyramid = dict[int, Tensor]
@@ -53,6 +53,21 @@ class CascadeEncoding(Encoding):
     """A cascade's encoding; ``stages``: {resolution: that stage's own encoding}."""
 
     stages: dict[int, Encoding] = field(default_factory=dict)
+
+
+@dataclass
+class CascadeObjective:
+    """What :meth:`Cascade.stage_objectives` returns. ``stages``: {R: the stage's own
+    objective} (its loss, its log p(x_R | x_R/2) or log p_0(x_0), exact or bound).
+    ``log_densities``: {R: log P(x_R) minus x_R's bin log-volume} for every R whose
+    stages up to R all ran (:meth:`Cascade.cumulative_log_densities`), with ``exact``
+    per R. ``replacement_rates``: {R: the share of a variational stage's noisy
+    conditions replaced by clean ones}."""
+
+    stages: dict[int, Objective]
+    log_densities: dict[int, Tensor]
+    exact: dict[int, bool]
+    replacement_rates: dict[int, Tensor] = field(default_factory=dict)
 
 
 class Cascade(FlowModel):
@@ -174,6 +189,35 @@ class Cascade(FlowModel):
         stage's density times its bin volume (eq. 3.5 times p_0); a lower bound on the
         cascade's log-probability of x_R above the base."""
         return self.accumulate({r: self.encode_stage(r, x, cond).log_prob for r in self.resolutions})
+
+    def stage_objectives(self, clean: Pyramid, noise: Pyramid, cond: Condition = None, *, n_bits: int,
+                         resolutions: list[int] | None = None, latent_noise: dict[int, float] | None = None,
+                         max_abs: float = 1.0) -> CascadeObjective:
+        """The cascade's training objective, stage by stage (the whole walk of a batch
+        through the model, so a module only weighs and logs it). ``clean``: the pyramid
+        at its bin centres; ``noise``: the uniform dequantization draws per resolution;
+        ``resolutions``: the stages to run (default all; a frozen stage is skipped in
+        training). ``latent_noise``: {R: the std of the latent noise of variational
+        training (sec. 3.2)}: the stage at R conditions on the previous stage's noisy
+        reconstruction of its clean input (:meth:`variational_condition`) instead of the
+        clean one, replaced where it fails (beyond ``max_abs``)."""
+        cond = with_condition(cond, **{LOWRES: clean})
+        stages, rates = {}, {}
+        for resolution in resolutions or self.resolutions:
+            stage_cond = cond
+            std = (latent_noise or {}).get(resolution, 0.0)
+            if std > 0:
+                noisy = self.variational_condition(resolution, cond, std, max_abs)
+                stage_cond = with_condition(cond, **{LOWRES: {**clean, resolution // 2: noisy.images}})
+                rates[resolution] = noisy.failure_rate
+            stages[resolution] = self.stage(resolution).training_loss(
+                clean[resolution], self.stage_condition(resolution, stage_cond), n_bits=n_bits,
+                noise=noise.get(resolution))
+        log_densities = self.cumulative_log_densities({r: o.log_prob for r, o in stages.items()})
+        # Exact up to R only if every stage's objective up to R is exact (a learned
+        # dequantizer in any stage makes the product a bound).
+        exact = {r: self.stage_exact(r) and all(o.exact for s, o in stages.items() if s <= r) for r in log_densities}
+        return CascadeObjective(stages, log_densities, exact, rates)
 
     # --- latent groups: one per stage, highest resolution first -----------------------------
     def latent_groups(self, latents: dict[int, list]) -> list[int]:

@@ -209,46 +209,30 @@ class CascadeModule(FlowModule):
 
     # --- losses ------------------------------------------------------------------------
     def compute_losses(self, batch: Batch) -> LossOutput:
-        cond = {LABELS: batch.labels, LOWRES: batch.clean}
-        extra: dict[str, Tensor] = {}
+        """The model walks the batch through its stages (``Cascade.stage_objectives``);
+        the module chooses the stages and their latent noise, weighs the stages' losses
+        and names the figures. While training, frozen stages are skipped (they cost
+        compute and have no loss); evaluation computes every stage, so the cascade's
+        figures are complete. ``log_densities`` hold log P(x_R) at each resolution whose
+        stages all ran (empty while training with a frozen base: then only the stages'
+        own figures are logged)."""
         training = self.training
-        # While training, frozen stages are skipped (they cost compute and have no loss);
-        # evaluation computes every stage, so the cascade's figures are complete.
         resolutions = self.trained_resolutions if training else self.model.resolutions
-        stage_log_probs: dict[int, Tensor] = {}
-        stage_exact: dict[int, bool] = {}
+        latent_noise = {r: self.noise_std(self.sigma(r)) for r in resolutions if training and self.sigma(r) > 0}
+        result = self.model.stage_objectives(batch.clean, batch.noise, {LABELS: batch.labels}, n_bits=self.n_bits,
+                                             resolutions=resolutions, latent_noise=latent_noise,
+                                             max_abs=self.max_reconstruction_abs)
         loss = batch.images[self.model.base_resolution].new_zeros(())
-        for resolution in resolutions:
-            stage_cond = cond
-            sigma = self.sigma(resolution)
-            if training and sigma > 0:
-                noisy = self.model.variational_condition(resolution, cond, self.noise_std(sigma),
-                                                         self.max_reconstruction_abs)
-                stage_cond = {**cond, LOWRES: {**batch.clean, resolution // 2: noisy.images}}
-                extra[f"replacement_rate_{resolution}"] = noisy.failure_rate
-            objective = self.model.stage(resolution).training_loss(
-                batch.clean[resolution], self.model.stage_condition(resolution, stage_cond, batch.images),
-                n_bits=self.n_bits, noise=batch.noise.get(resolution))
-            log_prob, dims = objective.log_prob, objective.dims
-            stage_log_probs[resolution] = log_prob
-            stage_exact[resolution] = objective.exact
-            stage_loss = self.weighted_loss(objective)
+        extra: dict[str, Tensor] = {f"replacement_rate_{r}": rate for r, rate in result.replacement_rates.items()}
+        for resolution, objective in result.stages.items():
+            if resolution in self.train_stages:
+                loss = loss + self.weighted_loss(objective)
             extra.update({f"{name}_{resolution}": value for name, value in {**objective.terms, **objective.extra}.items()})
             if resolution != self.model.base_resolution:
                 extra[f"bpd_{resolution}_given_{resolution // 2}"] = \
-                    bits_per_dim(log_prob.detach(), dims, self.n_bits).mean()
-            if resolution in self.train_stages:
-                loss = loss + stage_loss
-        # At each resolution whose stages all ran: log P(x_R) as the equivalent density
-        # on x_R (flows/cascade.py), so the base's bpd formula gives -log P(x_R) / (D log 2).
-        # Empty while training with a frozen base: then only the stages' own figures are logged.
-        cumulative = self.model.cumulative_log_densities(stage_log_probs)
-        # Exact up to R only if every stage's objective up to R is exact (a learned
-        # dequantizer in any stage makes the product a bound).
-        exact = {r: self.model.stage_exact(r) and all(e for s, e in stage_exact.items() if s <= r)
-                 for r in cumulative}
-        return LossOutput(loss, cumulative, {r: self.model.stage(r).dims for r in cumulative},
-                          exact, extra, batch.size)
+                    bits_per_dim(objective.log_prob.detach(), objective.dims, self.n_bits).mean()
+        return LossOutput(loss, result.log_densities, {r: self.model.stage(r).dims for r in result.log_densities},
+                          result.exact, extra, batch.size)
 
     def training_diagnostics(self, batch: Batch) -> dict[str, Tensor]:
         if self.failure_probe_every_n_steps and self.global_step % self.failure_probe_every_n_steps == 0:
