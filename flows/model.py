@@ -26,6 +26,7 @@ model). Figures computed from a bound are reported as bounds (``bpd_bound_R``).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -161,13 +162,11 @@ class FlowModel(nn.Module):
     image_size: int
     num_classes: int = 0  # > 0: class-conditional (cond["labels"])
     # Classifier-free guidance (Ho & Salimans 2022; TarFlow sec. 2.4), for a class-conditional
-    # model: the share of training labels replaced by the null class, and the weight w that
-    # sampling uses where a call's cond names none (``set_guidance``).
+    # model: the share of training labels replaced by the null class, and the guidance
+    # (weight, rule, schedule, attention temperature) that sampling uses where a call's
+    # cond names none (``set_guidance``).
     label_dropout: float = 0.0
-    guidance: float = 0.0
-    guidance_rule: str = "cfg"  # flows.base.Guidance: the rule, schedule and attention temperature
-    guidance_schedule: str = "constant"
-    guidance_attention_temperature: float = 1.0
+    default_guidance: Guidance = Guidance()
     guides_by_attention = False  # True: guidance by the model's own sharpened attention (TarFlow)
     _null_class_checked = False  # guided_condition's one look at the labels
 
@@ -199,9 +198,17 @@ class FlowModel(nn.Module):
             raise ValueError(f"guidance {guidance} extrapolates away from the null class, which a model trained with "
                              "label_dropout: 0 never learns (its embedding stays at its initial value): train with "
                              "label_dropout > 0 (the paper: 0.1), or set guidance: 0")
-        self.label_dropout, self.guidance = float(label_dropout), settings.weight
-        self.guidance_rule, self.guidance_schedule = settings.rule, settings.schedule
-        self.guidance_attention_temperature = settings.attention_temperature
+        self.label_dropout, self.default_guidance = float(label_dropout), settings
+
+    @property
+    def guidance(self) -> float:
+        """The weight w of :attr:`default_guidance` (setting it keeps the rule, schedule
+        and attention temperature)."""
+        return self.default_guidance.weight
+
+    @guidance.setter
+    def guidance(self, weight: float) -> None:
+        self.default_guidance = dataclasses.replace(self.default_guidance, weight=float(weight))
 
     def guided_condition(self, cond: Condition) -> Condition:
         """``cond`` with the :class:`~flows.base.Guidance` of this sampling call: the one
@@ -212,8 +219,8 @@ class FlowModel(nn.Module):
         if isinstance(named, Guidance):
             settings = named
         else:
-            settings = Guidance(self.guidance if named is None else float(named), self.guidance_rule,
-                                self.guidance_schedule, self.guidance_attention_temperature)
+            settings = (self.default_guidance if named is None
+                        else dataclasses.replace(self.default_guidance, weight=float(named)))
         if self.num_classes and not self.label_dropout and not self._null_class_checked:
             labels = condition_value(cond, LABELS)
             # Checked at a model's first sampling call only, so that later calls read

@@ -484,5 +484,4 @@ class TarFlow(FlowModel):
     def extra_repr(self) -> str:
         if not (self.num_classes or self.guidance):
             return ""
-        return (f"label_dropout={self.label_dropout}, guidance={self.guidance}, rule={self.guidance_rule}, "
-                f"schedule={self.guidance_schedule}, attention_temperature={self.guidance_attention_temperature}")
+        return f"label_dropout={self.label_dropout}, guidance={self.default_guidance}"
