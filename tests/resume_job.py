@@ -33,6 +33,9 @@ from lightning_modules.checkpoint_files import AtomicCheckpointIO
 from lightning_modules.run_folder import remove_stale_temporaries, resume_checkpoint
 
 
+FAMILIES = ["glow", "cascade", "hierarchical", "diffusion_flow", "pixel_diffusion", "tarflow"]
+
+
 def build(family: str, train_size: int = 128):
     optimizer = OptimizerSettings(lr=2e-3, warmup_steps=3)
     if family == "hierarchical":
@@ -48,11 +51,40 @@ def build(family: str, train_size: int = 128):
                                     encoder_optimizer=groups[0], decoder_optimizer=groups[1],
                                     flow_optimizer=groups[2], freeze_encoders_at_epoch=2, n_bits=5)
         resolutions = [8]
+    elif family == "diffusion_flow":
+        # The DDPM prior's importance sampler keeps a history of losses per t: a resume
+        # must bring it back, or the t draws (and every later step) differ.
+        from flows import DiffusionPrior
+        from lightning_modules import DiffusionFlowModule
+        from tests.builders import tiny_unet
+        flow = Glow(image_size=8, scales=2, steps_per_scale=1, hidden_channels=8,
+                    joint_prior=lambda shape: DiffusionPrior(shape, tiny_unet, timesteps=4, schedule="cosine"))
+        module = DiffusionFlowModule(flow=flow, flow_optimizer=optimizer, diffusion_optimizer=optimizer, n_bits=5)
+        resolutions = [8]
+    elif family == "pixel_diffusion":
+        from flows import PixelDiffusion
+        from lightning_modules import PixelDiffusionModule
+        from tests.builders import tiny_unet
+        module = PixelDiffusionModule(model=PixelDiffusion(in_channels=3, image_size=8, n_bits=5, denoiser=tiny_unet,
+                                                           timesteps=4, schedule="cosine"),
+                                      optimizer=optimizer, n_bits=5)
+        resolutions = [8]
+    elif family == "tarflow":
+        # Noise augmentation: the Gaussian noise draws continue the same stream.
+        from functools import partial
+
+        from flows.dequantization import GaussianNoiseDequantizer
+        from flows.tarflow import TarFlow
+        module = GlowModule(flow=TarFlow(in_channels=3, image_size=8, patch_size=2, channels=16, blocks=2,
+                                         layers_per_block=1, head_channels=8,
+                                         dequantizer=partial(GaussianNoiseDequantizer, noise_std=0.05)),
+                            optimizer=optimizer, n_bits=5)
+        resolutions = [8]
     elif family == "glow":
         module = GlowModule(flow=Glow(image_size=8, scales=2, steps_per_scale=2, hidden_channels=16),
                             optimizer=optimizer, n_bits=5)
         resolutions = [8]
-    else:
+    elif family == "cascade":
         module = CascadeModule(
             base=GlowStage(flow=Glow(image_size=8, scales=2, steps_per_scale=1, hidden_channels=8),
                            optimizer=optimizer),
@@ -135,7 +167,7 @@ def ema_callback(kind: str) -> pl.Callback:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("family", choices=["glow", "cascade", "hierarchical"])
+    parser.add_argument("family", choices=FAMILIES)
     parser.add_argument("root")
     parser.add_argument("max_steps", type=int)
     parser.add_argument("--kill-at", type=int)

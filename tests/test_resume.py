@@ -21,9 +21,11 @@ def job(*args, timeout=600):
                           env=env, capture_output=True, text=True, timeout=timeout)
 
 
-# The cascade's kill (23 s on 2 cores) runs with the slow tests (CI runs them), so that the
-# fast suite keeps under five minutes; the Glow's stays here.
-@pytest.mark.parametrize("family", ["glow", pytest.param("cascade", marks=pytest.mark.slow)])
+# Every family's kill (about 20 s each on 2 cores) but the Glow's runs with the slow tests
+# (CI runs them), so that the fast suite keeps under five minutes.
+@pytest.mark.parametrize("family", ["glow", *(pytest.param(family, marks=pytest.mark.slow)
+                                              for family in ("cascade", "hierarchical", "diffusion_flow",
+                                                             "pixel_diffusion", "tarflow"))])
 def test_resume_after_sigkill_equals_the_uninterrupted_run(tmp_path, family):
     # 16 batches per epoch: the kill at step 11 is mid-epoch, the run ends in epoch 2.
     straight = job(family, tmp_path / "straight", 20)
